@@ -1,0 +1,1 @@
+"""Data layer: sources -> token store -> repetition plan -> objectives -> batches."""

@@ -1,0 +1,52 @@
+"""repeat_scaling: scaling experiments on repeated training data (JAX/Flax)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="repeat_scaling",
+    version="0.1.0",
+    description=(
+        "A JAX/Flax scaling suite for the science of repeated training data: "
+        "exact repetition plans, T5/decoder-only training, degradation curves."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(include=["repeat_scaling", "repeat_scaling.*"]),
+    install_requires=[
+        # Training and evaluation (accelerator images carry these).
+        "jax>=0.6",
+        "flax>=0.11",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "ml-collections>=1.0",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "scipy>=1.11",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
+        "tqdm>=4.66",
+        # Data preparation only (imported lazily, never by train/eval).
+        "sentencepiece>=0.2",
+        "seqio>=0.0.19",
+        "tensorflow-datasets>=4.9",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "ruff>=0.6",
+            # Checkpoint-import parity tests (CPU wheel: see Makefile).
+            "torch>=2.4",
+            "transformers>=4.45",
+            "safetensors>=0.4",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "repeat-scaling-prepare=repeat_scaling.prepare:run",
+            "repeat-scaling-train-vocab=repeat_scaling.train_vocab:run",
+        ],
+    },
+)

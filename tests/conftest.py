@@ -1,0 +1,26 @@
+"""Test configuration: 8 virtual CPU devices, set before jax is imported."""
+
+import os
+import pathlib
+
+import pytest
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = pathlib.Path(
+    os.environ.get("REPEAT_SCALING_SHARED_DATA", REPO_ROOT.parent / "shared" / "data")
+)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+    """The small real corpora in ../shared/data (skips when absent)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared test corpora not found at {SHARED_DATA}")
+    return SHARED_DATA
