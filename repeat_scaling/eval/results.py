@@ -1,0 +1,131 @@
+"""``eval/results.jsonl``: one JSON object per evaluated checkpoint step, crash-safe.
+
+Writing: each record is serialised to ONE line and written with a single ``write`` call
+on a file opened in append mode, then flushed and fsync'ed, so a line is either fully on
+disk or (if the process is killed mid-write) a truncated tail without a newline. The
+writer re-reads the file when it opens it, so a restarted evaluator skips steps already
+recorded and never duplicates a line. A truncated tail left by a kill is terminated with a
+newline before the next append (it is then a corrupt line, reported and skipped).
+
+Reading: a line that is not a JSON object with an integer ``step`` is reported (a warning
+naming the file and line number) and skipped, never fatal. When the same step appears
+twice (only possible by hand-editing), the first record wins.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+from absl import logging
+
+RESULTS_NAME = "results.jsonl"
+
+
+def results_path(workdir: str | os.PathLike) -> pathlib.Path:
+    """``workdir/eval/results.jsonl``."""
+    return pathlib.Path(workdir) / "eval" / RESULTS_NAME
+
+
+def _jsonable(value: Any) -> Any:
+    """Numpy scalars/arrays to Python; NaN/Inf to None (strict JSON)."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def read_results(
+    path: str | os.PathLike, warn: Callable[[str], None] | None = None
+) -> list[dict[str, Any]]:
+    """Valid records of a results file in file order (missing file -> []).
+
+    Corrupt lines are reported through ``warn`` (default: absl warning) and skipped.
+    """
+    path = pathlib.Path(path)
+    warn = warn or logging.warning
+    if not path.exists():
+        return []
+    records: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            text = raw.decode("utf-8", errors="replace").strip()
+            if not text:
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as e:
+                warn(f"{path}:{lineno}: corrupt results line skipped ({e.msg})")
+                continue
+            step = record.get("step") if isinstance(record, dict) else None
+            if not isinstance(step, int) or isinstance(step, bool):
+                warn(f"{path}:{lineno}: results line without an integer 'step' skipped")
+                continue
+            if step in seen:
+                warn(f"{path}:{lineno}: duplicate record for step {step} skipped")
+                continue
+            seen.add(step)
+            records.append(record)
+    return records
+
+
+class ResultsWriter:
+    """Appends records to ``eval/results.jsonl`` exactly once per step.
+
+    >>> w = ResultsWriter(workdir)          # re-reads what is already there
+    >>> if not w.done(step): w.append({"step": step, ...})
+    """
+
+    def __init__(self, workdir: str | os.PathLike, warn: Callable[[str], None] | None = None):
+        self.path = results_path(workdir)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._warn = warn or logging.warning
+        self.records = read_results(self.path, warn=self._warn)
+        self._done = {r["step"] for r in self.records}
+
+    @property
+    def done_steps(self) -> set[int]:
+        return set(self._done)
+
+    def done(self, step: int) -> bool:
+        return int(step) in self._done
+
+    def _terminate_partial_tail(self) -> None:
+        """If a kill left a final line without newline, end it so appends stay separate."""
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        with open(self.path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)
+        if last != b"\n":
+            with open(self.path, "ab") as f:
+                f.write(b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+    def append(self, record: dict[str, Any]) -> bool:
+        """Write ``record`` as one line unless its step is done; returns True if written."""
+        step = record.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise ValueError(f"results record needs an integer 'step', got {step!r}")
+        if step in self._done:
+            return False
+        line = json.dumps(_jsonable(record), allow_nan=False, separators=(",", ":")) + "\n"
+        self._terminate_partial_tail()
+        with open(self.path, "ab") as f:
+            f.write(line.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        self._done.add(step)
+        self.records.append(record)
+        return True
