@@ -1,0 +1,707 @@
+"""Pretraining objectives: raw store chunks -> T5X model features (numpy, no jax).
+
+Every objective is a pure function of ``(chunks, slots, seed)``: example ``i`` draws its
+randomness from ``numpy.random.Generator(Philox(key=(seed << 64) | slot_i))``, so each
+repetition of a repeated chunk (a different slot) gets fresh noise, and any batch can be
+rebuilt from the step number alone.
+
+Objectives (``name``) and architectures (``arch``):
+
+- ``span_corruption`` (T5 MLM; both archs): ``num_noise = round(L*density)`` clamped to
+  ``[1, L-1]``, ``num_spans = max(round(num_noise/mean_span), 1)``; the ``L`` tokens are cut
+  into alternating non-noise / noise spans (starting with non-noise) with a uniformly
+  random segmentation; inputs keep the non-noise tokens and replace each noise span by
+  one sentinel, targets are each sentinel followed by its span; EOS ends both. Sentinel
+  ``k`` is extra id ``k`` = ``vocab_size - 1 - k`` (T5 ``random_spans_noise_mask`` and
+  ``noise_span_to_unique_sentinel`` semantics; Python/TF round-half-to-even).
+- ``ul2``: a mixture of denoisers (R/X = span corruption with their own density and span
+  length, S = prefix LM), chosen per example at configurable rates; the inputs start with
+  a mode token: ``[NLU]`` (R), ``[NLG]`` (X), ``[S2S]`` (S), which are the three LOWEST
+  extra ids (``sentinel(extra_ids-1)``, ``(extra_ids-2)``, ``(extra_ids-3)``) and are
+  never used as sentinels (a configuration needing more sentinels than remain is an
+  error).
+- ``prefix_lm`` (both archs): split point uniform, inputs = prefix + EOS, targets =
+  continuation + EOS.
+- ``causal_lm`` (decoder-only): targets = the chunk, inputs = targets shifted right.
+
+Decoder-only forms of the input/target objectives are T5X prefix LMs
+(``PrefixLMFeatureConverter``): one sequence ``inputs ++ targets``, loss only on the
+targets, ``decoder_causal_attention`` = 1 on the inputs and one position to their right.
+
+Packing (``pack=True``): one slot still makes exactly one row. The chunk is split after
+every EOS into its documents (each keeps its EOS as its own end-of-sequence; documents
+with fewer than 2 tokens are merged into a neighbour), every document becomes its own
+example with its own noise, and the examples are packed into the row with segment ids
+``1..k`` and positions. If the packed examples of a chunk would overflow the row (only
+possible for chunks made of many tiny documents, whose per-document sentinels and EOS
+cost more than the whole chunk's), the row falls back to the unpacked form (one
+example over the whole chunk, segment id 1). Without packing, the chunk's EOS tokens are
+ordinary tokens (T5's concatenated-documents semantics) and every row holds one example.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from repeat_scaling.data import packing
+from repeat_scaling.data.vocab import VocabInfo
+
+OBJECTIVES = ("span_corruption", "ul2", "causal_lm", "prefix_lm")
+ARCHS = ("encoder_decoder", "decoder_only")
+MODE_TOKENS = {"R": 0, "X": 1, "S": 2}  # offset from the lowest extra id upwards
+NUM_MODE_TOKENS = 3
+
+
+class ObjectiveError(ValueError):
+    """A bad objective configuration (one-line message)."""
+
+
+# --------------------------------------------------------------------------- lengths
+def _round(x: float) -> int:
+    """Round half to even, as Python's ``round`` and ``tf.round`` (T5 uses both)."""
+    return int(round(x))
+
+
+def noise_counts(length: int, noise_density: float, mean_noise_span_length: float):
+    """``(num_noise_tokens, num_noise_spans)`` for a sequence of ``length`` tokens.
+
+    T5 ``random_spans_noise_mask``: length is raised to 2 to avoid degeneracy,
+    ``num_noise`` clamped to ``[1, length-1]``, ``num_spans >= 1``.
+    """
+    length = max(length, 2)
+    num_noise = min(max(_round(length * noise_density), 1), length - 1)
+    num_spans = max(_round(num_noise / mean_noise_span_length), 1)
+    return num_noise, num_spans
+
+
+def span_corruption_lengths(
+    inputs_length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0
+) -> tuple[int, int]:
+    """``(raw_length, targets_length)`` for a target inputs length (T5 ``random_spans_helper``).
+
+    Grows the raw length ``L`` while ``(L - noise) + spans + 1 <= inputs_length``; e.g.
+    inputs 512 with density 0.15 and mean span 3 -> (568, 114).
+    """
+    _check_span_params(noise_density, mean_noise_span_length)
+    if not isinstance(inputs_length, int | np.integer) or inputs_length < 2:
+        raise ObjectiveError(f"inputs_length={inputs_length!r} must be an integer >= 2")
+
+    def lengths(tokens_length: int) -> tuple[int, int]:
+        num_noise = int(round(tokens_length * noise_density))
+        num_nonnoise = tokens_length - num_noise
+        num_spans = int(round(num_noise / mean_noise_span_length))
+        return num_nonnoise + num_spans + 1, num_noise + num_spans + 1
+
+    tokens_length = inputs_length - 1
+    while lengths(tokens_length + 1)[0] <= inputs_length:
+        tokens_length += 1
+    inputs, targets = lengths(tokens_length)
+    if noise_density == 0.5 and targets > inputs:
+        tokens_length -= 1
+        targets -= 1
+    return tokens_length, targets
+
+
+def _check_span_params(noise_density: float, mean_noise_span_length: float) -> None:
+    if not (0.0 < float(noise_density) < 1.0):
+        raise ObjectiveError(f"noise_density={noise_density!r} must be in (0, 1)")
+    if not float(mean_noise_span_length) >= 1.0:
+        raise ObjectiveError(f"mean_noise_span_length={mean_noise_span_length!r} must be >= 1")
+
+
+# --------------------------------------------------------------------------- denoisers
+@dataclasses.dataclass(frozen=True)
+class Denoiser:
+    """One UL2 denoiser (or the single denoiser of span_corruption / prefix_lm).
+
+    name: "R" or "X" (span corruption) or "S" (prefix LM); ``rate`` is its mixture weight
+    (normalised over the list). S draws the continuation length uniformly from
+    ``[1, round(2 * target_fraction * L)]`` (mean ~ ``target_fraction``, capped at L-1).
+    """
+
+    name: str
+    rate: float = 1.0
+    noise_density: float = 0.15
+    mean_noise_span_length: float = 3.0
+    target_fraction: float = 0.25
+    mode_token: bool = True
+
+    @property
+    def is_span(self) -> bool:
+        return self.name in ("R", "X")
+
+    def describe(self) -> str:
+        if self.is_span:
+            return f"{self.name}(density={self.noise_density}, span={self.mean_noise_span_length})"
+        return f"S(target_fraction={self.target_fraction})"
+
+
+def default_ul2_denoisers() -> list[dict[str, Any]]:
+    """REFERENCE.md section 3 mixture; 1/3 each of R, S, X (split evenly inside R and X)."""
+    return [
+        {"name": "R", "noise_density": 0.15, "mean_noise_span_length": 3.0, "rate": 1 / 6},
+        {"name": "R", "noise_density": 0.15, "mean_noise_span_length": 8.0, "rate": 1 / 6},
+        {"name": "S", "target_fraction": 0.25, "rate": 1 / 3},
+        {"name": "X", "noise_density": 0.5, "mean_noise_span_length": 3.0, "rate": 1 / 12},
+        {"name": "X", "noise_density": 0.5, "mean_noise_span_length": 8.0, "rate": 1 / 12},
+        {"name": "X", "noise_density": 0.15, "mean_noise_span_length": 64.0, "rate": 1 / 12},
+        {"name": "X", "noise_density": 0.5, "mean_noise_span_length": 64.0, "rate": 1 / 12},
+    ]
+
+
+def parse_denoisers(specs: Sequence[dict[str, Any] | Denoiser]) -> list[Denoiser]:
+    """Validate a denoiser list (dicts with ``name`` in R/S/X and optional fields)."""
+    if not specs:
+        raise ObjectiveError("denoisers list is empty; expected at least one of R, S, X")
+    fields = {f.name for f in dataclasses.fields(Denoiser)} - {"mode_token"}
+    out = []
+    for spec in specs:
+        if isinstance(spec, Denoiser):
+            spec = dataclasses.asdict(spec)
+            spec.pop("mode_token")
+        if not isinstance(spec, dict) or "name" not in spec:
+            raise ObjectiveError(f"denoiser {spec!r} must be a dict with a 'name' of R, S or X")
+        if spec["name"] not in MODE_TOKENS:
+            raise ObjectiveError(
+                f"unknown denoiser name {spec['name']!r}; expected one of 'R', 'S', 'X'"
+            )
+        unknown = set(spec) - fields
+        if unknown:
+            raise ObjectiveError(
+                f"unknown denoiser fields {sorted(unknown)}; expected {sorted(fields)}"
+            )
+        d = Denoiser(**spec)
+        if not (d.rate > 0 and math.isfinite(d.rate)):
+            raise ObjectiveError(f"denoiser {d.describe()} rate={d.rate!r} must be > 0")
+        if d.is_span:
+            _check_span_params(d.noise_density, d.mean_noise_span_length)
+        elif not 0 < d.target_fraction <= 0.5:
+            raise ObjectiveError(
+                f"S denoiser target_fraction={d.target_fraction!r} must be in (0, 0.5]"
+            )
+        out.append(d)
+    return out
+
+
+# --------------------------------------------------------------------------- RNG
+def example_rng(seed: int, slot: int) -> np.random.Generator:
+    """The generator of one example: Philox keyed by the 128-bit value (seed, slot)."""
+    return np.random.Generator(np.random.Philox(key=(int(seed) << 64) | int(slot)))
+
+
+# --------------------------------------------------------------------------- core transforms
+def _segment_lengths(u: np.ndarray, num_items: int, num_segments: int) -> np.ndarray:
+    """T5 ``_random_segmentation`` for a batch: uniforms ``[g, num_items-1]`` -> ``[g, k]``.
+
+    Chooses the ``num_segments - 1`` segment starts uniformly among the ``num_items - 1``
+    interior positions (the positions holding the smallest uniforms).
+    """
+    g = u.shape[0]
+    if num_segments == 1:
+        return np.full((g, 1), num_items, dtype=np.int64)
+    k = num_segments - 1
+    if k == num_items - 1:
+        idx = np.broadcast_to(np.arange(k), (g, k)).copy()
+    else:
+        idx = np.argpartition(u, k - 1, axis=1)[:, :k]
+        idx.sort(axis=1)
+    starts = np.concatenate([np.zeros((g, 1), np.int64), idx + 1], axis=1)
+    ends = np.concatenate([starts[:, 1:], np.full((g, 1), num_items, np.int64)], axis=1)
+    return ends - starts
+
+
+def span_uniforms_needed(length: int, noise_density: float, mean_noise_span_length: float) -> int:
+    """How many uniforms :func:`noise_mask_batch` consumes for one example."""
+    n, s = noise_counts(length, noise_density, mean_noise_span_length)
+    return (n - 1) + (max(length, 2) - n - 1)
+
+
+def noise_mask_batch(
+    u: np.ndarray, length: int, noise_density: float, mean_noise_span_length: float
+) -> np.ndarray:
+    """Boolean noise masks ``[g, length]`` (T5 ``random_spans_noise_mask``) from uniforms."""
+    orig = length
+    length = max(length, 2)
+    n, s = noise_counts(length, noise_density, mean_noise_span_length)
+    g = u.shape[0]
+    noise_lens = _segment_lengths(u[:, : n - 1], n, s)
+    nonnoise_lens = _segment_lengths(u[:, n - 1 :], length - n, s)
+    lens = np.stack([nonnoise_lens, noise_lens], axis=2).reshape(g, 2 * s)
+    parity = np.broadcast_to(np.tile(np.array([False, True]), s), (g, 2 * s))
+    mask = np.repeat(parity.ravel(), lens.ravel()).reshape(g, length)
+    return mask[:, :orig]
+
+
+def span_corrupt_batch(
+    tokens: np.ndarray, mask: np.ndarray, vocab: VocabInfo, mode_token: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Apply noise masks to ``tokens [g, L]`` -> ``(inputs [g, Li], targets [g, Lt])``.
+
+    All rows must have the same number of noise tokens and spans (true for masks from
+    :func:`noise_mask_batch`). Inputs: non-noise tokens with one sentinel per noise span,
+    then EOS (after an optional leading mode token); targets: sentinel + span for each
+    span, then EOS.
+    """
+    g, L = tokens.shape
+    prev = np.zeros_like(mask)
+    prev[:, 1:] = mask[:, :-1]
+    noise_start = mask & ~prev
+    nonnoise_start = ~mask & (prev | (np.arange(L) == 0))
+    sentinel_base = vocab.vocab_size  # sentinel for span number c (1-based) = base - c
+    in_vals = np.where(noise_start, sentinel_base - np.cumsum(noise_start, axis=1), tokens)
+    in_keep = ~mask | noise_start
+    n_in = int(in_keep[0].sum())
+    inputs = in_vals[in_keep].reshape(g, n_in)
+    tg_vals = np.where(nonnoise_start, sentinel_base - np.cumsum(nonnoise_start, axis=1), tokens)
+    tg_keep = mask | nonnoise_start
+    n_tg = int(tg_keep[0].sum())
+    targets = tg_vals[tg_keep].reshape(g, n_tg)
+    eos = np.full((g, 1), vocab.eos_id, dtype=tokens.dtype)
+    parts = [inputs, eos]
+    if mode_token is not None:
+        parts.insert(0, np.full((g, 1), mode_token, dtype=tokens.dtype))
+    return np.concatenate(parts, axis=1), np.concatenate([targets, eos], axis=1)
+
+
+# --------------------------------------------------------------------------- the objective
+class Objective:
+    """A configured objective; see the module docstring. Build with :func:`make_objective`.
+
+    Attributes:
+      name, arch, vocab, pack: the configuration.
+      raw_length: store tokens per chunk (one chunk per slot).
+      feature_lengths: feature name -> row length.
+      tokens_per_example: processed positions per row (sum over the model's sequences).
+      denoisers: list of :class:`Denoiser` (one for span_corruption / prefix_lm).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        vocab: VocabInfo,
+        arch: str,
+        *,
+        inputs_length: int | None = None,
+        targets_length: int | None = None,
+        length: int | None = None,
+        noise_density: float = 0.15,
+        mean_noise_span_length: float = 3.0,
+        denoisers: Sequence[dict[str, Any]] | None = None,
+        pack: bool = False,
+    ):
+        if name not in OBJECTIVES:
+            raise ObjectiveError(f"unknown objective {name!r}; expected one of {OBJECTIVES}")
+        if arch not in ARCHS:
+            raise ObjectiveError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+        if not isinstance(vocab, VocabInfo):
+            raise ObjectiveError(f"vocab must be a VocabInfo, got {type(vocab).__name__}")
+        self.name, self.vocab, self.arch, self.pack = name, vocab, arch, bool(pack)
+        if name == "causal_lm" and arch != "decoder_only":
+            raise ObjectiveError("objective 'causal_lm' needs arch='decoder_only'")
+        if arch == "encoder_decoder":
+            if not isinstance(inputs_length, int | np.integer) or inputs_length < 2:
+                raise ObjectiveError(
+                    f"inputs_length={inputs_length!r} must be an integer >= 2 for encoder_decoder"
+                )
+            if name == "span_corruption" and targets_length is None:
+                _, targets_length = span_corruption_lengths(
+                    int(inputs_length), noise_density, mean_noise_span_length
+                )
+            if not isinstance(targets_length, int | np.integer) or targets_length < 2:
+                raise ObjectiveError(
+                    f"targets_length={targets_length!r} must be an integer >= 2 for encoder_decoder"
+                )
+            self.inputs_length, self.targets_length = int(inputs_length), int(targets_length)
+            self.length = None
+        else:
+            if not isinstance(length, int | np.integer) or length < 2:
+                raise ObjectiveError(f"length={length!r} must be an integer >= 2 for decoder_only")
+            self.length = int(length)
+            self.inputs_length = self.targets_length = None
+
+        self.num_sentinels = vocab.extra_ids
+        if name == "span_corruption":
+            _check_span_params(noise_density, mean_noise_span_length)
+            self.denoisers = [
+                Denoiser("R", 1.0, noise_density, mean_noise_span_length, mode_token=False)
+            ]
+        elif name == "prefix_lm":
+            self.denoisers = [Denoiser("S", 1.0, target_fraction=0.5, mode_token=False)]
+        elif name == "ul2":
+            self.denoisers = parse_denoisers(
+                default_ul2_denoisers() if denoisers is None else denoisers
+            )
+            if vocab.extra_ids < NUM_MODE_TOKENS + 1:
+                raise ObjectiveError(
+                    f"ul2 needs >= {NUM_MODE_TOKENS + 1} extra ids, vocab has {vocab.extra_ids}"
+                )
+            self.num_sentinels = vocab.extra_ids - NUM_MODE_TOKENS
+        else:
+            self.denoisers = []
+        if denoisers is not None and name != "ul2":
+            raise ObjectiveError(f"option 'denoisers' only applies to 'ul2', not {name!r}")
+        rates = np.array([d.rate for d in self.denoisers], dtype=np.float64)
+        self._cum_rates = np.cumsum(rates / rates.sum()) if len(rates) else rates
+        self.raw_length = self._compute_raw_length()
+        for d in self.denoisers:
+            if d.is_span:
+                _, s = noise_counts(self.raw_length, d.noise_density, d.mean_noise_span_length)
+                if s > self.num_sentinels:
+                    raise ObjectiveError(
+                        f"denoiser {d.describe()} needs {s} sentinels per example at raw length "
+                        f"{self.raw_length} but only {self.num_sentinels} remain "
+                        f"({vocab.extra_ids} extra ids"
+                        + (
+                            f", {NUM_MODE_TOKENS} reserved for mode tokens)"
+                            if name == "ul2"
+                            else ")"
+                        )
+                    )
+        self.feature_lengths = self._feature_lengths()
+        if arch == "encoder_decoder":
+            self.tokens_per_example = self.inputs_length + self.targets_length
+        else:
+            self.tokens_per_example = self.length
+
+    # ------------------------------------------------------------------ lengths
+    def mode_token(self, d: Denoiser) -> int | None:
+        """Mode token id of a denoiser (None when the objective uses none)."""
+        if not d.mode_token:
+            return None
+        return self.vocab.sentinel(self.vocab.extra_ids - 1 - MODE_TOKENS[d.name])
+
+    def _split_max_target(self, d: Denoiser, L: int) -> int:
+        return max(1, min(L - 1, _round(2 * d.target_fraction * L)))
+
+    def _example_lengths(self, d: Denoiser, L: int) -> tuple[int, int]:
+        """Worst-case (inputs, targets) lengths of denoiser ``d`` on ``L`` raw tokens."""
+        mode = 1 if d.mode_token else 0
+        if d.is_span:
+            n, s = noise_counts(L, d.noise_density, d.mean_noise_span_length)
+            return mode + L - n + s + 1, n + s + 1
+        # Split: continuation t in [1, t_max]; inputs longest at t=1, targets at t_max.
+        return mode + L - 1 + 1, self._split_max_target(d, L) + 1
+
+    def _fits(self, L: int) -> bool:
+        if self.name == "causal_lm":
+            return L <= self.length
+        for d in self.denoisers:
+            li, lt = self._example_lengths(d, L)
+            if self.arch == "encoder_decoder":
+                if li > self.inputs_length or lt > self.targets_length:
+                    return False
+            else:
+                mode = 1 if d.mode_token else 0
+                if d.is_span:
+                    total = li + lt
+                else:
+                    total = mode + L + 2
+                if total > self.length:
+                    return False
+        return True
+
+    def _compute_raw_length(self) -> int:
+        if self.name == "causal_lm":
+            return self.length
+        if (
+            self.name == "span_corruption"
+            and self.arch == "encoder_decoder"
+            and self.denoisers[0].is_span
+        ):
+            d = self.denoisers[0]
+            raw, _ = span_corruption_lengths(
+                self.inputs_length, d.noise_density, d.mean_noise_span_length
+            )
+            if self._fits(raw):
+                return raw
+        limit = self.length if self.arch == "decoder_only" else self.inputs_length
+        best = 0
+        for L in range(2, 4 * limit + 8):
+            if self._fits(L):
+                best = L
+            elif best:
+                break
+        if best < 2:
+            what = (
+                f"length={self.length}"
+                if self.arch == "decoder_only"
+                else f"inputs_length={self.inputs_length}, targets_length={self.targets_length}"
+            )
+            raise ObjectiveError(
+                f"{what} too short for objective {self.name!r} ({self.arch}): no raw length >= 2 "
+                "fits every denoiser"
+            )
+        return best
+
+    def _feature_lengths(self) -> dict[str, int]:
+        if self.arch == "encoder_decoder":
+            i, t = self.inputs_length, self.targets_length
+            f = {
+                "encoder_input_tokens": i,
+                "decoder_input_tokens": t,
+                "decoder_target_tokens": t,
+                "decoder_loss_weights": t,
+            }
+            if self.pack:
+                f.update(
+                    encoder_segment_ids=i,
+                    encoder_positions=i,
+                    decoder_segment_ids=t,
+                    decoder_positions=t,
+                )
+            return f
+        names = [
+            "decoder_input_tokens",
+            "decoder_target_tokens",
+            "decoder_loss_weights",
+            "decoder_segment_ids",
+            "decoder_positions",
+        ]
+        if self.name != "causal_lm":
+            names.append("decoder_causal_attention")
+        return dict.fromkeys(names, self.length)
+
+    # ------------------------------------------------------------------ examples
+    def _choose(self, g: np.random.Generator) -> int:
+        if len(self.denoisers) == 1:
+            return 0
+        return int(
+            np.searchsorted(self._cum_rates, g.random(), side="right").clip(
+                max=len(self.denoisers) - 1
+            )
+        )
+
+    def choices(self, slots: np.ndarray, seed: int) -> np.ndarray:
+        """Index into ``self.denoisers`` of the (first) example of each slot's row."""
+        return np.array([self._choose(example_rng(seed, s)) for s in np.asarray(slots)], np.int64)
+
+    def _example(self, tokens: np.ndarray, d: Denoiser, g: np.random.Generator):
+        """One (inputs, targets) example from ``tokens`` (a document or a chunk)."""
+        L = len(tokens)
+        mode = self.mode_token(d)
+        if d.is_span:
+            u = g.random(span_uniforms_needed(L, d.noise_density, d.mean_noise_span_length))
+            mask = noise_mask_batch(u[None], L, d.noise_density, d.mean_noise_span_length)
+            i, t = span_corrupt_batch(tokens[None], mask, self.vocab, mode)
+            return i[0], t[0]
+        t = int(g.integers(1, self._split_max_target(d, L) + 1))
+        eos = np.array([self.vocab.eos_id], tokens.dtype)
+        head = [np.array([mode], tokens.dtype)] if mode is not None else []
+        return np.concatenate([*head, tokens[: L - t], eos]), np.concatenate([tokens[L - t :], eos])
+
+    def __call__(self, chunks: np.ndarray, slots: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+        """``chunks [n, raw_length]`` of slots ``[n]`` -> exactly ``n`` rows of features."""
+        chunks = np.asarray(chunks)
+        slots = np.asarray(slots)
+        if chunks.ndim != 2 or chunks.shape[1] != self.raw_length:
+            raise ObjectiveError(
+                f"chunks shape {chunks.shape} must be [n, raw_length={self.raw_length}]"
+            )
+        if slots.shape != (chunks.shape[0],):
+            raise ObjectiveError(f"slots shape {slots.shape} must be [{chunks.shape[0]}]")
+        chunks = chunks.astype(np.int32)
+        if self.name == "causal_lm":
+            return self._causal(chunks)
+        if self.pack:
+            return self._packed(chunks, slots, seed)
+        return self._unpacked(chunks, slots, seed)
+
+    # ------------------------------------------------------------------ causal LM
+    def _causal(self, chunks: np.ndarray) -> dict[str, np.ndarray]:
+        n, L = chunks.shape
+        eos = self.vocab.eos_id
+        if self.pack:
+            # Segment k starts after the (k-1)th EOS; the last token never starts one.
+            is_eos = chunks == eos
+            starts = np.zeros_like(is_eos)
+            starts[:, 0] = True
+            starts[:, 1:] = is_eos[:, :-1]
+            seg = np.cumsum(starts, axis=1).astype(np.int32)
+            idx = np.broadcast_to(np.arange(L), (n, L))
+            seg_start = np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
+            pos = (idx - seg_start).astype(np.int32)
+        else:
+            starts = np.zeros((n, L), bool)
+            starts[:, 0] = True
+            seg = np.ones((n, L), np.int32)
+            pos = np.broadcast_to(np.arange(L, dtype=np.int32), (n, L)).copy()
+        inputs = np.zeros_like(chunks)
+        inputs[:, 1:] = chunks[:, :-1]
+        inputs[starts] = 0
+        return {
+            "decoder_input_tokens": inputs,
+            "decoder_target_tokens": chunks,
+            "decoder_loss_weights": np.ones((n, L), np.float32),
+            "decoder_segment_ids": seg,
+            "decoder_positions": pos,
+        }
+
+    # ------------------------------------------------------------------ unpacked
+    def _unpacked(self, chunks: np.ndarray, slots: np.ndarray, seed: int):
+        n, L = chunks.shape
+        gens = [example_rng(seed, s) for s in slots]
+        which = np.array([self._choose(g) for g in gens], np.int64)
+        li = np.zeros(n, np.int64)
+        lt = np.zeros(n, np.int64)
+        wi = max(self._example_lengths(d, L)[0] for d in self.denoisers)
+        wt = max(self._example_lengths(d, L)[1] for d in self.denoisers)
+        ins = np.zeros((n, wi), np.int32)
+        tgs = np.zeros((n, wt), np.int32)
+        for k, d in enumerate(self.denoisers):
+            rows = np.flatnonzero(which == k)
+            if not rows.size:
+                continue
+            if d.is_span:
+                m = span_uniforms_needed(L, d.noise_density, d.mean_noise_span_length)
+                u = np.stack([gens[r].random(m) for r in rows])
+                mask = noise_mask_batch(u, L, d.noise_density, d.mean_noise_span_length)
+                i, t = span_corrupt_batch(chunks[rows], mask, self.vocab, self.mode_token(d))
+                ins[rows, : i.shape[1]] = i
+                tgs[rows, : t.shape[1]] = t
+                li[rows], lt[rows] = i.shape[1], t.shape[1]
+            else:
+                for r in rows:
+                    i, t = self._example(chunks[r], d, gens[r])
+                    ins[r, : len(i)] = i
+                    tgs[r, : len(t)] = t
+                    li[r], lt[r] = len(i), len(t)
+        return self._layout(ins, li, tgs, lt)
+
+    def _layout(self, ins, li, tgs, lt) -> dict[str, np.ndarray]:
+        """Vectorised layout of one example per row (lengths ``li``/``lt`` per row)."""
+        n = ins.shape[0]
+        if self.arch == "encoder_decoder":
+            n_in, n_tg = self.inputs_length, self.targets_length
+            enc = np.zeros((n, n_in), np.int32)
+            enc[:, : min(n_in, ins.shape[1])] = ins[:, :n_in]
+            dec_t = np.zeros((n, n_tg), np.int32)
+            dec_t[:, : min(n_tg, tgs.shape[1])] = tgs[:, :n_tg]
+            dec_i = np.zeros_like(dec_t)
+            dec_i[:, 1:] = dec_t[:, :-1]
+            out = {
+                "encoder_input_tokens": enc,
+                "decoder_input_tokens": dec_i,
+                "decoder_target_tokens": dec_t,
+                "decoder_loss_weights": (dec_t != 0).astype(np.float32),
+            }
+            if self.pack:
+                ar_i, ar_t = np.arange(n_in), np.arange(n_tg)
+                es = (ar_i < li[:, None]).astype(np.int32)
+                ds = (ar_t < lt[:, None]).astype(np.int32)
+                out.update(
+                    encoder_segment_ids=es,
+                    encoder_positions=(ar_i * es).astype(np.int32),
+                    decoder_segment_ids=ds,
+                    decoder_positions=(ar_t * ds).astype(np.int32),
+                )
+            return out
+        S = self.length
+        ar = np.arange(S)
+        total = li + lt
+        in_part = ar < li[:, None]
+        t_idx = np.clip(ar[None, :] - li[:, None], 0, tgs.shape[1] - 1)
+        seq = np.where(
+            in_part,
+            ins[:, np.clip(ar, 0, ins.shape[1] - 1)],
+            np.take_along_axis(tgs, t_idx, axis=1),
+        )
+        valid = ar < total[:, None]
+        seq = np.where(valid, seq, 0).astype(np.int32)
+        dec_i = np.zeros_like(seq)
+        dec_i[:, 1:] = seq[:, :-1]
+        seg = valid.astype(np.int32)
+        return {
+            "decoder_input_tokens": dec_i,
+            "decoder_target_tokens": seq,
+            "decoder_loss_weights": (valid & ~in_part).astype(np.float32),
+            "decoder_segment_ids": seg,
+            "decoder_positions": (ar * seg).astype(np.int32),
+            "decoder_causal_attention": ((ar <= li[:, None]) & valid).astype(np.int32),
+        }
+
+    # ------------------------------------------------------------------ packed
+    def _row_pieces(self, examples) -> tuple[list[dict], list[dict]] | list[dict]:
+        if self.arch == "encoder_decoder":
+            enc = [{"tokens": i} for i, _ in examples]
+            dec = []
+            for _, t in examples:
+                shifted = np.concatenate([[0], t[:-1]]).astype(np.int32)
+                dec.append({"targets": t, "inputs": shifted})
+            return enc, dec
+        pieces = []
+        for i, t in examples:
+            seq = np.concatenate([i, t]).astype(np.int32)
+            shifted = np.concatenate([[0], seq[:-1]]).astype(np.int32)
+            lw = np.concatenate([np.zeros(len(i)), np.ones(len(t))]).astype(np.float32)
+            causal = (np.arange(len(seq)) <= len(i)).astype(np.int32)
+            pieces.append({"targets": seq, "inputs": shifted, "weights": lw, "causal": causal})
+        return pieces
+
+    def _pack_row(self, examples) -> dict[str, np.ndarray]:
+        if self.arch == "encoder_decoder":
+            enc, dec = self._row_pieces(examples)
+            e = packing.pack_into_row(enc, self.inputs_length)
+            d = packing.pack_into_row(dec, self.targets_length)
+            return {
+                "encoder_input_tokens": e["tokens"],
+                "decoder_input_tokens": d["inputs"],
+                "decoder_target_tokens": d["targets"],
+                "decoder_loss_weights": (d["segment_ids"] > 0).astype(np.float32),
+                "encoder_segment_ids": e["segment_ids"],
+                "encoder_positions": e["positions"],
+                "decoder_segment_ids": d["segment_ids"],
+                "decoder_positions": d["positions"],
+            }
+        p = packing.pack_into_row(
+            self._row_pieces(examples), self.length, dtypes={"weights": np.float32}
+        )
+        return {
+            "decoder_input_tokens": p["inputs"],
+            "decoder_target_tokens": p["targets"],
+            "decoder_loss_weights": p["weights"],
+            "decoder_segment_ids": p["segment_ids"],
+            "decoder_positions": p["positions"],
+            "decoder_causal_attention": p["causal"],
+        }
+
+    def _packed(self, chunks: np.ndarray, slots: np.ndarray, seed: int):
+        eos = self.vocab.eos_id
+        rows = []
+        for chunk, slot in zip(chunks, slots):
+            g = example_rng(seed, slot)
+            examples = []
+            for piece in packing.split_documents(chunk, eos):
+                d = self.denoisers[self._choose(g)]
+                body = piece[:-1] if (piece[-1] == eos and len(piece) > 1) else piece
+                examples.append(self._example(body, d, g))
+            try:
+                rows.append(self._pack_row(examples))
+            except packing.PackingOverflow:
+                g = example_rng(seed, slot)
+                d = self.denoisers[self._choose(g)]
+                rows.append(self._pack_row([self._example(chunk, d, g)]))
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def make_objective(name: str, vocab: VocabInfo, arch: str, **options: Any) -> Objective:
+    """Build an :class:`Objective`; unknown options are an error naming them."""
+    allowed = {
+        "inputs_length",
+        "targets_length",
+        "length",
+        "noise_density",
+        "mean_noise_span_length",
+        "denoisers",
+        "pack",
+    }
+    unknown = set(options) - allowed
+    if unknown:
+        raise ObjectiveError(
+            f"unknown objective options {sorted(unknown)}; expected {sorted(allowed)}"
+        )
+    return Objective(name, vocab, arch, **options)
