@@ -1,0 +1,306 @@
+"""Expand an experiment config's sweep into named runs.
+
+A config file under `configs/` defines one base run and, optionally, `config.sweep`:
+a list of flat dicts of dotted overrides, e.g.
+
+    {"model.name": "d25m", "data.repeated_fraction": 0.1,
+     "data.repeated_epochs": 100, "seed": 0}
+
+Every entry becomes one `Run` with a readable, stable name built only from the
+resolved config of that run and the entry's own keys (never from the other entries,
+so adding points to a sweep never renames existing runs):
+
+    <model>_f<repeated fraction in %>_e<repeated epochs>_s<seed>[_<tag><value>...]
+
+e.g. `d25m_f10_e100_s0`, `t5_base_f100_e256_s0_ul2`, `d25m_f0_e1_s0_do0p1`.
+Decimal points become `p` (`f0p5` = 0.5 %), so names are safe as directory names,
+GCS paths and (after `_` -> `-`) Cloud TPU node names. Other swept keys get a short tag
+(`TAGS`, else the key's last component without underscores). Two entries that would
+get the same name are an error, as is an entry naming a key the config does not have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import posixpath
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import ml_collections
+
+# Keys that always make up the start of a run name (read from the resolved config).
+MODEL_KEY = "model.name"
+FRACTION_KEY = "data.repeated_fraction"
+EPOCHS_KEY = "data.repeated_epochs"
+SEED_KEY = "seed"
+CORE_KEYS = (MODEL_KEY, FRACTION_KEY, EPOCHS_KEY, SEED_KEY)
+
+# Short tags for other swept keys. A tag of "" means "the value alone" (e.g. `ul2`).
+TAGS = {
+    "data.objective": "",
+    "model.dropout_rate": "do",
+    "model.dropout_start_step": "dostart",
+    "model.droppath_rate": "dp",
+    "model.share_layers": "share",
+    "model.num_experts": "x",
+    "train.label_smoothing": "ls",
+    "train.weight_decay": "wd",
+    "train.steps": "steps",
+    "train.batch_size": "b",
+    "data.unique_tokens": "u",
+}
+
+
+class SweepError(ValueError):
+    """A sweep that cannot be expanded (unknown key, bad value, name collision)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One run of a sweep.
+
+    Attributes:
+      name: stable readable name, also the last component of `workdir`.
+      overrides: the sweep entry (dotted key -> value), in the entry's order.
+      config: the resolved config of this run (base + overrides, no `sweep`).
+      workdir: `<root>/<name>` (a local path or a gs:// URL).
+      flags: the overrides passed to the trainer: the entry with `model.name` expanded
+        into every model field that changes (see `expand_model_name`).
+    """
+
+    name: str
+    overrides: dict[str, Any]
+    config: ml_collections.ConfigDict
+    workdir: str
+    flags: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def total_steps(self) -> int | None:
+        """`train.steps` of the resolved config (None when the config has none)."""
+        value = get_dotted(self.config, "train.steps", None)
+        return int(value) if value is not None else None
+
+    def override_flags(self) -> list[str]:
+        """The sweep entry as absl `config_flags` overrides: `--config.<key>=<value>`."""
+        return [f"--config.{key}={format_flag_value(v)}" for key, v in self.flags.items()]
+
+
+def format_flag_value(value: Any) -> str:
+    """Formats a Python value the way `config_flags` parses it back."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return repr(tuple(value))
+    if value is None:
+        raise SweepError("sweep values cannot be None (config_flags cannot parse None)")
+    return str(value)
+
+
+def format_number(value: float) -> str:
+    """A number as a name component: 10 -> '10', 0.5 -> '0p5', 1e-05 -> '1em05'."""
+    value = float(value)
+    if value == int(value) and abs(value) < 1e15:
+        text = str(int(value))
+    else:
+        text = f"{round(value, 8):g}"
+    return text.replace(".", "p").replace("-", "m").replace("+", "")
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int | float):
+        return format_number(value)
+    text = re.sub(r"[^a-z0-9]+", "", str(value).lower())
+    if not text:
+        raise SweepError(f"sweep value {value!r} gives an empty name component")
+    return text
+
+
+def tag_for(key: str, value: Any) -> str:
+    """The name component of one non-core swept key, e.g. ('model.dropout_rate', 0.1)."""
+    prefix = TAGS.get(key)
+    if prefix is None:
+        prefix = key.rsplit(".", 1)[-1].replace("_", "")
+    if isinstance(value, bool) and prefix:
+        return prefix if value else f"no{prefix}"
+    return f"{prefix}{_format_value(value)}"
+
+
+def get_dotted(config: ml_collections.ConfigDict, key: str, default: Any = KeyError) -> Any:
+    """`config.a.b.c` for key 'a.b.c'; `default` (or KeyError) when a part is missing."""
+    node: Any = config
+    for part in key.split("."):
+        if isinstance(node, ml_collections.ConfigDict | dict) and part in node:
+            node = node[part]
+        else:
+            if default is KeyError:
+                raise KeyError(key)
+            return default
+    return node
+
+
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: dict[str, Any], where: str = "override"
+) -> ml_collections.ConfigDict:
+    """A copy of `config` (without `sweep`) with dotted `overrides` applied.
+
+    Raises SweepError naming the key when it does not exist in the config or the value
+    has the wrong type.
+    """
+    resolved = config.copy_and_resolve_references()
+    with resolved.unlocked():
+        if "sweep" in resolved:
+            del resolved["sweep"]
+    for key, value in overrides.items():
+        if not isinstance(key, str) or not key or key == "sweep":
+            raise SweepError(f"{where}: bad key {key!r}; expected a dotted config key")
+        *parents, leaf = key.split(".")
+        node: Any = resolved
+        for i, part in enumerate(parents):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                raise SweepError(
+                    f"{where}: unknown key {key!r} (no {'.'.join(parents[: i + 1])!r} "
+                    "in the config)"
+                )
+            node = node[part]
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            raise SweepError(f"{where}: unknown key {key!r}; the config has no such field")
+        try:
+            setattr(node, leaf, value)
+        except (TypeError, ValueError) as e:
+            raise SweepError(f"{where}: bad value {value!r} for {key!r}: {e}") from None
+    return resolved
+
+
+def default_model_fields(name: str) -> dict[str, Any] | None:
+    """All fields of the named model size, from the trainer's `model_fields` helper.
+
+    None when the trainer package is not importable (then `model.name` is passed on
+    as a plain override).
+    """
+    try:
+        from repeat_scaling.train.config import model_fields
+    except ImportError:
+        return None
+    try:
+        return model_fields(name).to_dict()
+    except ImportError:
+        return None
+    except ValueError as e:
+        raise SweepError(f"bad model.name={name!r}: {e}") from None
+
+
+def expand_model_name(
+    config: ml_collections.ConfigDict, entry: dict[str, Any], model_fields=default_model_fields
+) -> dict[str, Any]:
+    """The sweep entry with `model.name` expanded into the model fields it changes.
+
+    Config files build `config.model` from a named size (all fields spelled out, so
+    each is overridable), so changing `model.name` alone would keep the old size's
+    shape. A sweep entry `{"model.name": "d100m"}` therefore means: the fields of size
+    `d100m`, plus whatever the base config changed relative to its own size (e.g.
+    dropout or dtype), plus the entry's other `model.*` keys. Every model field that
+    then differs from the base config becomes an explicit override, after `model.name`.
+    """
+    new_name = entry.get(MODEL_KEY)
+    base_model = get_dotted(config, "model", None)
+    if new_name is None or not isinstance(base_model, ml_collections.ConfigDict):
+        return dict(entry)
+    base_name = base_model.get("name", None)
+    new_fields = model_fields(new_name)
+    old_fields = model_fields(base_name) if base_name is not None else None
+    if new_fields is None or old_fields is None:
+        return dict(entry)
+    base = base_model.to_dict()
+    customised = {k: v for k, v in base.items() if k in old_fields and old_fields[k] != v}
+    target = {**new_fields, **customised, "name": new_name}
+    flags: dict[str, Any] = {}
+    for key, value in entry.items():
+        flags[key] = value
+        if key == MODEL_KEY:
+            for field, v in target.items():
+                dotted = f"model.{field}"
+                if field != "name" and dotted not in entry and base.get(field) != v:
+                    flags[dotted] = v
+    return flags
+
+
+def run_name(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> str:
+    """The stable name of the run with resolved `config` and sweep entry `overrides`."""
+    model = get_dotted(config, MODEL_KEY, None)
+    parts = [_format_value(model) if model is not None else "run"]
+    fraction = get_dotted(config, FRACTION_KEY, None)
+    if fraction is not None:
+        parts.append("f" + format_number(round(float(fraction) * 100, 6)))
+    epochs = get_dotted(config, EPOCHS_KEY, None)
+    if epochs is not None:
+        parts.append("e" + format_number(epochs))
+    seed = get_dotted(config, SEED_KEY, None)
+    if seed is not None:
+        parts.append("s" + format_number(seed))
+    for key, value in overrides.items():
+        if key not in CORE_KEYS:
+            parts.append(tag_for(key, value))
+    return "_".join(parts)
+
+
+def sweep_entries(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+    """The config's sweep as a list of dicts; a config without a sweep is one run."""
+    sweep = config.get("sweep", None)
+    if sweep is None:
+        return [{}]
+    if not isinstance(sweep, list | tuple) or not sweep:
+        raise SweepError(f"config.sweep must be a non-empty list of dicts, got {sweep!r}")
+    entries = []
+    for i, entry in enumerate(sweep):
+        if isinstance(entry, ml_collections.ConfigDict):
+            entry = entry.to_dict()
+        if not isinstance(entry, dict):
+            raise SweepError(f"sweep entry {i}: expected a dict of overrides, got {entry!r}")
+        entries.append(dict(entry))
+    return entries
+
+
+def expand(
+    config: ml_collections.ConfigDict,
+    root: str,
+    only: str | Sequence[str] | None = None,
+    model_fields=default_model_fields,
+) -> list[Run]:
+    """Expands `config.sweep` into runs under `root`, filtered by `only` (glob(s)).
+
+    `only` may be one glob, a comma-separated list of globs, or a list of globs; a run
+    is kept when its name matches any of them. Names are checked for collisions over
+    the whole sweep before filtering. `model_fields(name) -> dict | None` gives a
+    named model size's fields (see `expand_model_name`).
+    """
+    runs: list[Run] = []
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(sweep_entries(config)):
+        flags = expand_model_name(config, entry, model_fields)
+        resolved = apply_overrides(config, flags, where=f"sweep entry {i}")
+        name = run_name(resolved, entry)
+        if name in seen:
+            raise SweepError(
+                f"sweep entries {seen[name]} and {i} both get the run name {name!r}; "
+                "make them differ in a named key"
+            )
+        seen[name] = i
+        workdir = posixpath.join(root.rstrip("/"), name)
+        runs.append(Run(name, entry, resolved, workdir, flags))
+    if only:
+        globs = _globs(only)
+        runs = [r for r in runs if any(fnmatch.fnmatchcase(r.name, g) for g in globs)]
+        if not runs:
+            raise SweepError(f"--only={','.join(globs)!r} matches no run of this sweep")
+    return runs
+
+
+def _globs(only: str | Iterable[str]) -> list[str]:
+    items = only.split(",") if isinstance(only, str) else list(only)
+    return [g.strip() for g in items if g.strip()]
