@@ -1,0 +1,205 @@
+"""Sweep expansion: run names, overrides, collisions, filters, the submit.py CLI."""
+
+import pathlib
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from launch import status as status_lib
+from launch import sweeps
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _config(sweep):
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = ml_collections.ConfigDict({"name": "d25m", "d_model": 64, "dropout_rate": 0.0})
+    c.data = ml_collections.ConfigDict(
+        {"repeated_fraction": 0.0, "repeated_epochs": 1, "objective": "causal_lm"}
+    )
+    c.train = ml_collections.ConfigDict({"steps": 100, "label_smoothing": 0.0})
+    c.sweep = sweep
+    return c
+
+
+def _entry(f, e, seed=0, **extra):
+    return {"data.repeated_fraction": f, "data.repeated_epochs": e, "seed": seed, **extra}
+
+
+def test_names_overrides_and_workdirs():
+    sweep = [
+        _entry(0.0, 1),
+        _entry(0.1, 100),
+        _entry(0.005, 3, seed=2),
+        _entry(0.03, 10_000, **{"model.dropout_rate": 0.1}),
+        _entry(0.5, 8, **{"data.objective": "prefix_lm", "train.label_smoothing": 0.1}),
+    ]
+    runs = sweeps.expand(_config(sweep), "/r/", model_fields=lambda name: None)
+    assert [r.name for r in runs] == [
+        "d25m_f0_e1_s0",
+        "d25m_f10_e100_s0",
+        "d25m_f0p5_e3_s2",
+        "d25m_f3_e10000_s0_do0p1",
+        "d25m_f50_e8_s0_prefixlm_ls0p1",
+    ]
+    assert runs[1].workdir == "/r/d25m_f10_e100_s0"
+    assert runs[3].config.model.dropout_rate == 0.1
+    assert runs[3].config.data.repeated_epochs == 10_000
+    assert "sweep" not in runs[3].config
+    assert runs[4].override_flags() == [
+        "--config.data.repeated_fraction=0.5",
+        "--config.data.repeated_epochs=8",
+        "--config.seed=0",
+        "--config.data.objective=prefix_lm",
+        "--config.train.label_smoothing=0.1",
+    ]
+    # Stable: a run's name does not depend on the rest of the sweep.
+    alone = sweeps.expand(_config([sweep[3]]), "/r", model_fields=lambda name: None)
+    assert alone[0].name == runs[3].name
+
+
+def test_no_sweep_is_one_run_and_only_filters():
+    config = _config(None)
+    del config["sweep"]
+    (run,) = sweeps.expand(config, "gs://b/x")
+    assert (run.name, run.workdir, run.total_steps) == (
+        "d25m_f0_e1_s0",
+        "gs://b/x/d25m_f0_e1_s0",
+        100,
+    )
+    sweep = [_entry(0.1, e) for e in (1, 10, 100)]
+    names = [r.name for r in sweeps.expand(_config(sweep), "/r", only="*_e10_*,*_e100_*")]
+    assert names == ["d25m_f10_e10_s0", "d25m_f10_e100_s0"]
+    with pytest.raises(sweeps.SweepError, match="matches no run"):
+        sweeps.expand(_config(sweep), "/r", only="t5*")
+
+
+@pytest.mark.parametrize(
+    "sweep, message",
+    [
+        (
+            [_entry(0.1, 10), _entry(0.1, 10)],
+            "entries 0 and 1 both get the run name 'd25m_f10_e10_s0'",
+        ),
+        ([{"data.repeted_fraction": 0.1}], "unknown key 'data.repeted_fraction'"),
+        ([{"optim.lr": 0.1}], "no 'optim' in the config"),
+        ([{"train.steps": "many"}], "bad value 'many' for 'train.steps'"),
+        (["d25m"], "sweep entry 0: expected a dict"),
+        ([], "non-empty list"),
+    ],
+)
+def test_bad_sweeps_are_clear_errors(sweep, message):
+    with pytest.raises(sweeps.SweepError, match=message.replace("(", r"\(")):
+        sweeps.expand(_config(sweep), "/r")
+
+
+def test_model_name_expands_to_the_fields_it_changes():
+    sizes = {
+        "d25m": {"name": "d25m", "d_model": 64, "dropout_rate": 0.0},
+        "d100m": {"name": "d100m", "d_model": 128, "dropout_rate": 0.0},
+    }
+    config = _config([{"model.name": "d100m"}, {"model.name": "d25m"}])
+    config.model.dropout_rate = 0.2  # a customisation of the base, kept for every size
+    runs = sweeps.expand(config, "/r", model_fields=sizes.get)
+    assert runs[0].name == "d100m_f0_e1_s0"
+    assert runs[0].flags == {"model.name": "d100m", "model.d_model": 128}
+    assert runs[0].config.model.to_dict() == {"name": "d100m", "d_model": 128, "dropout_rate": 0.2}
+    assert runs[1].flags == {"model.name": "d25m"}
+
+
+def test_number_formatting():
+    numbers = (10, 0.5, 0.03 * 100, 1e-05, -2, 2.0**35)
+    assert [sweeps.format_number(x) for x in numbers] == [
+        "10",
+        "0p5",
+        "3",
+        "1em05",
+        "m2",
+        "34359738368",
+    ]
+    assert sweeps.format_flag_value(True) == "true"
+    assert sweeps.format_flag_value((1, 2)) == "(1, 2)"
+
+
+def test_submit_cli_dry_run_and_errors(tmp_path):
+    cfg = tmp_path / "exp.py"
+    cfg.write_text(
+        "import ml_collections\n"
+        "def get_config(arg):\n"
+        "    c = ml_collections.ConfigDict()\n"
+        "    c.seed = 0\n"
+        "    c.data = ml_collections.ConfigDict({'repeated_fraction': 0.0, 'repeated_epochs': 1})\n"
+        "    c.train = ml_collections.ConfigDict({'steps': 10 if arg == 'demo' else 99})\n"
+        "    c.sweep = [{'data.repeated_fraction': 0.5, 'data.repeated_epochs': e} for e in (2, 4)]\n"
+        "    return c\n"
+    )
+    root = tmp_path / "root"
+    cmd = [sys.executable, "launch/submit.py", f"--config={cfg}:demo", f"--root={root}"]
+    out = subprocess.run(
+        cmd + ["--dry_run", "--eval_mode=after", "--config.train.steps=5"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    py = sys.executable
+    assert lines[1:] == [
+        f"{py} -m repeat_scaling.train --config={cfg}:demo --workdir={root}/run_f50_e2_s0 "
+        "--config.train.steps=5 --config.data.repeated_fraction=0.5 --config.data.repeated_epochs=2",
+        f"{py} -m repeat_scaling.evaluate --workdir={root}/run_f50_e2_s0",
+        f"{py} -m repeat_scaling.train --config={cfg}:demo --workdir={root}/run_f50_e4_s0 "
+        "--config.train.steps=5 --config.data.repeated_fraction=0.5 --config.data.repeated_epochs=4",
+        f"{py} -m repeat_scaling.evaluate --workdir={root}/run_f50_e4_s0",
+    ]
+    assert not root.exists()  # a dry run writes nothing
+    bad = subprocess.run(
+        cmd + ["--backend=tpu"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines() == [
+        f"error: --root={str(root)!r}: the tpu backend needs a gs:// URL every worker can write"
+    ]
+
+
+def test_status_reads_workdir_files(tmp_path):
+    run = tmp_path / "d25m_f10_e100_s0"
+    (run / "train").mkdir(parents=True)
+    (run / "checkpoints" / "50").mkdir(parents=True)
+    (run / "checkpoints" / "60.orbax-checkpoint-tmp-1").mkdir()
+    (run / "config.json").write_text('{"train": {"steps": 100}}')
+    (run / "train" / "metrics.jsonl").write_text(
+        '{"step": 50, "loss": 3.5, "step_time": 0.5}\n{"step": 60, "loss": 3.25, "step_time": 0.5}\n{"st'
+    )
+    (run / "launch.json").write_text('{"state": "stopped"}')
+    (st,) = status_lib.root_status(tmp_path)
+    assert (st.state, st.step, st.total_steps, st.loss) == ("stopped", 60, 100, 3.25)
+    assert st.checkpoint_steps == [50] and not st.trained
+    (run / "checkpoints" / "100").mkdir()
+    (run / "eval").mkdir()
+    (run / "eval" / "results.jsonl").write_text('{"step": 100, "test_loss": 3.0}\n')
+    st = status_lib.run_status(run)
+    assert (st.state, st.eval_step, st.test_loss) == ("done", 100, 3.0)
+    assert "done" in st.line() and "100/100" in st.line() and "eval=3.0000@100" in st.line()
+    # Training, with an ETA from the logged step time.
+    import os
+
+    (run / "eval" / "results.jsonl").unlink()
+    (run / "checkpoints" / "100").rmdir()
+    (run / "launch.json").write_text(f'{{"state": "running", "train_pid": {os.getpid()}}}')
+    st = status_lib.run_status(run)
+    assert (st.state, st.eta_s) == ("training", 20.0)
+    assert status_lib.format_eta(3725) == "1h02m"
+    out = subprocess.run(
+        [sys.executable, "launch/status.py", f"--root={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0
+    assert out.stdout.splitlines()[-1] == "1 runs: 1 training"
+    missing = subprocess.run(
+        [sys.executable, "launch/status.py", f"--root={tmp_path / 'nope'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == f"error: --root={str(tmp_path / 'nope')!r} is not a directory"
