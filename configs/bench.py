@@ -1,0 +1,61 @@
+"""The peer models of ../shared/bench/README.md, for ``python -m repeat_scaling.bench train``.
+
+* ``:t5_peer``: T5 v1.1-style, d_model 256, d_ff 1024 (gated-GeLU), 4 heads x 64,
+  4 encoder + 4 decoder layers, vocab 32128, untied, dropout 0; batch 8, inputs 512,
+  targets 114 (span-corruption shape); 5,008 processed tokens per step.
+* ``:gpt_peer``: decoder-only, d_model 256, d_ff 1024, 4 layers, 4 heads x 64,
+  vocab 32128, context 512, batch 8, dropout 0; 4,096 tokens per step.
+  (Differences from the GPT-2 peer, which this suite's decoder-only family does not
+  offer: gated-GeLU MLP, RoPE, RMSNorm, untied output projection.)
+
+Both train with AdamW at lr 1e-4 (constant), no z-loss; ``--config.train.compute_dtype``
+(or the benchmark's ``--dtype``) selects float32 or bfloat16 compute.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _base import adamw, default_config, model_fields  # noqa: E402
+
+PEERS = ("t5_peer", "gpt_peer")
+
+
+def get_config(arg: str = "t5_peer"):
+    if arg not in PEERS:
+        raise ValueError(f"configs/bench.py:{arg}; expected one of {PEERS}")
+    c = default_config()
+    common = dict(
+        vocab_size=32128,
+        d_model=256,
+        d_ff=1024,
+        num_heads=4,
+        head_dim=64,
+        dropout_rate=0.0,
+        attention_dropout_rate=0.0,
+        droppath_rate=0.0,
+        num_experts=0,
+        param_share=False,
+        attention_only=False,
+        dtype="float32",
+    )
+    if arg == "t5_peer":
+        c.model = model_fields("t5_tiny")
+        c.model.update(common)
+        c.model.update(dict(num_encoder_layers=4, num_decoder_layers=4, name="t5_peer"))
+        c.data.objective = "span_corruption"
+        c.data.inputs_length = 512
+        c.data.targets_length = 114
+    else:
+        c.model = model_fields("dec_tiny")
+        c.model.update(common)
+        c.model.update(dict(num_decoder_layers=4, name="gpt_peer"))
+        c.data.objective = "causal_lm"
+        c.data.length = 512
+    c.data.store = "demo_out/stores/builtin-32k"  # not read by the benchmark
+    c.train.batch_size = 8
+    c.train.steps = 23  # 3 warm-up + 20 timed, as the peers
+    c.train.z_loss = 0.0
+    adamw(c, lr=1e-4, warmup=0, schedule="constant")
+    return c

@@ -1,0 +1,76 @@
+"""Train one run: ``python -m repeat_scaling.train --config=configs/x.py[:arg] --workdir=DIR``.
+
+Overrides: ``--config.train.steps=100 --config.model.dropout_rate=0.1`` (any key of the
+config; see ``repeat_scaling/train/config.py`` for the schema). Rerunning with the same
+workdir resumes from the latest committed checkpoint.
+
+Multi-host: ``--coordinator_address=host:port --num_processes=N --process_id=i`` on each
+process (TPU pods and SLURM are detected without flags).
+
+Exit status: 0 finished; 1 bad input or a run that stopped with an error (one line on
+stderr); 143 preempted by SIGTERM after saving a checkpoint (rerun to resume).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file (configs/x.py[:arg]).")
+flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config.json).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+
+PREEMPTED_EXIT = 143
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}; use --config.KEY=VALUE to override the config")
+    if FLAGS.config is None:
+        _fail("--config is required (e.g. --config=configs/demo.py)")
+    if not FLAGS.workdir:
+        _fail("--workdir is required (the run directory)")
+    # Imports after flag parsing: jax must not start a backend before distributed init.
+    from repeat_scaling.train import distributed
+
+    try:
+        distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    except ValueError as e:
+        _fail(str(e))
+
+    from repeat_scaling.data.store import StoreError
+    from repeat_scaling.train import checkpointing, loop
+    from repeat_scaling.train.config import ConfigError
+
+    try:
+        summary = loop.train(FLAGS.config, FLAGS.workdir)
+    except (ConfigError, StoreError, checkpointing.CheckpointError, loop.NonFiniteLossError) as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except loop.Preempted as e:
+        print(str(e), file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT)
+    last = summary.get("last_metrics") or {}
+    print(
+        f"done: step {summary['final_step']} (resumed from {summary['resumed_from']}), "
+        f"loss {last.get('loss', float('nan')):.4f}, workdir {FLAGS.workdir}",
+        file=sys.stderr,
+    )
+
+
+def _fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def run() -> None:
+    """Console script ``repeat-scaling-train``."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

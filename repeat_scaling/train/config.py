@@ -1,0 +1,331 @@
+"""Training configuration: the schema, its defaults and up-front validation.
+
+A training config is an ``ml_collections.ConfigDict`` built by a file under ``configs/``
+(``--config=configs/x.py:arg``) starting from :func:`default_config`, and overridden on
+the command line (``--config.train.steps=100``). :func:`validate` checks it *before*
+anything is compiled and raises :class:`ConfigError` with one line naming the bad key,
+its value and what was expected.
+
+Units and conventions:
+
+* ``train.batch_size`` is the GLOBAL batch in examples (rows), across all hosts; it is
+  split into ``train.grad_accum`` microbatches that are accumulated inside one step.
+* ``train.steps`` counts optimizer updates; checkpoints and logs are keyed by the number
+  of completed updates (a checkpoint at step 100 holds the state after 100 updates, and
+  the next batch it consumes is batch 100).
+* ``train.peak_tflops`` is the dense peak TFLOP/s of ONE accelerator chip in the
+  compute dtype (on CPU: of the whole host, since XLA:CPU devices share its cores);
+  0 looks the chip up in a small table and leaves MFU null when unknown.
+* ``train.compute_dtype`` ("" keeps ``model.dtype``) overrides the model's compute dtype;
+  parameters stay float32.
+* ``mesh.ici`` / ``mesh.dcn``: sizes of the mesh axes data/fsdp/tensor/expert within a
+  slice and across slices; -1 fills the remaining devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+from repeat_scaling.train import optimizers
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+OBJECTIVES = ("span_corruption", "ul2", "causal_lm", "prefix_lm")
+OBJECTIVE_ARCHS = {
+    "span_corruption": ("encoder_decoder",),
+    "causal_lm": ("decoder_only",),
+    "prefix_lm": ("encoder_decoder", "decoder_only"),
+    "ul2": ("encoder_decoder", "decoder_only"),
+}
+
+
+class ConfigError(ValueError):
+    """A bad training configuration (message is one line, names key and value)."""
+
+
+def model_fields(name: str) -> ml_collections.ConfigDict:
+    """All ModelConfig fields of the named size (``models.sizes.get(name)``) as a ConfigDict.
+
+    Config files use it so every model field is overridable from the command line
+    (``--config.model.dropout_rate=0.1``).
+    """
+    from repeat_scaling.models import sizes
+
+    try:
+        cfg = sizes.get(name)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"model.name={name!r} is not a known model size ({e})") from None
+    d = cfg.to_dict()
+    d["name"] = name
+    return ml_collections.ConfigDict(d)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key a training config may have, with defaults (``model`` left empty)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = ml_collections.ConfigDict()  # filled by configs via model_fields(name)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.store = ""  # prepared token store directory
+    c.data.source = ""  # prepare the store from this source if it does not exist
+    c.data.vocab = ""  # vocabulary spec for preparing ("byte" or a .model path)
+    c.data.prepare_options = ml_collections.ConfigDict()  # extra prepare_store kwargs
+    c.data.objective = "causal_lm"
+    c.data.inputs_length = 0  # encoder-decoder inputs length
+    c.data.targets_length = 0  # encoder-decoder targets length (0: derived)
+    c.data.length = 0  # decoder-only sequence length
+    c.data.noise_density = 0.15
+    c.data.mean_noise_span_length = 3.0
+    c.data.pack = False
+    c.data.objective_options = ml_collections.ConfigDict()  # e.g. UL2 denoisers
+    c.data.repeated_fraction = 0.0
+    c.data.repeated_epochs = 1
+    c.data.prefetch = 2
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.batch_size = 8
+    c.train.grad_accum = 1
+    c.train.log_every = 10
+    c.train.checkpoint_every = 100
+    c.train.keep = 3
+    c.train.keep_period = 0  # also keep every checkpoint whose step % keep_period == 0
+    c.train.async_checkpointing = True
+    c.train.z_loss = 1e-4
+    c.train.label_smoothing = 0.0
+    c.train.dropout_start_step = 0  # staged dropout: rates are 0 before this step
+    c.train.compute_dtype = ""
+    c.train.peak_tflops = 0.0
+    c.train.eval_every = 0  # light in-loop held-out eval (0: off)
+    c.train.eval_batches = 2
+    c.train.profile_start_step = -1  # jax.profiler trace window (-1: off)
+    c.train.profile_steps = 3
+    c.train.progress_bar = "auto"  # auto | on | off
+
+    o = c.train.optimizer = ml_collections.ConfigDict()
+    o.name = "adafactor"
+    o.learning_rate = 1.0
+    o.schedule = "rsqrt"
+    o.warmup_steps = 10_000
+    o.decay_steps = 0  # 0: train.steps
+    o.end_learning_rate_fraction = 0.0
+    o.b1 = 0.9  # adamw
+    o.b2 = 0.999
+    o.eps = 1e-8
+    o.weight_decay = 0.0
+    o.clip_norm = 0.0
+    o.adafactor_decay_rate = 0.8
+    o.adafactor_clipping_threshold = 1.0
+    o.adafactor_multiply_by_parameter_scale = True
+    o.adafactor_factored = True
+    o.adafactor_momentum = 0.0  # 0: none (T5)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.ici = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "expert": 1})
+    c.mesh.dcn = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1, "expert": 1})
+    return c
+
+
+def adafactor_t5(c: ml_collections.ConfigDict) -> None:
+    """T5 pretraining optimiser: Adafactor, rsqrt decay, 10k warmup, lr 1.0."""
+    o = c.train.optimizer
+    o.name, o.learning_rate, o.schedule, o.warmup_steps = "adafactor", 1.0, "rsqrt", 10_000
+    o.adafactor_momentum = 0.0
+
+
+def adamw(c, lr: float, warmup: int = 0, schedule: str = "cosine", wd: float = 0.0) -> None:
+    """AdamW with linear warmup then ``schedule`` decay."""
+    o = c.train.optimizer
+    o.name, o.learning_rate, o.warmup_steps, o.schedule, o.weight_decay = (
+        "adamw",
+        lr,
+        warmup,
+        schedule,
+        wd,
+    )
+
+
+# ----------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------
+def _to_dict(c: Any) -> Any:
+    return c.to_dict() if isinstance(c, ml_collections.ConfigDict) else dict(c)
+
+
+FREE_FORM = {"data.prepare_options", "data.objective_options"}
+
+
+def _check_keys(got: dict, schema: dict, prefix: str) -> None:
+    for k, v in got.items():
+        key = f"{prefix}{k}"
+        if key == "model" or key in FREE_FORM or key == "sweep":
+            continue
+        if k not in schema:
+            known = ", ".join(sorted(schema))
+            raise ConfigError(f"unknown config key {key!r} (known keys here: {known})")
+        if isinstance(schema[k], dict):
+            if not isinstance(v, dict):
+                raise ConfigError(f"config key {key!r} must be a group of keys, got {v!r}")
+            _check_keys(v, schema[k], key + ".")
+
+
+def model_config(config: Any):
+    """The ModelConfig of a training config (``train.compute_dtype`` applied)."""
+    from repeat_scaling.models.config import ModelConfig
+
+    d = dict(_to_dict(config)["model"])
+    if not d:
+        raise ConfigError("config has no model: set config.model = model_fields('<size name>')")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key 'model.{unknown[0]}' (ModelConfig fields: {sorted(fields)})"
+        )
+    dtype = config["train"]["compute_dtype"]
+    if dtype:
+        d["dtype"] = dtype
+    try:
+        return ModelConfig.from_dict(d)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def validate(config: Any, *, num_devices: int | None = None, process_count: int = 1):
+    """Check a training config; return its ModelConfig. Raises ConfigError (one line).
+
+    ``num_devices`` (when given) checks the mesh against the device count and the batch
+    against the data-parallel size.
+    """
+    d = _to_dict(config)
+    _check_keys(d, default_config().to_dict(), "")
+    cfg = model_config(config)
+    data, train, opt = d["data"], d["train"], d["train"]["optimizer"]
+
+    def bad(key: str, value: Any, expected: str) -> None:
+        raise ConfigError(f"{key}={value!r}; expected {expected}")
+
+    if not isinstance(d["seed"], int) or d["seed"] < 0:
+        bad("seed", d["seed"], "a non-negative int")
+    # -- data -------------------------------------------------------------------------
+    if not data["store"]:
+        bad("data.store", data["store"], "the directory of a prepared token store")
+    if data["objective"] not in OBJECTIVES:
+        bad("data.objective", data["objective"], f"one of {OBJECTIVES}")
+    archs = OBJECTIVE_ARCHS[data["objective"]]
+    if cfg.arch not in archs:
+        raise ConfigError(
+            f"data.objective={data['objective']!r} does not fit model.arch={cfg.arch!r}; "
+            f"expected a model with arch in {archs}"
+        )
+    if cfg.arch == "encoder_decoder":
+        if data["inputs_length"] <= 0:
+            bad("data.inputs_length", data["inputs_length"], "> 0 for an encoder_decoder model")
+        if data["objective"] != "span_corruption" and data["targets_length"] <= 0:
+            bad("data.targets_length", data["targets_length"], f"> 0 for {data['objective']}")
+    elif data["length"] <= 0:
+        bad("data.length", data["length"], "> 0 for a decoder_only model")
+    if not 0.0 <= data["repeated_fraction"] <= 1.0:
+        bad("data.repeated_fraction", data["repeated_fraction"], "a fraction in [0, 1]")
+    if not isinstance(data["repeated_epochs"], int) or data["repeated_epochs"] < 1:
+        bad("data.repeated_epochs", data["repeated_epochs"], "an int >= 1")
+    if data["repeated_fraction"] == 0.0 and data["repeated_epochs"] > 1:
+        bad("data.repeated_epochs", data["repeated_epochs"], "1 when data.repeated_fraction=0")
+    # -- train ------------------------------------------------------------------------
+    for key in ("steps", "batch_size", "grad_accum", "log_every", "keep", "eval_batches"):
+        if not isinstance(train[key], int) or train[key] < 1:
+            bad(f"train.{key}", train[key], "an int >= 1")
+    for key in ("checkpoint_every", "keep_period", "dropout_start_step", "eval_every"):
+        if not isinstance(train[key], int) or train[key] < 0:
+            bad(f"train.{key}", train[key], "an int >= 0")
+    if train["batch_size"] % train["grad_accum"]:
+        bad(
+            "train.grad_accum",
+            train["grad_accum"],
+            f"a divisor of train.batch_size={train['batch_size']}",
+        )
+    if train["batch_size"] % process_count:
+        bad(
+            "train.batch_size",
+            train["batch_size"],
+            f"a multiple of the process count {process_count}",
+        )
+    if train["z_loss"] < 0:
+        bad("train.z_loss", train["z_loss"], ">= 0")
+    if not 0.0 <= train["label_smoothing"] < 1.0:
+        bad("train.label_smoothing", train["label_smoothing"], "in [0, 1)")
+    if train["compute_dtype"] not in ("", "float32", "bfloat16"):
+        bad("train.compute_dtype", train["compute_dtype"], "'', 'float32' or 'bfloat16'")
+    if train["peak_tflops"] < 0:
+        bad("train.peak_tflops", train["peak_tflops"], ">= 0 (0: look the chip up)")
+    if train["progress_bar"] not in ("auto", "on", "off"):
+        bad("train.progress_bar", train["progress_bar"], "'auto', 'on' or 'off'")
+    # -- optimizer --------------------------------------------------------------------
+    if opt["name"] not in optimizers.OPTIMIZERS:
+        bad("train.optimizer.name", opt["name"], f"one of {optimizers.OPTIMIZERS}")
+    if opt["schedule"] not in optimizers.SCHEDULES:
+        bad("train.optimizer.schedule", opt["schedule"], f"one of {optimizers.SCHEDULES}")
+    if not opt["learning_rate"] > 0:
+        bad("train.optimizer.learning_rate", opt["learning_rate"], "> 0")
+    if opt["warmup_steps"] < 0:
+        bad("train.optimizer.warmup_steps", opt["warmup_steps"], ">= 0")
+    for key in ("weight_decay", "clip_norm", "end_learning_rate_fraction"):
+        if opt[key] < 0:
+            bad(f"train.optimizer.{key}", opt[key], ">= 0")
+    if opt["name"] == "adamw" and not (0 <= opt["b1"] < 1 and 0 <= opt["b2"] < 1):
+        bad("train.optimizer.b1/b2", (opt["b1"], opt["b2"]), "betas in [0, 1)")
+    # -- mesh -------------------------------------------------------------------------
+    ici, dcn = d["mesh"]["ici"], d["mesh"]["dcn"]
+    for name, axes in (("mesh.ici", ici), ("mesh.dcn", dcn)):
+        for axis, size in axes.items():
+            if axis not in MESH_AXES:
+                raise ConfigError(f"unknown mesh axis {name}.{axis} (expected {MESH_AXES})")
+            if not isinstance(size, int) or (size < 1 and size != -1):
+                bad(f"{name}.{axis}", size, "a positive int or -1 (fill)")
+        if sum(1 for s in axes.values() if s == -1) > 1:
+            bad(name, dict(axes), "at most one axis of size -1")
+    if num_devices is not None:
+        sizes = mesh_shape(ici, dcn, num_devices)
+        dp = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+        micro = train["batch_size"] // train["grad_accum"]
+        if micro % dp:
+            raise ConfigError(
+                f"train.batch_size={train['batch_size']} / train.grad_accum={train['grad_accum']} "
+                f"= {micro} is not divisible by the data-parallel size {dp} "
+                f"(mesh data*fsdp*expert = {sizes['data']}*{sizes['fsdp']}*{sizes['expert']})"
+            )
+    return cfg
+
+
+def mesh_shape(ici: dict, dcn: dict, num_devices: int) -> dict[str, int]:
+    """Total size of each mesh axis (ici * dcn), resolving -1; ConfigError on mismatch."""
+    ici = {a: int(ici.get(a, 1)) for a in MESH_AXES}
+    dcn = {a: int(dcn.get(a, 1)) for a in MESH_AXES}
+    n_dcn = 1
+    for a in MESH_AXES:
+        n_dcn *= dcn[a] if dcn[a] > 0 else 1
+    if num_devices % n_dcn:
+        raise ConfigError(
+            f"mesh.dcn={dcn} needs a multiple of {n_dcn} devices, found {num_devices}"
+        )
+    per_slice = num_devices // n_dcn
+    fixed = 1
+    for a in MESH_AXES:
+        if ici[a] != -1:
+            fixed *= ici[a]
+    fill = [a for a in MESH_AXES if ici[a] == -1]
+    if fill:
+        if per_slice % fixed:
+            raise ConfigError(
+                f"mesh.ici={ici} cannot fill {per_slice} devices per slice "
+                f"(fixed axes multiply to {fixed})"
+            )
+        ici[fill[0]] = per_slice // fixed
+    elif fixed != per_slice:
+        raise ConfigError(
+            f"mesh.ici={ici} x mesh.dcn={dcn} uses {fixed * n_dcn} devices, but {num_devices} exist"
+        )
+    return {a: ici[a] * dcn[a] for a in MESH_AXES}

@@ -1,0 +1,449 @@
+"""The training loop: validate, set up data/mesh/state, run the compiled step, log, save.
+
+``train(config, workdir)`` is what ``python -m repeat_scaling.train`` runs. Order of
+work (everything that can fail on bad input fails before anything is compiled):
+
+1. validate the config (:mod:`repeat_scaling.train.config`) against the devices;
+2. open the token store (preparing it first when ``data.source`` is given and the store
+   does not exist), build the objective and the repetition plan;
+3. write ``config.json`` (resolved config + ``derived``) and ``data_plan.json``;
+4. create the state sharded, or restore the latest committed checkpoint (the data
+   position is the step number, so nothing else is needed to resume exactly);
+5. loop: batch(step) -> ``make_array_from_process_local_data`` -> step -> metrics;
+   checkpoint every ``train.checkpoint_every`` steps, on SIGTERM and at the end;
+   stop with :class:`NonFiniteLossError` on a NaN/Inf loss or gradient, without saving
+   the bad state (the last good checkpoint stays the latest).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+from importlib import metadata
+from typing import Any
+
+import jax
+import numpy as np
+
+from repeat_scaling import sharding
+from repeat_scaling.train import checkpointing, distributed, metrics, optimizers
+from repeat_scaling.train import config as config_lib
+from repeat_scaling.train import state as state_lib
+from repeat_scaling.train import step as step_lib
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient became NaN/Inf."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM received; a checkpoint was saved at ``step``."""
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted (SIGTERM): saved checkpoint at step {step}; rerun to resume")
+        self.step = step
+
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml-collections")
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def git_commit() -> str | None:
+    here = pathlib.Path(__file__).resolve().parent
+    try:
+        r = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip() or None if r.returncode == 0 else None
+
+
+# ----------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------
+def open_store(data: Any):
+    """Open ``data.store``; prepare it from ``data.source``/``data.vocab`` if missing."""
+    from repeat_scaling.data.store import TokenStore
+
+    path = pathlib.Path(data.store)
+    if not (path / "manifest.json").is_file():
+        if not data.source:
+            raise config_lib.ConfigError(
+                f"data.store={str(path)!r} is not a prepared token store (no manifest.json) "
+                "and no data.source is given to prepare it"
+            )
+        if not data.vocab:
+            raise config_lib.ConfigError(f"data.source={data.source!r} needs data.vocab to prepare")
+        if jax.process_index() == 0:
+            from repeat_scaling.prepare import prepare_store
+
+            prepare_store(data.source, data.vocab, str(path), **dict(data.prepare_options))
+        distributed.sync("prepare_store")
+    return TokenStore(str(path))
+
+
+def objective_options(config: Any, arch: str) -> dict[str, Any]:
+    """Keyword options for ``pipeline.make_objective`` from ``config.data``."""
+    d = config.data
+    opts: dict[str, Any] = {"pack": bool(d.pack)}
+    if arch == "encoder_decoder":
+        opts["inputs_length"] = int(d.inputs_length)
+        if d.targets_length:
+            opts["targets_length"] = int(d.targets_length)
+    else:
+        opts["length"] = int(d.length)
+    if d.objective in ("span_corruption",):
+        opts["noise_density"] = float(d.noise_density)
+        opts["mean_noise_span_length"] = float(d.mean_noise_span_length)
+    opts.update(dict(d.objective_options))
+    return opts
+
+
+def build_data(config: Any, model_cfg: Any):
+    """``(store, objective, plan)`` for a validated config."""
+    from repeat_scaling.data import pipeline
+
+    store = open_store(config.data)
+    vocab = store.vocab
+    if vocab.vocab_size > model_cfg.vocab_size:
+        raise config_lib.ConfigError(
+            f"model.vocab_size={model_cfg.vocab_size} is smaller than the store's vocabulary "
+            f"({vocab.vocab_size} ids in {config.data.store})"
+        )
+    try:
+        objective = pipeline.make_objective(
+            config.data.objective,
+            vocab,
+            model_cfg.arch,
+            **objective_options(config, model_cfg.arch),
+        )
+        plan = pipeline.build_plan(
+            store.split("train"),
+            objective,
+            int(config.train.steps),
+            int(config.train.batch_size),
+            float(config.data.repeated_fraction),
+            int(config.data.repeated_epochs),
+            int(config.seed),
+        )
+    except (ValueError, KeyError) as e:
+        raise config_lib.ConfigError(str(e).splitlines()[0]) from None
+    return store, objective, plan
+
+
+def lengths_of(objective: Any, arch: str) -> dict[str, int]:
+    fl = objective.feature_lengths
+    if arch == "encoder_decoder":
+        return {
+            "encoder": int(fl["encoder_input_tokens"]),
+            "decoder": int(fl["decoder_target_tokens"]),
+        }
+    return {"decoder": int(fl["decoder_target_tokens"])}
+
+
+def derived_facts(config: Any, model_cfg: Any, objective: Any) -> dict[str, Any]:
+    from repeat_scaling.models import sizes
+
+    tokens_per_step = int(objective.tokens_per_example) * int(config.train.batch_size)
+    return {
+        "params": sizes.count_params(model_cfg),
+        "tokens_per_step": tokens_per_step,
+        "total_tokens": tokens_per_step * int(config.train.steps),
+        "flops_per_token": sizes.flops_per_token(model_cfg, lengths_of(objective, model_cfg.arch)),
+        "feature_lengths": {k: int(v) for k, v in objective.feature_lengths.items()},
+        "package_versions": package_versions(),
+        "git_commit": git_commit(),
+        "num_devices": jax.device_count(),
+        "num_processes": jax.process_count(),
+        "device_kind": jax.devices()[0].device_kind,
+    }
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def write_json(path: pathlib.Path, obj: Any) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    tmp.replace(path)
+
+
+def resolved_config(config: Any, model_cfg: Any, derived: dict[str, Any]) -> dict[str, Any]:
+    d = config.to_dict()
+    d["model"] = model_cfg.to_dict()
+    d["derived"] = derived
+    return d
+
+
+def to_global(batch: dict[str, np.ndarray], batch_sharding: Any) -> dict[str, jax.Array]:
+    """This host's rows -> global sharded arrays."""
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+        for k, v in batch.items()
+    }
+
+
+# ----------------------------------------------------------------------------------
+# SIGTERM
+# ----------------------------------------------------------------------------------
+class _SigtermFlag:
+    """Records SIGTERM (single process) for a save-and-exit at the next step boundary."""
+
+    def __init__(self):
+        self.received = False
+        self._old = None
+
+    def __enter__(self):
+        if jax.process_count() == 1:
+            try:
+                self._old = signal.signal(signal.SIGTERM, self._handler)
+            except ValueError:  # not the main thread
+                self._old = None
+        return self
+
+    def _handler(self, signum, frame):
+        self.received = True
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            try:
+                return bool(multihost_utils.reached_preemption_sync_point(step))
+            except (RuntimeError, ValueError):
+                return False
+        return self.received
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+        return False
+
+
+# ----------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------
+def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """Train to ``config.train.steps`` (resuming from ``workdir`` if it has checkpoints).
+
+    Returns a summary dict (``final_step``, ``last_metrics``, ``resumed_from``).
+    """
+    workdir = pathlib.Path(workdir).absolute()
+    model_cfg = config_lib.validate(
+        config, num_devices=jax.device_count(), process_count=jax.process_count()
+    )
+    tc = config.train
+    store, objective, plan = build_data(config, model_cfg)
+    derived = derived_facts(config, model_cfg, objective)
+    primary = jax.process_index() == 0
+    if primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_json(workdir / "config.json", resolved_config(config, model_cfg, derived))
+        summary = dict(plan.summary())
+        tpe = int(objective.tokens_per_example)
+        summary.setdefault("tokens_per_example", tpe)
+        summary.setdefault("raw_tokens_per_chunk", int(objective.raw_length))
+        summary.setdefault("total_tokens", derived["total_tokens"])
+        write_json(workdir / "data_plan.json", summary)
+    distributed.sync("workdir_written")
+
+    mesh = sharding.make_mesh(dict(config.mesh.ici), dict(config.mesh.dcn) or None)
+    rules = sharding.DEFAULT_RULES
+    tx, schedule = optimizers.make_optimizer(tc.optimizer, int(tc.steps))
+    info = state_lib.abstract_state(model_cfg, tx, mesh, rules)
+    ckpt = checkpointing.Checkpointer(
+        workdir,
+        save_every=int(tc.checkpoint_every),
+        keep=int(tc.keep),
+        keep_period=int(tc.keep_period),
+        async_save=bool(tc.async_checkpointing),
+    )
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state = ckpt.restore(latest, info.abstract)
+    else:
+        state, _ = state_lib.create_train_state(model_cfg, tx, mesh, int(config.seed), rules)
+    start = int(jax.device_get(state["step"]))
+    train_step = step_lib.make_train_step(
+        info,
+        model_cfg,
+        tx,
+        schedule,
+        seed=int(config.seed),
+        grad_accum=int(tc.grad_accum),
+        z_loss=float(tc.z_loss),
+        label_smoothing=float(tc.label_smoothing),
+        dropout_start_step=int(tc.dropout_start_step),
+        rules=rules,
+    )
+    eval_step = None
+    heldout = []
+    if tc.eval_every:
+        from repeat_scaling.data import pipeline
+
+        eval_step = step_lib.make_eval_step(info, model_cfg, rules)
+        heldout = pipeline.heldout_batches(
+            store.split("validation"),
+            objective,
+            int(tc.batch_size),
+            int(tc.eval_batches),
+            int(config.seed),
+        )
+
+    from repeat_scaling.data.batcher import Batcher
+
+    total_steps = int(tc.steps)
+    batcher = Batcher(
+        store.split("train"),
+        plan,
+        objective,
+        int(tc.batch_size),
+        int(config.seed),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        prefetch=int(config.data.prefetch),
+    )
+    batch_sh = sharding.batch_sharding(mesh, rules)
+    units = metrics.hardware_units(
+        jax.devices()[0].platform, jax.device_count(), jax.process_count()
+    )
+    peak = float(tc.peak_tflops) or metrics.lookup_peak_tflops(jax.devices()[0].device_kind)
+    peak_total = peak * units if peak else None
+    train_flops = float(derived["flops_per_token"]["train"])
+    tokens_per_step = int(derived["tokens_per_step"])
+
+    # Token accounting up to the start step (cheap: computed from the plan).
+    seen = {"unique": 0, "repeated": 0}
+    for s in range(start):
+        acc = batcher.accounting(s)
+        seen["unique"] += int(acc["unique_tokens"])
+        seen["repeated"] += int(acc["repeated_tokens"])
+
+    writer = metrics.MetricsWriter(
+        workdir,
+        total_steps=total_steps,
+        start_step=start,
+        is_primary=primary,
+        progress_bar=str(tc.progress_bar),
+    )
+    log_every = int(tc.log_every)
+    prof_start = int(tc.profile_start_step)
+    prof_stop = prof_start + int(tc.profile_steps)
+    profiling = False
+    last: dict[str, Any] = {}
+    pending: list[tuple[int, Any, float]] = []  # (step, metrics on device, step time)
+
+    def drain(force: bool = False) -> None:
+        """Fetch metrics of finished steps; check finiteness; write logged steps."""
+        nonlocal last
+        while pending and (force or len(pending) > 1):
+            s, m, dt = pending.pop(0)
+            host = {k: float(v) for k, v in jax.device_get(m).items()}
+            if host["finite"] < 1.0:
+                raise NonFiniteLossError(
+                    f"non-finite loss/gradient at step {s} (loss={host['loss']}, "
+                    f"grad_norm={host['grad_norm']}); stopped without saving, "
+                    f"last good checkpoint: {ckpt.latest_step()}"
+                )
+            if s % log_every == 0 or s == total_steps:
+                record = {
+                    "step": s,
+                    "loss": host["loss"],
+                    "accuracy": host["accuracy"],
+                    "z_loss": host["z_loss"],
+                    "aux_loss": host["aux_loss"],
+                    "learning_rate": host["learning_rate"],
+                    "grad_norm": host["grad_norm"],
+                    "tokens_seen": s * tokens_per_step,
+                    "unique_tokens_seen": seen_at[s][0],
+                    "repeated_tokens_seen": seen_at[s][1],
+                    "step_time_s": dt,
+                    **metrics.throughput(dt, tokens_per_step, train_flops, peak_total),
+                }
+                writer.write(record)
+                last = record
+            seen_at.pop(s, None)
+
+    seen_at: dict[int, tuple[int, int]] = {}
+    t_prev = time.perf_counter()
+    try:
+        with _SigtermFlag() as sigterm:
+            it = batcher.iter_from(start)
+            for s in range(start, total_steps):
+                if s == prof_start and primary:
+                    jax.profiler.start_trace(str(workdir / "profile"))
+                    profiling = True
+                rows = next(it)
+                acc = batcher.accounting(s)
+                seen["unique"] += int(acc["unique_tokens"])
+                seen["repeated"] += int(acc["repeated_tokens"])
+                state, m = train_step(state, to_global(rows, batch_sh))
+                done = s + 1
+                seen_at[done] = (seen["unique"], seen["repeated"])
+                # Step time = time between dispatches; drain() waits for the previous
+                # step's metrics, so in the steady state this is the device time per step.
+                now = time.perf_counter()
+                pending.append((done, m, now - t_prev))
+                t_prev = now
+                drain()
+                if profiling and done >= prof_stop:
+                    jax.block_until_ready(state)
+                    jax.profiler.stop_trace()
+                    profiling = False
+                if eval_step is not None and done % int(tc.eval_every) == 0:
+                    drain(force=True)
+                    writer.write_eval(done, _evaluate(eval_step, state, heldout, batch_sh))
+                due = ckpt.save_every and done % ckpt.save_every == 0
+                stop = sigterm.should_stop(done)
+                if due or stop or done == total_steps:
+                    drain(force=True)  # never checkpoint a state produced by a NaN step
+                    ckpt.save(state, force=True)
+                if stop:
+                    ckpt.wait()
+                    raise Preempted(done)
+            drain(force=True)
+    finally:
+        if profiling:
+            jax.profiler.stop_trace()
+        batcher.close()
+        writer.close()
+        ckpt.close()
+    return {"final_step": total_steps, "resumed_from": start, "last_metrics": last}
+
+
+def _evaluate(eval_step, state, heldout, batch_sh) -> dict[str, float]:
+    tot = {"loss_sum": 0.0, "correct": 0.0, "weight_sum": 0.0}
+    pi, pc = jax.process_index(), jax.process_count()
+    for b in heldout:
+        rows = {k: v[pi * (len(v) // pc) : (pi + 1) * (len(v) // pc)] for k, v in b.items()}
+        out = jax.device_get(eval_step(state["params"], state["extra"], to_global(rows, batch_sh)))
+        for k in tot:
+            tot[k] += float(out[k])
+    w = max(tot["weight_sum"], 1.0)
+    return {"loss": tot["loss_sum"] / w, "accuracy": tot["correct"] / w}
+
+
+def main_error(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(1)

@@ -1,0 +1,241 @@
+"""The pure train step: ``(state, batch) -> (state, metrics)``, compiled once.
+
+Everything the step does is a function of the state (which holds the step number) and
+the batch of that step, so resuming from a checkpoint reproduces an uninterrupted run
+bit for bit:
+
+* dropout key = ``fold_in(fold_in(key(seed), 1), step)``, then ``fold_in(., microbatch)``;
+* staged dropout: ``dropout_scale = step >= dropout_start_step`` (a traced 0/1 float,
+  so switching dropout on never recompiles);
+* gradient accumulation: the global batch of B rows is split into k microbatches
+  (row r goes to microbatch r % k, so every device keeps working on its own rows) and
+  the gradients are summed in a ``lax.scan``. Every microbatch's loss is normalised by
+  the token weight of the WHOLE batch, so k microbatches give the same update as one
+  big batch (up to float rounding);
+* loss = cross-entropy (with label smoothing) + z-loss, both summed over target tokens
+  and divided by the batch's total loss weight, + the model's auxiliary losses (MoE
+  load balancing, router z-loss; already scaled by their coefficients).
+
+Metrics (float32 scalars): ``loss`` (cross-entropy per target token, without z-loss),
+``z_loss``, ``aux_loss``, ``total_loss`` (what is differentiated), ``accuracy``,
+``grad_norm`` (global norm before clipping), ``learning_rate`` (used by this update),
+``weight_sum`` (target tokens), ``finite`` (1.0 when loss and gradients are finite).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from repeat_scaling import models, sharding
+from repeat_scaling.models import losses
+from repeat_scaling.models.config import ModelConfig
+from repeat_scaling.train import state as state_lib
+
+TARGETS = "decoder_target_tokens"
+WEIGHTS = "decoder_loss_weights"
+
+
+def uses_dropout(cfg: ModelConfig) -> bool:
+    return any(
+        float(getattr(cfg, f, 0.0)) > 0
+        for f in ("dropout_rate", "attention_dropout_rate", "droppath_rate")
+    )
+
+
+def _token_correct(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+    """Weighted count of argmax hits."""
+    hits = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return jnp.sum(hits * weights)
+
+
+def make_loss_fn(
+    graphdef: Any,
+    cfg: ModelConfig,
+    *,
+    z_loss: float,
+    label_smoothing: float,
+    deterministic: bool,
+) -> Callable:
+    """``loss_fn(params, extra, batch, rng, dropout_scale, norm, aux_scale) -> (loss, stats)``."""
+
+    def loss_fn(params, extra, batch, rng, dropout_scale, norm, aux_scale):
+        model = state_lib.merge(graphdef, params, extra)
+        logits, aux = models.forward(
+            model,
+            batch,
+            deterministic=deterministic,
+            dropout_rng=None if deterministic else rng,
+            dropout_scale=dropout_scale,
+        )
+        targets = batch[TARGETS]
+        weights = batch[WEIGHTS].astype(jnp.float32)
+        loss_sum, z_sum, w_sum = losses.cross_entropy(
+            logits, targets, weights, z_loss=z_loss, label_smoothing=label_smoothing
+        )
+        aux_total = sum(aux.values()) if aux else jnp.zeros((), jnp.float32)
+        # losses.cross_entropy follows T5X: loss_sum already includes the z-loss term.
+        total = loss_sum / norm + aux_total * aux_scale
+        stats = {
+            "ce_sum": loss_sum - z_sum,
+            "z_sum": z_sum,
+            "w_sum": w_sum,
+            "aux": aux_total * aux_scale,
+            "correct": _token_correct(logits, targets, weights),
+        }
+        return total, stats
+
+    return loss_fn
+
+
+def make_train_step(
+    info: state_lib.StateInfo,
+    cfg: ModelConfig,
+    tx: optax.GradientTransformation,
+    schedule: Callable,
+    *,
+    seed: int,
+    grad_accum: int = 1,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+    dropout_start_step: int = 0,
+    rules: Any = sharding.DEFAULT_RULES,
+    jit: bool = True,
+) -> Callable:
+    """Build the train step; with ``jit`` it is compiled with explicit shardings."""
+    mesh: Mesh = info.mesh
+    deterministic = not uses_dropout(cfg)
+    loss_fn = make_loss_fn(
+        info.graphdef,
+        cfg,
+        z_loss=z_loss,
+        label_smoothing=label_smoothing,
+        deterministic=deterministic,
+    )
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    base_key = state_lib.dropout_base_key(seed)
+    batch_spec = sharding.batch_sharding(mesh, rules).spec
+    k = int(grad_accum)
+
+    def train_step(state, batch):
+        step = state["step"]
+        params, extra = state["params"], state["extra"]
+        norm = jnp.maximum(jnp.sum(batch[WEIGHTS].astype(jnp.float32)), 1.0)
+        dropout_scale = (step >= dropout_start_step).astype(jnp.float32)
+        rng = jax.random.fold_in(base_key, step)
+        if k == 1:
+            grads, stats = grad_fn(
+                params, extra, batch, jax.random.fold_in(rng, 0), dropout_scale, norm, 1.0
+            )
+        else:
+
+            def split(x):
+                x = x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
+                if mesh.size > 1:
+                    spec = PartitionSpec(None, *batch_spec)
+                    x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+                return x
+
+            micro = jax.tree.map(split, batch)
+
+            def body(carry, xs):
+                i, mb = xs
+                g, st = grad_fn(
+                    params, extra, mb, jax.random.fold_in(rng, i), dropout_scale, norm, 1.0 / k
+                )
+                g_acc, st_acc = carry
+                return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, st_acc, st)), None
+
+            zeros_g = jax.tree.map(jnp.zeros_like, params)
+            zeros_st = {
+                n: jnp.zeros((), jnp.float32)
+                for n in ("ce_sum", "z_sum", "w_sum", "aux", "correct")
+            }
+            (grads, stats), _ = jax.lax.scan(body, (zeros_g, zeros_st), (jnp.arange(k), micro))
+
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        w = jnp.maximum(stats["w_sum"], 1.0)
+        loss = stats["ce_sum"] / w
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        metrics = {
+            "loss": loss,
+            "z_loss": stats["z_sum"] / w,
+            "aux_loss": stats["aux"],
+            "total_loss": (stats["ce_sum"] + stats["z_sum"]) / w + stats["aux"],
+            "accuracy": stats["correct"] / w,
+            "grad_norm": grad_norm,
+            "learning_rate": jnp.asarray(schedule(step), jnp.float32),
+            "weight_sum": stats["w_sum"],
+            "finite": finite.astype(jnp.float32),
+        }
+        new_state = {
+            "step": step + 1,
+            "params": new_params,
+            "opt_state": opt_state,
+            "extra": extra,
+        }
+        return new_state, metrics
+
+    if not jit:
+        return train_step
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sh = sharding.batch_sharding(mesh, rules)
+    compiled = jax.jit(
+        train_step,
+        in_shardings=(info.shardings, batch_sh),
+        out_shardings=(info.shardings, replicated),
+        donate_argnums=(0,),
+    )
+
+    def run(state, batch):
+        with sharding.use_mesh(mesh, rules):
+            return compiled(state, batch)
+
+    run.lower = lambda state, batch: _lower(compiled, mesh, rules, state, batch)  # type: ignore[attr-defined]
+    return run
+
+
+def _lower(compiled, mesh, rules, state, batch):
+    with sharding.use_mesh(mesh, rules):
+        return compiled.lower(state, batch)
+
+
+def make_eval_step(
+    info: state_lib.StateInfo, cfg: ModelConfig, rules: Any = sharding.DEFAULT_RULES
+) -> Callable:
+    """``eval_step(params, extra, batch) -> {loss_sum, correct, weight_sum}`` (deterministic)."""
+    mesh = info.mesh
+
+    def eval_step(params, extra, batch):
+        model = state_lib.merge(info.graphdef, params, extra)
+        logits, _ = models.forward(model, batch, deterministic=True)
+        weights = batch[WEIGHTS].astype(jnp.float32)
+        loss_sum, z_sum, w_sum = losses.cross_entropy(logits, batch[TARGETS], weights)
+        return {
+            "loss_sum": loss_sum - z_sum,
+            "correct": _token_correct(logits, batch[TARGETS], weights),
+            "weight_sum": w_sum,
+        }
+
+    compiled = jax.jit(
+        eval_step,
+        in_shardings=(
+            info.shardings["params"],
+            info.shardings["extra"],
+            sharding.batch_sharding(mesh, rules),
+        ),
+        out_shardings=NamedSharding(mesh, PartitionSpec()),
+    )
+
+    def run(params, extra, batch):
+        with sharding.use_mesh(mesh, rules):
+            return compiled(params, extra, batch)
+
+    return run
