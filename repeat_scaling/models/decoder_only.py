@@ -1,0 +1,121 @@
+"""Decoder-only transformer (T5X `decoder_only` semantics) in Flax NNX.
+
+Same block family as T5 v1.1 (pre-RMSNorm, gated-GeLU MLP, no biases, untied float32
+output projection). Position scheme from ``cfg.position``: "rope" (default for the named
+decoder-only sizes; rotary embeddings at ``decoder_positions`` or 0..L-1) or "relative"
+(T5 causal relative position bias, one table). Attention is causal, or prefix-LM when
+``decoder_causal_attention`` marks the bidirectional prefix (T5X semantics); padding from
+``decoder_target_tokens`` when given; segment ids restrict attention to a packed segment.
+``attention_only=True`` drops the MLP sublayers (interpretability models).
+
+Parameter tree::
+
+    token_embedder/embedding, decoder/relpos_bias/rel_embedding (relative only),
+    decoder/layers/..., decoder/decoder_norm/scale, decoder/logits_dense/kernel
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from repeat_scaling.models import layers as L
+from repeat_scaling.models.config import ModelConfig
+
+Array = jax.Array
+
+_SITE_EMB, _SITE_FINAL, _SITE_STACK = 1, 2, 3
+
+
+class DecoderStack(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        if cfg.position == "relative":
+            self.relpos_bias = L.RelativePositionBias(cfg, bidirectional=False, rngs=rngs)
+        self.layers = L.LayerStack(cfg, cfg.num_decoder_layers, rngs, cross_attention=False)
+        self.decoder_norm = L.RMSNorm(cfg.d_model, cfg, rngs)
+        self.logits_dense = L.LogitsDense(cfg, rngs)
+
+    def __call__(
+        self,
+        x: Array,
+        mask: Array,
+        positions: Array | None,
+        drop: L.DropoutCtx,
+        return_attention: bool,
+    ):
+        cfg = self.cfg
+        x = L.dropout(x, cfg.dropout_rate, drop.sub(_SITE_EMB).key, drop.scale)
+        bias = self.relpos_bias(x.shape[1], x.shape[1]) if cfg.position == "relative" else None
+        inp = L.LayerInputs(
+            mask=mask, bias=bias, positions=positions, return_attention=return_attention
+        )
+        x, aux, attn = self.layers(x, inp, drop.sub(_SITE_STACK))
+        x = self.decoder_norm(x)
+        x = L.dropout(x, cfg.dropout_rate, drop.sub(_SITE_FINAL).key, drop.scale)
+        return self.logits_dense(x), aux, attn
+
+
+class DecoderOnly(nnx.Module):
+    """Decoder-only language model (causal or prefix LM)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        if cfg.arch != "decoder_only":
+            raise ValueError(f"DecoderOnly needs arch='decoder_only', got {cfg.arch!r}")
+        self.cfg = cfg
+        self.token_embedder = L.Embed(cfg, rngs)
+        self.decoder = DecoderStack(cfg, rngs)
+
+    def apply(
+        self,
+        decoder_input_tokens: Array,
+        decoder_target_tokens: Array | None = None,
+        *,
+        decoder_segment_ids: Array | None = None,
+        decoder_positions: Array | None = None,
+        decoder_causal_attention: Array | None = None,
+        deterministic: bool = True,
+        dropout_rng: Array | None = None,
+        dropout_scale=1.0,
+        return_attention: bool = False,
+    ):
+        """Returns (logits [B, L, V] float32, aux [2] raw MoE losses, attention list)."""
+        tok = jnp.asarray(decoder_input_tokens)
+        b, n = tok.shape
+        c = self.cfg
+        if (
+            not deterministic
+            and dropout_rng is None
+            and (c.dropout_rate or c.attention_dropout_rate or c.droppath_rate)
+        ):
+            raise ValueError("deterministic=False needs a dropout_rng (a jax PRNG key)")
+        drop = L.DropoutCtx(None if deterministic else dropout_rng, dropout_scale)
+        mask = L.decoder_mask(
+            decoder_target_tokens, n, b, decoder_segment_ids, decoder_causal_attention
+        )
+        positions = None
+        if c.position == "rope":
+            positions = (
+                jnp.asarray(decoder_positions)
+                if decoder_positions is not None
+                else jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+            )
+        logits, aux, attn = self.decoder(
+            self.token_embedder(tok), mask, positions, drop, return_attention
+        )
+        return logits, aux, [a[0] for a in attn]
+
+    def __call__(
+        self,
+        decoder_input_tokens: Array,
+        decoder_target_tokens: Array | None = None,
+        *,
+        return_attention: bool = False,
+        **kw,
+    ):
+        """Logits [B, L, V] float32, or (logits, [per-layer [B, H, L, L]])."""
+        logits, _, attn = self.apply(
+            decoder_input_tokens, decoder_target_tokens, return_attention=return_attention, **kw
+        )
+        return (logits, attn) if return_attention else logits

@@ -1,0 +1,177 @@
+"""T5 v1.1 encoder-decoder (T5X `t5x/examples/t5/network.py` semantics) in Flax NNX.
+
+Parameter tree (T5X names)::
+
+    token_embedder/embedding                       [vocab, embed]
+    encoder/relpos_bias/rel_embedding              [heads, buckets]
+    encoder/layers/...                             (see layers.LayerStack)
+    encoder/encoder_norm/scale                     [embed]
+    decoder/relpos_bias/rel_embedding              [heads, buckets]
+    decoder/layers/...
+    decoder/decoder_norm/scale                     [embed]
+    decoder/logits_dense/kernel                    [embed, vocab]
+
+Masks: encoder padding (id 0) is masked everywhere; decoder self-attention is causal and,
+when ``decoder_target_tokens`` is given, masks its padding (T5X); segment ids restrict
+attention to the same packed segment. Logits are float32 [B, Lt, padded_vocab].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from repeat_scaling.models import layers as L
+from repeat_scaling.models.config import ModelConfig
+
+Array = jax.Array
+
+_SITE_ENC, _SITE_DEC = 11, 12
+_SITE_EMB, _SITE_FINAL, _SITE_STACK = 1, 2, 3
+
+
+class Encoder(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.relpos_bias = L.RelativePositionBias(cfg, bidirectional=True, rngs=rngs)
+        self.layers = L.LayerStack(cfg, cfg.num_encoder_layers, rngs, cross_attention=False)
+        self.encoder_norm = L.RMSNorm(cfg.d_model, cfg, rngs)
+
+    def __call__(self, x: Array, mask: Array, drop: L.DropoutCtx, return_attention: bool):
+        cfg = self.cfg
+        x = L.dropout(x, cfg.dropout_rate, drop.sub(_SITE_EMB).key, drop.scale)
+        bias = self.relpos_bias(x.shape[1], x.shape[1])
+        inp = L.LayerInputs(mask=mask, bias=bias, return_attention=return_attention)
+        x, aux, attn = self.layers(x, inp, drop.sub(_SITE_STACK))
+        x = self.encoder_norm(x)
+        x = L.dropout(x, cfg.dropout_rate, drop.sub(_SITE_FINAL).key, drop.scale)
+        return x, aux, attn
+
+
+class Decoder(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.relpos_bias = L.RelativePositionBias(cfg, bidirectional=False, rngs=rngs)
+        self.layers = L.LayerStack(cfg, cfg.num_decoder_layers, rngs, cross_attention=True)
+        self.decoder_norm = L.RMSNorm(cfg.d_model, cfg, rngs)
+        self.logits_dense = L.LogitsDense(cfg, rngs)
+
+    def __call__(
+        self,
+        x: Array,
+        encoded: Array,
+        mask: Array,
+        cross_mask: Array,
+        drop: L.DropoutCtx,
+        return_attention: bool,
+    ):
+        cfg = self.cfg
+        x = L.dropout(x, cfg.dropout_rate, drop.sub(_SITE_EMB).key, drop.scale)
+        bias = self.relpos_bias(x.shape[1], x.shape[1])
+        inp = L.LayerInputs(
+            mask=mask,
+            bias=bias,
+            encoded=encoded,
+            cross_mask=cross_mask,
+            return_attention=return_attention,
+        )
+        x, aux, attn = self.layers(x, inp, drop.sub(_SITE_STACK))
+        x = self.decoder_norm(x)
+        x = L.dropout(x, cfg.dropout_rate, drop.sub(_SITE_FINAL).key, drop.scale)
+        return self.logits_dense(x), aux, attn
+
+
+class EncoderDecoder(nnx.Module):
+    """T5 v1.1 encoder-decoder transformer."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        if cfg.arch != "encoder_decoder":
+            raise ValueError(f"EncoderDecoder needs arch='encoder_decoder', got {cfg.arch!r}")
+        self.cfg = cfg
+        self.token_embedder = L.Embed(cfg, rngs)
+        self.encoder = Encoder(cfg, rngs)
+        self.decoder = Decoder(cfg, rngs)
+
+    def apply(
+        self,
+        encoder_input_tokens: Array,
+        decoder_input_tokens: Array,
+        decoder_target_tokens: Array | None = None,
+        *,
+        encoder_segment_ids: Array | None = None,
+        decoder_segment_ids: Array | None = None,
+        encoder_positions: Array | None = None,
+        decoder_positions: Array | None = None,
+        deterministic: bool = True,
+        dropout_rng: Array | None = None,
+        dropout_scale=1.0,
+        return_attention: bool = False,
+    ):
+        """Returns (logits [B, Lt, V] float32, aux [2] raw MoE losses, attention dict)."""
+        del encoder_positions, decoder_positions  # relative bias is translation invariant
+        enc_tok = jnp.asarray(encoder_input_tokens)
+        dec_tok = jnp.asarray(decoder_input_tokens)
+        b, li = enc_tok.shape
+        lt = dec_tok.shape[1]
+        key = None if deterministic else dropout_rng
+        if not deterministic and dropout_rng is None and self._needs_rng():
+            raise ValueError("deterministic=False needs a dropout_rng (a jax PRNG key)")
+        drop = L.DropoutCtx(key, dropout_scale)
+
+        enc_valid = enc_tok > 0
+        enc_mask = L.attention_mask(enc_valid, enc_valid)
+        if encoder_segment_ids is not None:
+            enc_mask = enc_mask & L.segment_mask(encoder_segment_ids, encoder_segment_ids)
+        dec_mask = L.decoder_mask(decoder_target_tokens, lt, b, decoder_segment_ids)
+        q_valid = (
+            decoder_target_tokens > 0
+            if decoder_target_tokens is not None
+            else jnp.ones((b, lt), bool)
+        )
+        cross_mask = L.attention_mask(q_valid, enc_valid)
+        if encoder_segment_ids is not None and decoder_segment_ids is not None:
+            cross_mask = cross_mask & L.segment_mask(decoder_segment_ids, encoder_segment_ids)
+
+        encoded, aux_e, attn_e = self.encoder(
+            self.token_embedder(enc_tok), enc_mask, drop.sub(_SITE_ENC), return_attention
+        )
+        logits, aux_d, attn_d = self.decoder(
+            self.token_embedder(dec_tok),
+            encoded,
+            dec_mask,
+            cross_mask,
+            drop.sub(_SITE_DEC),
+            return_attention,
+        )
+        attn = {}
+        if return_attention:
+            attn = {
+                "encoder": [a[0] for a in attn_e],
+                "decoder_self": [a[0] for a in attn_d],
+                "decoder_cross": [a[1] for a in attn_d],
+            }
+        return logits, aux_e + aux_d, attn
+
+    def _needs_rng(self) -> bool:
+        c = self.cfg
+        return bool(c.dropout_rate or c.attention_dropout_rate or c.droppath_rate)
+
+    def __call__(
+        self,
+        encoder_input_tokens: Array,
+        decoder_input_tokens: Array,
+        decoder_target_tokens: Array | None = None,
+        *,
+        return_attention: bool = False,
+        **kw,
+    ):
+        """Logits [B, Lt, V] float32, or (logits, attention dict) with return_attention."""
+        logits, _, attn = self.apply(
+            encoder_input_tokens,
+            decoder_input_tokens,
+            decoder_target_tokens,
+            return_attention=return_attention,
+            **kw,
+        )
+        return (logits, attn) if return_attention else logits

@@ -1,0 +1,543 @@
+"""Transformer building blocks (T5 v1.1 family) as Flax NNX modules.
+
+Conventions:
+* Activations are [batch, length, embed]; attention tensors [batch, heads, q_len, k_len].
+* Every parameter is created through :func:`param` and carries logical axis names
+  (``out_sharding`` metadata, see repeat_scaling/sharding.py); parameters are stored in
+  ``cfg.param_dtype`` and cast to the compute dtype ``cfg.dtype`` at use.
+* Masks are boolean (True = may attend), shaped [batch | 1, 1, q_len, k_len].
+* Dropout is explicit: functions take a PRNG key (or None) and a (possibly traced)
+  ``dropout_scale`` that multiplies the configured rate, so "staged dropout" (scale 0
+  then 1) needs no recompilation. No RNG state is stored in the modules.
+* Layer stacks (:class:`LayerStack`) run scanned (``lax.scan`` over stacked weights,
+  compile time flat in depth), unrolled, or with one shared set of weights (ParamShare),
+  with optional rematerialisation (``jax.checkpoint`` policy from ``cfg.remat_policy``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from repeat_scaling.models.config import ModelConfig
+from repeat_scaling.sharding import with_logical_constraint
+
+Array = jax.Array
+NEG_INF = -1e10  # additive bias for masked attention logits (finite: no NaN rows)
+
+# Distinct streams for dropout call sites inside a layer (folded into the layer key).
+_SITE_ATTN_WEIGHTS, _SITE_ATTN_OUT, _SITE_CROSS_WEIGHTS, _SITE_CROSS_OUT = 1, 2, 3, 4
+_SITE_MLP_HIDDEN, _SITE_MLP_OUT, _SITE_DROPPATH_ATTN, _SITE_DROPPATH_CROSS = 5, 6, 7, 8
+_SITE_DROPPATH_MLP = 9
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    return jnp.dtype({"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name])
+
+
+def kernel_init(
+    in_axis: int | Sequence[int] = -2,
+    out_axis: int | Sequence[int] = -1,
+    scale: float = 1.0,
+    distribution: str = "truncated_normal",
+) -> Callable:
+    """T5X default kernel init: variance_scaling(scale, fan_in) over the given axes."""
+    return jax.nn.initializers.variance_scaling(
+        scale, "fan_in", distribution, in_axis=in_axis, out_axis=out_axis
+    )
+
+
+def param(
+    rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Sequence[str | None], dtype: Any
+) -> nnx.Param:
+    """An nnx.Param with logical axis names (no eager sharding: the trainer shards
+    the state through jit out_shardings computed by sharding.state_shardings)."""
+    if len(axes) != len(shape):
+        raise ValueError(f"param shape {tuple(shape)} and axes {tuple(axes)} differ in rank")
+    init = nnx.with_partitioning(init, tuple(axes), eager_sharding=False)
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype))
+
+
+# ----------------------------------------------------------------------------------------
+# Dropout / DropPath
+# ----------------------------------------------------------------------------------------
+def _fold(key: Array | None, site: int) -> Array | None:
+    return None if key is None else jax.random.fold_in(key, site)
+
+
+def dropout(x: Array, rate: float, key: Array | None, scale: Any = 1.0) -> Array:
+    """Inverted dropout with probability ``rate * scale``; identity when key is None."""
+    if key is None or rate == 0.0:
+        return x
+    keep = 1.0 - rate * jnp.asarray(scale, jnp.float32)
+    mask = jax.random.uniform(key, x.shape, jnp.float32) < keep
+    return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
+
+
+def droppath(x: Array, rate: float, key: Array | None, scale: Any = 1.0) -> Array:
+    """Stochastic depth on a residual branch [B, ...]: drop whole examples' branch."""
+    if key is None or rate == 0.0:
+        return x
+    keep = 1.0 - rate * jnp.asarray(scale, jnp.float32)
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.uniform(key, shape, jnp.float32) < keep
+    return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class DropoutCtx:
+    """Per-call dropout settings: key None means deterministic."""
+
+    key: Array | None = None
+    scale: Any = 1.0
+
+    def sub(self, site: int) -> DropoutCtx:
+        return DropoutCtx(_fold(self.key, site), self.scale)
+
+
+# ----------------------------------------------------------------------------------------
+# Basic layers
+# ----------------------------------------------------------------------------------------
+class RMSNorm(nnx.Module):
+    """T5 layer norm: x * rsqrt(mean(x^2) + eps) * scale, in float32; no bias, no mean."""
+
+    def __init__(self, dim: int, cfg: ModelConfig, rngs: nnx.Rngs, eps: float = 1e-6):
+        self.eps = eps
+        self.dtype = dtype_of(cfg.dtype)
+        self.scale = param(
+            rngs, jax.nn.initializers.ones, (dim,), ("norm",), dtype_of(cfg.param_dtype)
+        )
+
+    def __call__(self, x: Array) -> Array:
+        x = x.astype(jnp.float32)
+        y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding table [vocab, embed], init N(0, 1) as in T5X."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.dtype = dtype_of(cfg.dtype)
+        self.embedding = param(
+            rngs,
+            jax.nn.initializers.normal(1.0),
+            (cfg.vocab_size, cfg.d_model),
+            ("vocab", "embed"),
+            dtype_of(cfg.param_dtype),
+        )
+
+    def __call__(self, ids: Array) -> Array:
+        # Gathering rows from a vocab-sharded table is not partitioned well by XLA: gather
+        # the table first (FSDP all-gathers every weight at use anyway).
+        table = with_logical_constraint(self.embedding[...], (None, None))
+        x = jnp.take(table, ids, axis=0).astype(self.dtype)
+        return with_logical_constraint(x, ("batch", "length", "act_embed"))
+
+
+class LogitsDense(nnx.Module):
+    """Untied output projection [embed, vocab]; logits returned in float32."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.dtype = jnp.float32 if cfg.float32_logits else dtype_of(cfg.dtype)
+        self.kernel = param(
+            rngs,
+            kernel_init(),
+            (cfg.d_model, cfg.vocab_size),
+            ("embed", "vocab"),
+            dtype_of(cfg.param_dtype),
+        )
+
+    def __call__(self, x: Array) -> Array:
+        logits = jnp.einsum(
+            "bld,dv->blv",
+            x.astype(self.dtype),
+            self.kernel[...].astype(self.dtype),
+            preferred_element_type=jnp.float32,
+        )
+        return with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+
+
+class Mlp(nnx.Module):
+    """T5 v1.1 gated-GeLU MLP: (gelu_tanh(x wi_0) * (x wi_1)) wo, no biases."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        pd = dtype_of(cfg.param_dtype)
+        d, f = cfg.d_model, cfg.d_ff
+        self.dtype = dtype_of(cfg.dtype)
+        self.rate = cfg.dropout_rate
+        self.wi_0 = param(rngs, kernel_init(), (d, f), ("embed", "mlp"), pd)
+        self.wi_1 = param(rngs, kernel_init(), (d, f), ("embed", "mlp"), pd)
+        self.wo = param(rngs, kernel_init(), (f, d), ("mlp", "embed"), pd)
+
+    def __call__(self, x: Array, drop: DropoutCtx) -> Array:
+        dt = self.dtype
+        h0 = jnp.einsum("bld,df->blf", x, self.wi_0[...].astype(dt))
+        h1 = jnp.einsum("bld,df->blf", x, self.wi_1[...].astype(dt))
+        h = jax.nn.gelu(h0, approximate=True) * h1
+        h = with_logical_constraint(h, ("batch", "length", "act_mlp"))
+        h = dropout(h, self.rate, drop.key, drop.scale)
+        return jnp.einsum("blf,fd->bld", h, self.wo[...].astype(dt))
+
+
+# ----------------------------------------------------------------------------------------
+# Positions
+# ----------------------------------------------------------------------------------------
+def relative_position_bucket(
+    relative_position: np.ndarray,
+    bidirectional: bool,
+    num_buckets: int = 32,
+    max_distance: int = 128,
+) -> np.ndarray:
+    """T5's bucketing of (key_pos - query_pos) (numpy, static shapes; Mesh-TF formula)."""
+    ret = np.zeros_like(relative_position, dtype=np.int32)
+    n = -relative_position
+    if bidirectional:
+        num_buckets //= 2
+        ret += (n < 0).astype(np.int32) * num_buckets
+        n = np.abs(n)
+    else:
+        n = np.maximum(n, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    nf = np.maximum(n, 1).astype(np.float32)
+    val_if_large = max_exact + (
+        np.log(nf / np.float32(max_exact))
+        / np.float32(np.log(max_distance / max_exact))
+        * np.float32(num_buckets - max_exact)
+    ).astype(np.int32)
+    val_if_large = np.minimum(val_if_large, num_buckets - 1)
+    return ret + np.where(is_small, n, val_if_large).astype(np.int32)
+
+
+class RelativePositionBias(nnx.Module):
+    """One table rel_embedding [heads, buckets] per stack; returns [1, H, q, k] float32."""
+
+    def __init__(self, cfg: ModelConfig, bidirectional: bool, rngs: nnx.Rngs):
+        self.bidirectional = bidirectional
+        self.num_buckets = cfg.relative_buckets
+        self.max_distance = cfg.relative_max_distance
+        init = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+        self.rel_embedding = param(
+            rngs,
+            init,
+            (cfg.num_heads, cfg.relative_buckets),
+            ("heads", "relpos_buckets"),
+            dtype_of(cfg.param_dtype),
+        )
+
+    def __call__(self, q_len: int, k_len: int) -> Array:
+        rel = np.arange(k_len)[None, :] - np.arange(q_len)[:, None]
+        buckets = relative_position_bucket(
+            rel, self.bidirectional, self.num_buckets, self.max_distance
+        )
+        table = self.rel_embedding[...].astype(jnp.float32)
+        return jnp.take(table, jnp.asarray(buckets), axis=1)[None]
+
+
+def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary embedding (rotate-half convention) on x [B, L, H, D] at positions [B, L]."""
+    d = x.shape[-1]
+    freq = theta ** (-np.arange(0, d, 2, dtype=np.float32) / d)
+    ang = positions.astype(jnp.float32)[..., None] * jnp.asarray(freq)  # [B, L, D/2]
+    sin, cos = jnp.sin(ang)[:, :, None, :], jnp.cos(ang)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., : d // 2], xf[..., d // 2 :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# Masks (T5X semantics)
+# ----------------------------------------------------------------------------------------
+def attention_mask(q_valid: Array, k_valid: Array) -> Array:
+    """[B, q], [B, k] bool -> [B, 1, q, k]."""
+    return (q_valid[:, :, None] & k_valid[:, None, :])[:, None]
+
+
+def segment_mask(q_seg: Array, k_seg: Array) -> Array:
+    return (q_seg[:, :, None] == k_seg[:, None, :])[:, None]
+
+
+def causal_mask(length: int) -> Array:
+    return jnp.asarray(np.tril(np.ones((length, length), bool)))[None, None]
+
+
+def decoder_mask(
+    decoder_target_tokens: Array | None,
+    length: int,
+    batch: int,
+    segment_ids: Array | None = None,
+    causal_attention: Array | None = None,
+) -> Array:
+    """Causal (or prefix-LM) mask, padding from targets when given, segments when given."""
+    mask = causal_mask(length)
+    if causal_attention is not None:
+        prefix = causal_attention > 0
+        mask = mask | attention_mask(prefix, prefix)
+    mask = jnp.broadcast_to(mask, (batch, 1, length, length))
+    if decoder_target_tokens is not None:
+        valid = decoder_target_tokens > 0
+        mask = mask & attention_mask(valid, valid)
+    if segment_ids is not None:
+        mask = mask & segment_mask(segment_ids, segment_ids)
+    return mask
+
+
+# ----------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------
+class Attention(nnx.Module):
+    """Multi-head dot-product attention, T5 style.
+
+    Logits are NOT scaled by 1/sqrt(head_dim): the scale is folded into the query
+    initialisation (fan-in normal / sqrt(head_dim)), as in T5/T5X. Softmax in float32.
+    Weights: query/key/value [embed, heads, kv], out [heads, kv, embed].
+    """
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        pd = dtype_of(cfg.param_dtype)
+        d, h, k = cfg.d_model, cfg.num_heads, cfg.head_dim
+        self.dtype = dtype_of(cfg.dtype)
+        self.rate = cfg.attention_dropout_rate
+        self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
+        q_init = kernel_init(0, (1, 2), scale=1.0 / k)  # variance / head_dim
+        kv_init = kernel_init(0, (1, 2))
+        self.query = param(rngs, q_init, (d, h, k), ("embed", "heads", "kv"), pd)
+        self.key = param(rngs, kv_init, (d, h, k), ("embed", "heads", "kv"), pd)
+        self.value = param(rngs, kv_init, (d, h, k), ("embed", "heads", "kv"), pd)
+        self.out = param(rngs, kernel_init((0, 1), 2), (h, k, d), ("heads", "kv", "embed"), pd)
+
+    def __call__(
+        self,
+        x_q: Array,
+        x_kv: Array,
+        mask: Array | None,
+        bias: Array | None,
+        drop: DropoutCtx,
+        *,
+        q_positions: Array | None = None,
+        k_positions: Array | None = None,
+        return_attention: bool = False,
+    ):
+        dt = self.dtype
+        q = jnp.einsum("bld,dhk->blhk", x_q, self.query[...].astype(dt))
+        k = jnp.einsum("bld,dhk->blhk", x_kv, self.key[...].astype(dt))
+        v = jnp.einsum("bld,dhk->blhk", x_kv, self.value[...].astype(dt))
+        q = with_logical_constraint(q, ("batch", "length", "act_heads", "act_kv"))
+        k = with_logical_constraint(k, ("batch", "length", "act_heads", "act_kv"))
+        v = with_logical_constraint(v, ("batch", "length", "act_heads", "act_kv"))
+        if self.rope_theta is not None and q_positions is not None:
+            q = apply_rope(q, q_positions, self.rope_theta)
+            k = apply_rope(k, k_positions, self.rope_theta)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        if bias is not None:
+            logits = logits + bias
+        if mask is not None:
+            logits = jnp.where(mask, logits, NEG_INF)
+        weights = jax.nn.softmax(logits, axis=-1)
+        probs = dropout(weights, self.rate, drop.key, drop.scale).astype(dt)
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        out = jnp.einsum("bqhd,hdm->bqm", ctx, self.out[...].astype(dt))
+        out = with_logical_constraint(out, ("batch", "length", "act_embed"))
+        return (out, weights) if return_attention else (out, None)
+
+
+# ----------------------------------------------------------------------------------------
+# Transformer layer and stacks
+# ----------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class LayerInputs:
+    """Everything a layer needs besides its residual stream (shared by all layers)."""
+
+    mask: Array | None = None
+    bias: Array | None = None
+    positions: Array | None = None
+    encoded: Array | None = None
+    cross_mask: Array | None = None
+    return_attention: bool = False
+
+
+class TransformerLayer(nnx.Module):
+    """Pre-norm T5 v1.1 layer: self-attention, optional cross-attention, optional MLP/MoE.
+
+    Returns (x, aux [2] = (load-balance loss, router z-loss) or zeros, attention tuple).
+    """
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, cross_attention: bool, moe: bool):
+        self.cfg = cfg
+        self.has_cross = cross_attention
+        self.has_mlp = not cfg.attention_only
+        self.is_moe = moe
+        self.pre_self_attention_layer_norm = RMSNorm(cfg.d_model, cfg, rngs)
+        self.self_attention = Attention(cfg, rngs)
+        if cross_attention:
+            self.pre_cross_attention_layer_norm = RMSNorm(cfg.d_model, cfg, rngs)
+            self.encoder_decoder_attention = Attention(cfg.replace(position="relative"), rngs)
+        if self.has_mlp:
+            self.pre_mlp_layer_norm = RMSNorm(cfg.d_model, cfg, rngs)
+            if moe:
+                from repeat_scaling.models.moe import MoeMlp
+
+                self.mlp = MoeMlp(cfg, rngs)
+            else:
+                self.mlp = Mlp(cfg, rngs)
+
+    def __call__(self, x: Array, inp: LayerInputs, drop: DropoutCtx):
+        cfg = self.cfg
+        attn = []
+        aux = jnp.zeros((2,), jnp.float32)
+        y = self.pre_self_attention_layer_norm(x)
+        y, w = self.self_attention(
+            y,
+            y,
+            inp.mask,
+            inp.bias,
+            drop.sub(_SITE_ATTN_WEIGHTS),
+            q_positions=inp.positions,
+            k_positions=inp.positions,
+            return_attention=inp.return_attention,
+        )
+        attn.append(w)
+        y = dropout(y, cfg.dropout_rate, drop.sub(_SITE_ATTN_OUT).key, drop.scale)
+        x = x + droppath(y, cfg.droppath_rate, drop.sub(_SITE_DROPPATH_ATTN).key, drop.scale)
+        if self.has_cross:
+            y = self.pre_cross_attention_layer_norm(x)
+            y, w = self.encoder_decoder_attention(
+                y,
+                inp.encoded,
+                inp.cross_mask,
+                None,
+                drop.sub(_SITE_CROSS_WEIGHTS),
+                return_attention=inp.return_attention,
+            )
+            attn.append(w)
+            y = dropout(y, cfg.dropout_rate, drop.sub(_SITE_CROSS_OUT).key, drop.scale)
+            x = x + droppath(y, cfg.droppath_rate, drop.sub(_SITE_DROPPATH_CROSS).key, drop.scale)
+        if self.has_mlp:
+            y = self.pre_mlp_layer_norm(x)
+            if self.is_moe:
+                y, aux = self.mlp(y, drop.sub(_SITE_MLP_HIDDEN))
+            else:
+                y = self.mlp(y, drop.sub(_SITE_MLP_HIDDEN))
+            y = dropout(y, cfg.dropout_rate, drop.sub(_SITE_MLP_OUT).key, drop.scale)
+            x = x + droppath(y, cfg.droppath_rate, drop.sub(_SITE_DROPPATH_MLP).key, drop.scale)
+        x = with_logical_constraint(x, ("batch", "length", "act_embed"))
+        return x, aux, tuple(attn) if inp.return_attention else ()
+
+
+class LayerGroup(nnx.Module):
+    """``moe_every`` consecutive layers, the last one MoE: the repeated unit of an MoE stack."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, cross_attention: bool):
+        g = cfg.moe_every
+        self.layers = nnx.List(
+            [
+                TransformerLayer(cfg, rngs, cross_attention=cross_attention, moe=(j == g - 1))
+                for j in range(g)
+            ]
+        )
+
+    def __call__(self, x: Array, inp: LayerInputs, drop: DropoutCtx):
+        aux = jnp.zeros((2,), jnp.float32)
+        attn: tuple = ()
+        for j, layer in enumerate(self.layers):
+            x, a, w = layer(x, inp, drop.sub(100 + j))
+            aux = aux + a
+            attn = attn + (w,)
+        return x, aux, attn
+
+
+def _remat_policy(name: str):
+    return {
+        "full": None,
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    }[name]
+
+
+class LayerStack(nnx.Module):
+    """``n`` transformer layers: scanned, unrolled, or one shared unit (ParamShare).
+
+    The repeated unit is one layer (dense) or a :class:`LayerGroup` of ``moe_every``
+    layers (MoE). Scanned weights have a leading "layers" axis.
+    """
+
+    def __init__(self, cfg: ModelConfig, n: int, rngs: nnx.Rngs, *, cross_attention: bool):
+        self.cfg = cfg
+        g = cfg.moe_every if cfg.is_moe else 1
+        if n % g:
+            raise ValueError(f"layer count {n} is not a multiple of moe_every={g}")
+        self.num_units = n // g
+        self.group = g
+
+        def make(r: nnx.Rngs) -> nnx.Module:
+            if cfg.is_moe:
+                return LayerGroup(cfg, r, cross_attention=cross_attention)
+            return TransformerLayer(cfg, r, cross_attention=cross_attention, moe=False)
+
+        self.mode = "shared" if cfg.param_share else ("scan" if cfg.scan_layers else "list")
+        if self.mode == "shared":
+            self.layers = make(rngs)
+        elif self.mode == "scan":
+
+            @nnx.split_rngs(splits=self.num_units)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make_stacked(r):
+                return make(r)
+
+            self.layers = make_stacked(rngs)
+        else:
+            self.layers = nnx.List([make(rngs) for _ in range(self.num_units)])
+
+    def __call__(self, x: Array, inp: LayerInputs, drop: DropoutCtx):
+        """Returns (x, aux [2] summed over layers, list of per-layer attention tuples)."""
+        cfg = self.cfg
+
+        def body(x, state, graphdef, idx):
+            unit = nnx.merge(graphdef, state)
+            d = DropoutCtx(
+                None if drop.key is None else jax.random.fold_in(drop.key, idx), drop.scale
+            )
+            return unit(x, inp, d)
+
+        if cfg.remat_policy != "none":
+            body = jax.checkpoint(
+                body,
+                policy=_remat_policy(cfg.remat_policy),
+                static_argnums=(2,),
+                prevent_cse=self.mode == "list",
+            )
+
+        aux = jnp.zeros((2,), jnp.float32)
+        per_unit: list[tuple] = []
+        if self.mode == "list":
+            for i, unit in enumerate(self.layers):
+                graphdef, state = nnx.split(unit)
+                x, a, w = body(x, state, graphdef, i)
+                aux, per_unit = aux + a, per_unit + [w]
+        else:
+            graphdef, state = nnx.split(self.layers)
+            shared = self.mode == "shared"
+
+            def step(carry, xs):
+                st, idx = (state, xs) if shared else xs
+                y, a, w = body(carry, st, graphdef, idx)
+                return y, (a, w)
+
+            idxs = jnp.arange(self.num_units)
+            x, (a, w) = jax.lax.scan(step, x, idxs if shared else (state, idxs))
+            aux = aux + a.sum(axis=0)
+            per_unit = [jax.tree.map(lambda t, i=i: t[i], w) for i in range(self.num_units)]
+        layers_attn: list[tuple] = []
+        if inp.return_attention:
+            for w in per_unit:
+                layers_attn.extend(w if self.group > 1 else [w])
+        return x, aux, layers_attn

@@ -1,0 +1,78 @@
+"""Token losses with T5X semantics (float32 throughout).
+
+``cross_entropy`` follows ``t5x.losses.compute_weighted_cross_entropy``: soft targets
+with label smoothing (confidence 1 - s on the target, s / (V - 1) elsewhere, V = the
+logits' last dimension), minus the normalising constant (the entropy of the soft
+target, so a perfect prediction has loss 0), plus ``z_loss * logsumexp(logits)^2`` per
+token. Returned sums are weighted by ``weights``; ``loss_sum`` INCLUDES the z-loss term
+(as in T5X) and ``z_loss_sum`` reports it separately. Divide by ``weight_sum`` for a mean.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+def _target_logprob(log_probs: Array, targets: Array) -> Array:
+    return jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def cross_entropy(
+    logits: Array,
+    targets: Array,
+    weights: Array | None = None,
+    *,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+):
+    """Weighted token cross entropy (T5X). Returns (loss_sum, z_loss_sum, weight_sum)."""
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing={label_smoothing}; expected a value in [0, 1)")
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits {logits.shape} and targets {targets.shape} shapes disagree")
+    logits = logits.astype(jnp.float32)
+    vocab = logits.shape[-1]
+    confidence = 1.0 - label_smoothing
+    low = (1.0 - confidence) / (vocab - 1)
+    normalizing = -(confidence * np.log(confidence) + (vocab - 1) * low * np.log(low + 1e-20))
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    log_probs = logits - log_z[..., None]
+    tgt = _target_logprob(log_probs, targets)
+    if label_smoothing:
+        loss = -(confidence - low) * tgt - low * jnp.sum(log_probs, axis=-1)
+    else:
+        loss = -tgt
+    zl = z_loss * jnp.square(log_z)
+    loss = loss + zl - normalizing
+    if weights is None:
+        weight_sum = jnp.asarray(np.prod(targets.shape), jnp.float32)
+    else:
+        weights = weights.astype(jnp.float32)
+        loss, zl = loss * weights, zl * weights
+        weight_sum = jnp.sum(weights)
+    return jnp.sum(loss), jnp.sum(zl), weight_sum
+
+
+def per_token_loss(logits: Array, targets: Array) -> Array:
+    """Plain cross entropy per position [B, L] (nats, float32; no smoothing/z-loss)."""
+    logits = logits.astype(jnp.float32)
+    return -_target_logprob(jax.nn.log_softmax(logits, axis=-1), targets)
+
+
+def correct_count(logits: Array, targets: Array, weights: Array | None = None):
+    """(weighted number of argmax-correct tokens, weight sum)."""
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    if weights is None:
+        return jnp.sum(correct), jnp.asarray(correct.size, jnp.float32)
+    weights = weights.astype(jnp.float32)
+    return jnp.sum(correct * weights), jnp.sum(weights)
+
+
+def token_accuracy(logits: Array, targets: Array, weights: Array | None = None) -> Array:
+    """Weighted fraction of positions whose argmax equals the target (0 if no weight)."""
+    c, w = correct_count(logits, targets, weights)
+    return jnp.where(w > 0, c / jnp.maximum(w, 1e-9), 0.0)

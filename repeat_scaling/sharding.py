@@ -1,0 +1,257 @@
+"""Device mesh and logical-axis sharding rules: the ONE place for them.
+
+Every parameter carries logical axis names (``nnx.with_partitioning``, metadata key
+``out_sharding``), e.g. ``("embed", "mlp")``; activations are annotated with
+:func:`with_logical_constraint`. A rules table maps each logical name to a mesh axis, a
+tuple of mesh axes, or ``None`` (replicated). The mesh has four axes, always in this order:
+
+* ``data``   -- pure data parallelism (batch split, parameters replicated);
+* ``fsdp``   -- data parallelism with parameters/optimizer state sharded along ``embed``;
+* ``tensor`` -- tensor (Megatron) parallelism over heads / mlp / vocab;
+* ``expert`` -- expert parallelism for MoE layers (acts as data parallelism elsewhere).
+
+Multi-slice (DCN) meshes are supported through ``make_mesh(ici, dcn)``.
+
+A logical dimension whose size is not divisible by the mesh axes it maps to is replicated
+instead of failing (e.g. 6 heads on ``tensor=4``): tiny test models then still run on big
+meshes. Mesh axes of size 1 are dropped from the specs.
+
+Typical use (what the trainer does)::
+
+    mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1, "expert": 1})
+    with use_mesh(mesh, DEFAULT_RULES):
+        abstract = nnx.eval_shape(lambda: build(cfg, nnx.Rngs(0)))
+        shardings = state_shardings(nnx.state(abstract), mesh)
+        state = jax.jit(create_state, out_shardings=shardings)()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor", "expert")
+
+MeshAxes = str | tuple[str, ...] | None
+Rules = Mapping[str, MeshAxes]
+
+#: Logical axis name -> mesh axes. Parameters: embed/mlp/heads/kv/vocab/expert/layers/
+#: relpos_buckets/norm. Activations: batch/length/act_embed/act_mlp/act_heads/act_kv/
+#: act_vocab/act_expert/capacity.
+DEFAULT_RULES: dict[str, MeshAxes] = {
+    # parameters
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv": None,
+    "vocab": "tensor",
+    "expert": "expert",
+    "layers": None,
+    "relpos_buckets": None,
+    "norm": None,
+    # activations
+    "batch": ("data", "fsdp", "expert"),
+    "length": None,
+    "act_embed": None,
+    "act_mlp": "tensor",
+    "act_heads": "tensor",
+    "act_kv": None,
+    "act_vocab": "tensor",
+    "act_expert": "expert",
+    "act_group": ("data", "fsdp"),
+    "capacity": None,
+}
+
+
+def _check_axes(d: Mapping[str, int], what: str) -> None:
+    for k in d:
+        if k not in MESH_AXES:
+            raise ValueError(f"unknown mesh axis {k!r} in {what}; expected one of {MESH_AXES}")
+
+
+def _fill(sizes: Mapping[str, int], total: int, what: str) -> list[int]:
+    """Mesh shape in MESH_AXES order; one -1 entry takes the remaining devices."""
+    _check_axes(sizes, what)
+    shape = [int(sizes.get(a, 1)) for a in MESH_AXES]
+    if sum(s == -1 for s in shape) > 1:
+        raise ValueError(f"at most one -1 allowed in {what}={dict(sizes)}")
+    for a, s in zip(MESH_AXES, shape, strict=True):
+        if s == 0 or s < -1:
+            raise ValueError(
+                f"mesh axis {a!r} has size {s} in {what}; expected a positive int or -1"
+            )
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if total % known:
+            raise ValueError(
+                f"cannot fill -1 in {what}={dict(sizes)}: {total} devices not divisible by {known}"
+            )
+        shape[shape.index(-1)] = total // known
+    if math.prod(shape) != total:
+        raise ValueError(
+            f"{what}={dict(sizes)} has {math.prod(shape)} devices; expected {total} "
+            f"(the number of devices available)"
+        )
+    return shape
+
+
+def make_mesh(
+    ici: Mapping[str, int],
+    dcn: Mapping[str, int] | None = None,
+    devices: Sequence[Any] | None = None,
+) -> Mesh:
+    """Build a mesh with axes ``MESH_AXES``.
+
+    Args:
+      ici: axis -> size within a slice (missing axes are 1; one -1 fills the rest).
+      dcn: axis -> number of slices along that axis (multi-slice); ``None`` = one slice.
+      devices: devices to use (default ``jax.devices()``).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if dcn:
+        _check_axes(dcn, "dcn")
+        dcn_shape = [int(dcn.get(a, 1)) for a in MESH_AXES]
+        if any(s < 1 for s in dcn_shape):
+            raise ValueError(f"dcn={dict(dcn)} must have positive sizes (no -1)")
+        num_slices = math.prod(dcn_shape)
+        if n % num_slices:
+            raise ValueError(
+                f"{n} devices not divisible into {num_slices} slices (dcn={dict(dcn)})"
+            )
+        ici_shape = _fill(ici, n // num_slices, "ici")
+        from jax.experimental import mesh_utils
+
+        arr = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices=devices)
+    else:
+        ici_shape = _fill(ici, n, "ici")
+        try:
+            from jax.experimental import mesh_utils
+
+            arr = mesh_utils.create_device_mesh(ici_shape, devices=devices)
+        except (ValueError, NotImplementedError, AssertionError):
+            arr = np.asarray(devices, dtype=object).reshape(ici_shape)
+    return Mesh(arr, MESH_AXES)
+
+
+def _as_tuple(m: MeshAxes) -> tuple[str, ...]:
+    if m is None:
+        return ()
+    if isinstance(m, str):
+        return (m,)
+    return tuple(m)
+
+
+def logical_to_mesh_spec(
+    logical_axes: Sequence[str | None] | None,
+    rules: Rules = DEFAULT_RULES,
+    mesh: Mesh | None = None,
+    shape: Sequence[int] | None = None,
+) -> PartitionSpec:
+    """Map logical axis names to a PartitionSpec.
+
+    Unknown logical names raise ValueError. With ``mesh``, axes of size 1 are dropped and
+    a mesh axis is used at most once per spec (first dimension wins). With ``shape`` too,
+    mesh axes that do not divide the dimension are dropped (replicated).
+    """
+    if logical_axes is None:
+        return PartitionSpec()
+    used: set[str] = set()
+    out: list[Any] = []
+    for i, name in enumerate(logical_axes):
+        if name is None:
+            out.append(None)
+            continue
+        if name not in rules:
+            raise ValueError(
+                f"logical axis {name!r} has no sharding rule; expected one of {sorted(rules)}"
+            )
+        axes = []
+        prod = 1
+        for a in _as_tuple(rules[name]):
+            if a in used:
+                continue
+            size = mesh.shape[a] if mesh is not None else 1
+            if mesh is not None and size == 1:
+                continue
+            if shape is not None and shape[i] % (prod * size):
+                continue
+            axes.append(a)
+            prod *= size
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    while out and out[-1] is None:
+        out.pop()
+    return PartitionSpec(*out)
+
+
+def _is_var(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """NamedShardings for every variable of an ``nnx.State`` (concrete or abstract).
+
+    Returns a pytree of the same structure whose variable values are NamedShardings
+    (usable as ``jax.jit(..., out_shardings=...)`` for a function returning the state).
+    Variables without ``out_sharding`` metadata are replicated.
+    """
+
+    def one(v):
+        if not _is_var(v):
+            return NamedSharding(mesh, PartitionSpec())
+        names = v.get_metadata().get("out_sharding")
+        spec = (
+            logical_to_mesh_spec(names, rules, mesh, tuple(v.shape)) if names else PartitionSpec()
+        )
+        return v.replace(NamedSharding(mesh, spec))
+
+    return jax.tree.map(one, state, is_leaf=_is_var)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of an input batch array [batch, length] (also fine for [batch])."""
+    return NamedSharding(mesh, logical_to_mesh_spec(("batch",), rules, mesh))
+
+
+@dataclasses.dataclass
+class _Ctx(threading.local):
+    mesh: Mesh | None = None
+    rules: Rules | None = None
+
+
+_ctx = _Ctx()
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[Mesh]:
+    """Make (mesh, rules) active for :func:`with_logical_constraint` (at trace time)."""
+    old = (_ctx.mesh, _ctx.rules)
+    _ctx.mesh, _ctx.rules = mesh, dict(rules)
+    try:
+        yield mesh
+    finally:
+        _ctx.mesh, _ctx.rules = old
+
+
+def current_mesh() -> tuple[Mesh | None, Rules | None]:
+    """The (mesh, rules) made active by :func:`use_mesh`, or (None, None)."""
+    return _ctx.mesh, _ctx.rules
+
+
+def with_logical_constraint(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint on an activation; a no-op outside :func:`use_mesh`."""
+    mesh, rules = _ctx.mesh, _ctx.rules
+    if mesh is None or rules is None or mesh.size == 1:
+        return x
+    spec = logical_to_mesh_spec(logical_axes, rules, mesh, x.shape)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
