@@ -35,7 +35,11 @@ example with its own noise, and the examples are packed into the row with segmen
 ``1..k`` and positions. If the packed examples of a chunk would overflow the row (only
 possible for chunks made of many tiny documents, whose per-document sentinels and EOS
 cost more than the whole chunk's), the row falls back to the unpacked form (one
-example over the whole chunk, segment id 1). Without packing, the chunk's EOS tokens are
+example over the whole chunk, segment id 1). Each extra document costs about one EOS plus span
+rounding per sequence, so with packing the raw length is chosen to fit the feature
+lengths minus ``pack_slack`` (default 8) positions, and the default span-corruption
+``targets_length`` is T5's rounded up to a multiple of 8 plus 8 (inputs 512 -> 128).
+Without packing, the chunk's EOS tokens are
 ordinary tokens (T5's concatenated-documents semantics) and every row holds one example.
 """
 
@@ -55,6 +59,7 @@ OBJECTIVES = ("span_corruption", "ul2", "causal_lm", "prefix_lm")
 ARCHS = ("encoder_decoder", "decoder_only")
 MODE_TOKENS = {"R": 0, "X": 1, "S": 2}  # offset from the lowest extra id upwards
 NUM_MODE_TOKENS = 3
+PACK_SLACK = 8  # positions per sequence kept free for the per-document overhead of packing
 
 
 class ObjectiveError(ValueError):
@@ -205,8 +210,10 @@ def _segment_lengths(u: np.ndarray, num_items: int, num_segments: int) -> np.nda
     if num_segments == 1:
         return np.full((g, 1), num_items, dtype=np.int64)
     k = num_segments - 1
-    if k == num_items - 1:
-        idx = np.broadcast_to(np.arange(k), (g, k)).copy()
+    if k >= num_items - 1:
+        # Every interior position starts a segment; T5 leaves the extra segments empty.
+        ones = np.ones((g, num_items), np.int64)
+        return np.concatenate([ones, np.zeros((g, num_segments - num_items), np.int64)], axis=1)
     else:
         idx = np.argpartition(u, k - 1, axis=1)[:, :k]
         idx.sort(axis=1)
@@ -293,6 +300,7 @@ class Objective:
         mean_noise_span_length: float = 3.0,
         denoisers: Sequence[dict[str, Any]] | None = None,
         pack: bool = False,
+        pack_slack: int = PACK_SLACK,
     ):
         if name not in OBJECTIVES:
             raise ObjectiveError(f"unknown objective {name!r}; expected one of {OBJECTIVES}")
@@ -301,6 +309,9 @@ class Objective:
         if not isinstance(vocab, VocabInfo):
             raise ObjectiveError(f"vocab must be a VocabInfo, got {type(vocab).__name__}")
         self.name, self.vocab, self.arch, self.pack = name, vocab, arch, bool(pack)
+        if not isinstance(pack_slack, int | np.integer) or pack_slack < 0:
+            raise ObjectiveError(f"pack_slack={pack_slack!r} must be an integer >= 0")
+        self.pack_slack = int(pack_slack) if self.pack else 0
         if name == "causal_lm" and arch != "decoder_only":
             raise ObjectiveError("objective 'causal_lm' needs arch='decoder_only'")
         if arch == "encoder_decoder":
@@ -312,6 +323,9 @@ class Objective:
                 _, targets_length = span_corruption_lengths(
                     int(inputs_length), noise_density, mean_noise_span_length
                 )
+                if pack:
+                    # Room for the per-document EOS and span rounding of packed documents.
+                    targets_length = -(-targets_length // 8) * 8 + 8
             if not isinstance(targets_length, int | np.integer) or targets_length < 2:
                 raise ObjectiveError(
                     f"targets_length={targets_length!r} must be an integer >= 2 for encoder_decoder"
@@ -390,10 +404,11 @@ class Objective:
     def _fits(self, L: int) -> bool:
         if self.name == "causal_lm":
             return L <= self.length
+        slack = self.pack_slack
         for d in self.denoisers:
             li, lt = self._example_lengths(d, L)
             if self.arch == "encoder_decoder":
-                if li > self.inputs_length or lt > self.targets_length:
+                if li > self.inputs_length - slack or lt > self.targets_length - slack:
                     return False
             else:
                 mode = 1 if d.mode_token else 0
@@ -401,18 +416,14 @@ class Objective:
                     total = li + lt
                 else:
                     total = mode + L + 2
-                if total > self.length:
+                if total > self.length - slack:
                     return False
         return True
 
     def _compute_raw_length(self) -> int:
         if self.name == "causal_lm":
             return self.length
-        if (
-            self.name == "span_corruption"
-            and self.arch == "encoder_decoder"
-            and self.denoisers[0].is_span
-        ):
+        if self.name == "span_corruption" and self.arch == "encoder_decoder" and not self.pack:
             d = self.denoisers[0]
             raw, _ = span_corruption_lengths(
                 self.inputs_length, d.noise_density, d.mean_noise_span_length
@@ -698,6 +709,7 @@ def make_objective(name: str, vocab: VocabInfo, arch: str, **options: Any) -> Ob
         "mean_noise_span_length",
         "denoisers",
         "pack",
+        "pack_slack",
     }
     unknown = set(options) - allowed
     if unknown:

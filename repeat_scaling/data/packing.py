@@ -104,8 +104,9 @@ def split_documents(tokens: np.ndarray, eos_id: int, min_length: int = 2) -> lis
 
     The last piece may lack an EOS (the chunk cut the document). A piece with fewer than
     ``min_length`` non-EOS tokens is merged into the following piece (into the previous
-    one when it is last), so every returned piece has ``min_length`` content tokens
-    unless the whole chunk has fewer. Concatenating the pieces gives ``tokens`` back.
+    one when it is last), so every returned piece has at least ``min_length`` non-EOS
+    tokens unless the whole chunk has fewer. Concatenating the pieces gives ``tokens``
+    back.
     """
     tokens = np.asarray(tokens)
     ends = np.flatnonzero(tokens == eos_id) + 1
@@ -115,7 +116,7 @@ def split_documents(tokens: np.ndarray, eos_id: int, min_length: int = 2) -> lis
     for a, b in zip(bounds[:-1], bounds[1:]):
         start = a if carry_start is None else carry_start
         piece = tokens[start:b]
-        content = len(piece) - (1 if piece[-1] == eos_id else 0)
+        content = int(np.count_nonzero(piece != eos_id))
         if content < min_length:
             carry_start = start
             continue
