@@ -13,7 +13,7 @@ non-zero; see `logs/`), `trained` (final checkpoint written, evaluation missing)
 `evaluating`, `done` (final step evaluated). The files read are the trainer's
 (`config.json`, `train/metrics.jsonl`, `checkpoints/<step>/`), the evaluator's
 (`eval/results.jsonl`) and the launcher's (`launch.json`). ETA comes from the
-trainer's logged per-step time (`step_time`, seconds) or, failing that, from the
+trainer's logged per-step time (`step_time_s`, seconds) or, failing that, from the
 wall-clock timestamps of the logged steps.
 """
 
@@ -158,7 +158,7 @@ def _eta(metrics: list[dict[str, Any]], total: int | None) -> float | None:
     if not isinstance(step, int | float) or step >= total:
         return None if not isinstance(step, int | float) else 0.0
     remaining = total - step
-    step_time = last.get("step_time")
+    step_time = last.get("step_time_s", last.get("step_time"))
     if isinstance(step_time, int | float) and step_time > 0:
         return remaining * float(step_time)
     for key in TIME_KEYS:

@@ -12,7 +12,8 @@ so adding points to a sweep never renames existing runs):
 
     <model>_f<repeated fraction in %>_e<repeated epochs>_s<seed>[_<tag><value>...]
 
-e.g. `d25m_f10_e100_s0`, `t5_base_f100_e256_s0_ul2`, `d25m_f0_e1_s0_do0p1`.
+e.g. `d25m_f10_e100_s0`, `t5_base_f100_e256_s0_ul2`, `d25m_f0_e1_s0_do0p1` (the model
+name keeps its underscores; other components use none).
 Decimal points become `p` (`f0p5` = 0.5 %), so names are safe as directory names,
 GCS paths and (after `_` -> `-`) Cloud TPU node names. Other swept keys get a short tag
 (`TAGS`, else the key's last component without underscores). Two entries that would
@@ -38,19 +39,22 @@ SEED_KEY = "seed"
 CORE_KEYS = (MODEL_KEY, FRACTION_KEY, EPOCHS_KEY, SEED_KEY)
 
 # Short tags for other swept keys. A tag of "" means "the value alone" (e.g. `ul2`).
+# Keys in UNNAMED never appear in names (they follow from a named key, e.g. the
+# targets length UL2 needs); entries differing only in them are still a collision.
 TAGS = {
     "data.objective": "",
     "model.dropout_rate": "do",
-    "model.dropout_start_step": "dostart",
+    "train.dropout_start_step": "from",
     "model.droppath_rate": "dp",
     "model.share_layers": "share",
     "model.num_experts": "x",
     "train.label_smoothing": "ls",
+    "train.optimizer.learning_rate": "lr",
     "train.weight_decay": "wd",
     "train.steps": "steps",
     "train.batch_size": "b",
-    "data.unique_tokens": "u",
 }
+UNNAMED = {"data.targets_length"}
 
 
 class SweepError(ValueError):
@@ -233,7 +237,8 @@ def expand_model_name(
 def run_name(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> str:
     """The stable name of the run with resolved `config` and sweep entry `overrides`."""
     model = get_dotted(config, MODEL_KEY, None)
-    parts = [_format_value(model) if model is not None else "run"]
+    model_part = re.sub(r"[^a-z0-9_]+", "", str(model).lower()) if model is not None else ""
+    parts = [model_part or "run"]
     fraction = get_dotted(config, FRACTION_KEY, None)
     if fraction is not None:
         parts.append("f" + format_number(round(float(fraction) * 100, 6)))
@@ -244,7 +249,7 @@ def run_name(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> st
     if seed is not None:
         parts.append("s" + format_number(seed))
     for key, value in overrides.items():
-        if key not in CORE_KEYS:
+        if key not in CORE_KEYS and key not in UNNAMED:
             parts.append(tag_for(key, value))
     return "_".join(parts)
 

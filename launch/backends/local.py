@@ -11,6 +11,10 @@ Re-submitting is safe: a run whose final step is evaluated (or trained, with
 anything else restarts its trainer on the same workdir, which resumes from the latest
 committed checkpoint.
 
+Runs that share a token store which does not exist yet start one at a time until the
+first has prepared it (its trainer prepares `data.store` from `data.source`), so two
+trainers never prepare the same store at once.
+
 Ctrl-C (SIGINT) or SIGTERM stops the launcher cleanly: every child gets SIGTERM (the
 trainer saves a checkpoint on SIGTERM), the launcher waits up to `grace_s` for them,
 kills what is left, marks those runs `stopped` and exits with 130. Children run in
@@ -59,6 +63,12 @@ class _Job:
             "eval_command": shell_join(eval_argv(sub, run, watch=sub.eval_mode == "watch")),
         }
         self.state = "pending"
+        store = run.config.get("data", {}).get("store", "") if "data" in run.config else ""
+        self.store = pathlib.Path(backend.cwd, store).resolve() if store else None
+
+    def store_pending(self) -> bool:
+        """Whether this run's token store still has to be prepared (no manifest yet)."""
+        return self.store is not None and not (self.store / "manifest.json").is_file()
 
     # -- bookkeeping ------------------------------------------------------------------
     def _write(self, **updates: Any) -> None:
@@ -237,14 +247,19 @@ class LocalBackend:
         try:
             while (queue or active) and self._stop_signal is None:
                 while queue and len(active) < self.parallel:
-                    job = queue.popleft()
+                    # Runs sharing a store that is not prepared yet start one at a time:
+                    # the first prepares it, the others wait for its manifest.
+                    job = next((j for j in queue if not self._store_busy(j, active)), None)
+                    if job is None:
+                        break
+                    queue.remove(job)
                     job.start()
                     active.append(job)
                 for job in list(active):
                     if job.poll():
                         active.remove(job)
                         finished.append(job)
-                if active and self._stop_signal is None:
+                if (active or queue) and self._stop_signal is None:
                     time.sleep(self.poll_s)
         finally:
             if self._stop_signal is not None or active:
@@ -257,6 +272,10 @@ class LocalBackend:
         failed = [j.run.name for j in finished if j.state == "failed"]
         self.say(f"{len(finished) - len(failed)} run(s) done, {len(failed)} failed")
         return 1 if failed else 0
+
+    @staticmethod
+    def _store_busy(job: _Job, active: list[_Job]) -> bool:
+        return job.store_pending() and any(a.store == job.store for a in active)
 
     # -- signals ----------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:

@@ -67,6 +67,7 @@ class TpuOptions:
     keep_on_failure: bool = False
     poll_s: float = 30.0
     log_dir: str = "launch_logs"
+    tarball: str = ""  # where the code tarball is written (default: in the temp dir)
 
     def __post_init__(self):
         for field in ("zone", "accelerator_type", "runtime_version"):
@@ -284,7 +285,9 @@ class TpuBackend:
                 todo.append(run)
         if not todo:
             return 0
-        tarball = str(pathlib.Path(tempfile.gettempdir()) / "repeat_scaling_code.tar.gz")
+        tarball = self.opt.tarball or str(
+            pathlib.Path(tempfile.gettempdir()) / "repeat_scaling_code.tar.gz"
+        )
         if sub.dry_run:
             self.say(f"# pack the repository (git ls-files) into {tarball}")
         else:

@@ -1,0 +1,91 @@
+"""Hernandez et al. 2022, "Scaling Laws and Interpretability of Learning from Repeated Data".
+
+Decoder-only models trained with the causal LM objective on a FIXED total token budget,
+a fraction f of which comes from a small subset repeated E times (subset = f*T/E
+tokens; the rest is seen once). The sweep crosses model size x f x E; the f = 0 runs
+are the unique baselines the report fits L(N) on (model-size multipliers).
+
+    python launch/submit.py --config=configs/hernandez2022.py:demo --root=demo_out/hernandez
+
+Scales (`:arg`):
+- `demo`: `dec_tiny` on the built-in corpus (byte vocabulary), 300 steps of 16 x 128
+  tokens; f in {0, 10, 50}% x E in {10, 100}: 5 runs, minutes each on a 2-core CPU.
+- `small`: `d1m`, `d3m`, `d10m` on C4 (T5 SentencePiece vocabulary), 10k steps of
+  64 x 512 tokens (328M tokens); f in {0, 10, 50}% x E in {10, 100, 1000}: 21 runs,
+  hours each on one GPU.
+- `paper`: `d1m` ... `d800m` (1.57M-805M parameters), T = 100B tokens (190,735 steps of
+  512 x 1024 tokens); main runs f = 10% with E from 3 to 10^4 (half decades), scans at
+  f in {3, 20, 50, 90}%; 287 runs. Optimiser settings are unconfirmed (the paper does
+  not list them): AdamW, peak lr 2e-4 (1e-3 below 100M parameters), 1% warmup, cosine.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _base import adamw, default_config, model_fields  # noqa: E402
+
+SCALES = ("demo", "small", "paper")
+C4 = "tfds:c4/en:3.1.0"
+T5_VOCAB = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
+
+
+def _grid(models, fractions, epochs, seeds=(0,)):
+    """f = 0 baselines (E = 1) plus every (model, f > 0, E) combination."""
+    sweep = []
+    for seed in seeds:
+        for m in models:
+            sweep.append({"model.name": m, "data.repeated_fraction": 0.0,
+                          "data.repeated_epochs": 1, "seed": seed})  # fmt: skip
+            for f in fractions:
+                for e in epochs:
+                    sweep.append({"model.name": m, "data.repeated_fraction": f,
+                                  "data.repeated_epochs": e, "seed": seed})  # fmt: skip
+    return sweep
+
+
+def get_config(arg: str = "demo"):
+    if arg not in SCALES:
+        raise ValueError(f"configs/hernandez2022.py:{arg}; expected one of {SCALES}")
+    c = default_config()
+    c.data.objective = "causal_lm"
+    c.train.log_every = 10 if arg == "demo" else 100
+    if arg == "demo":
+        c.model = model_fields("dec_tiny")
+        c.data.source, c.data.vocab = "builtin", "byte"
+        c.data.store = "demo_out/stores/builtin-byte"
+        c.data.length = 128
+        c.train.steps, c.train.batch_size = 300, 16
+        c.train.checkpoint_every, c.train.keep, c.train.keep_period = 50, 2, 50
+        adamw(c, lr=3e-3, warmup=20, schedule="cosine")
+        c.sweep = _grid(["dec_tiny"], [0.1, 0.5], [10, 100])
+    elif arg == "small":
+        c.model = model_fields("d1m")
+        c.data.source, c.data.vocab = C4, T5_VOCAB
+        c.data.store = "data/stores/c4-t5spm"
+        c.data.length = 512
+        c.train.steps, c.train.batch_size = 10_000, 64
+        c.train.checkpoint_every, c.train.keep, c.train.keep_period = 500, 2, 1000
+        adamw(c, lr=1e-3, warmup=200, schedule="cosine")
+        c.sweep = _grid(["d1m", "d3m", "d10m"], [0.1, 0.5], [10, 100, 1000])
+    else:
+        c.model = model_fields("d25m")
+        c.data.source, c.data.vocab = C4, T5_VOCAB
+        c.data.store = "/mnt/stores/c4-t5spm"  # a local copy on every host
+        c.data.length = 1024
+        c.train.batch_size = 512
+        c.train.steps = round(100e9 / (512 * 1024))  # T = 100B tokens
+        c.train.checkpoint_every, c.train.keep, c.train.keep_period = 2000, 2, 10_000
+        c.train.compute_dtype = "bfloat16"
+        adamw(c, lr=1e-3, warmup=c.train.steps // 100, schedule="cosine", wd=0.1)
+        c.train.optimizer.clip_norm = 1.0
+        models = ["d1m", "d3m", "d10m", "d25m", "d85m", "d300m", "d800m"]
+        epochs = [3, 10, 30, 100, 300, 1000, 3000, 10_000]
+        main = _grid(models, [0.1], epochs)
+        scans = [e for e in _grid(models, [0.03, 0.2, 0.5, 0.9], epochs) if e["data.repeated_fraction"]]  # fmt: skip
+        c.sweep = main + scans
+        for entry in c.sweep:
+            if entry["model.name"] in ("d300m", "d800m"):
+                entry["train.optimizer.learning_rate"] = 2e-4
+    return c

@@ -1,0 +1,86 @@
+"""Muennighoff et al. 2023, "Scaling Data-Constrained Language Models".
+
+A grid over model size N, unique tokens U_D and epochs E (total tokens D = U_D * E) of
+decoder-only causal LMs, to fit the data-constrained scaling law
+L = E0 + A / N'^alpha + B / D'^beta (REFERENCE.md section 1; the report fits it and
+compares with the published constants). A run with E = 1 sees U_D unique tokens
+(f = 0); E > 1 draws every token from a U_D-token subset seen E times (f = 100%), so
+`train.steps` = U_D * E / tokens per step is part of each entry (and of the run name).
+
+    python launch/submit.py --config=configs/muennighoff2023.py:demo --root=demo_out/dc
+
+Scales (`:arg`):
+- `demo`: `dec_tiny`, `d1m` on the built-in corpus (byte vocabulary), 16 x 128 tokens
+  per step, U_D in {2^16, 2^17} x E in {1, 4}: 8 runs of 32 to 256 steps.
+- `small`: `d1m`, `d3m`, `d10m` on C4, 64 x 512 tokens per step, U_D in {2^25, 2^27} x E
+  in {1, 4, 16}: 18 runs.
+- `paper`: `d10m` ... `d800m`, 256 x 2048 tokens per step, U_D in {0.5B, 2B, 8B} x E in
+  {1, 2, 4, 8, 16}: 75 runs. The paper trained up to 9B parameters and 1500 epochs;
+  this grid keeps the sizes of the suite's decoder-only family (optimiser settings
+  unconfirmed: AdamW, cosine to 10%, 1% warmup).
+"""
+
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _base import adamw, default_config, model_fields  # noqa: E402
+
+SCALES = ("demo", "small", "paper")
+C4 = "tfds:c4/en:3.1.0"
+T5_VOCAB = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
+
+
+def _grid(models, unique_tokens, epochs, tokens_per_step):
+    sweep = []
+    for m in models:
+        for u in unique_tokens:
+            for e in epochs:
+                sweep.append({
+                    "model.name": m,
+                    "data.repeated_fraction": 0.0 if e == 1 else 1.0,
+                    "data.repeated_epochs": e,
+                    "seed": 0,
+                    "train.steps": math.ceil(u * e / tokens_per_step),
+                })  # fmt: skip
+    return sweep
+
+
+def get_config(arg: str = "demo"):
+    if arg not in SCALES:
+        raise ValueError(f"configs/muennighoff2023.py:{arg}; expected one of {SCALES}")
+    c = default_config()
+    c.data.objective = "causal_lm"
+    c.train.log_every = 10 if arg == "demo" else 100
+    if arg == "demo":
+        c.model = model_fields("dec_tiny")
+        c.data.source, c.data.vocab = "builtin", "byte"
+        c.data.store = "demo_out/stores/builtin-byte"
+        c.data.length, c.train.batch_size = 128, 16
+        c.train.checkpoint_every, c.train.keep = 32, 2
+        adamw(c, lr=3e-3, warmup=10, schedule="cosine")
+        models, uniques, epochs = ["dec_tiny", "d1m"], [2**16, 2**17], [1, 4]
+    elif arg == "small":
+        c.model = model_fields("d1m")
+        c.data.source, c.data.vocab = C4, T5_VOCAB
+        c.data.store = "data/stores/c4-t5spm"
+        c.data.length, c.train.batch_size = 512, 64
+        c.train.checkpoint_every, c.train.keep = 1000, 2
+        adamw(c, lr=1e-3, warmup=100, schedule="cosine")
+        models, uniques, epochs = ["d1m", "d3m", "d10m"], [2**25, 2**27], [1, 4, 16]
+    else:
+        c.model = model_fields("d85m")
+        c.data.source, c.data.vocab = C4, T5_VOCAB
+        c.data.store = "/mnt/stores/c4-t5spm"  # a local copy on every host
+        c.data.length, c.train.batch_size = 2048, 256
+        c.train.compute_dtype = "bfloat16"
+        c.train.checkpoint_every, c.train.keep = 2000, 2
+        adamw(c, lr=2e-4, warmup=500, schedule="cosine", wd=0.1)
+        c.train.optimizer.clip_norm = 1.0
+        models = ["d10m", "d25m", "d85m", "d300m", "d800m"]
+        uniques, epochs = [500_000_000, 2_000_000_000, 8_000_000_000], [1, 2, 4, 8, 16]
+    c.train.optimizer.end_learning_rate_fraction = 0.1
+    c.sweep = _grid(models, uniques, epochs, c.data.length * c.train.batch_size)
+    return c

@@ -1,0 +1,105 @@
+"""Xue et al. 2023, "To Repeat or Not To Repeat: Insights from Scaling LLM under Token-Crisis".
+
+T5 v1.1 encoder-decoders pre-trained with span corruption (MLM) on C4 at a FIXED total
+token budget: U unique tokens repeated E = budget / U times (f = 100% of the tokens
+come from the repeated subset; E = 1 is the unique baseline, written f = 0). The sweep
+covers model size, UL2 vs MLM, regularisation under repetition (dropout, staged
+dropout, DropPath, label smoothing), MoE vs dense and ParamShare.
+
+    python launch/submit.py --config=configs/xue2023.py:demo --root=demo_out/xue
+
+Scales (`:arg`):
+- `demo`: `t5_tiny` on the built-in corpus (byte vocabulary), 300 steps of 16 x 128
+  inputs; E in {1, 8, 32}, plus UL2 and dropout 0.1 at E = 32: 5 runs.
+- `small`: `t5_small`, 2^14 steps of 32 x 512 inputs (2^28 tokens) on C4; E in
+  {1, 4, 16, 64} for MLM, UL2 and MoE at E in {1, 64}, regularisation at E = 64: 12 runs.
+- `paper`: `t5_base`/`t5_large`/`t5_xl`, 2^19 steps of 128 x 512 inputs (2^35 tokens),
+  unique tokens 2^35 ... 2^27 (E = 1 ... 2^8); UL2 vs MLM on T5-Base; dropout 0.1/0.3,
+  staged dropout (0.1 from step 2^18), DropPath 0.1, label smoothing 0.1 at E = 16 and
+  256; `t5_base_moe8` and `t5_base_share` (ParamShare) at E in {1, 16, 256}: 53 runs.
+  Adafactor with the T5 defaults (inverse-sqrt decay, 10k warmup).
+
+UL2 needs an explicit targets length: 512 at `small`/`paper`, 128 at `demo` (the
+R/X/S mixture of REFERENCE.md section 3; the length is this suite's choice, not the
+paper's: unconfirmed).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _base import adafactor_t5, adamw, default_config, model_fields  # noqa: E402
+
+SCALES = ("demo", "small", "paper")
+C4 = "tfds:c4/en:3.1.0"
+T5_VOCAB = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
+
+
+def _run(model, epochs, **extra):
+    """One sweep entry: E = 1 is the unique baseline (f = 0), else f = 1 with E epochs."""
+    f = 0.0 if epochs == 1 else 1.0
+    return {"model.name": model, "data.repeated_fraction": f, "data.repeated_epochs": epochs,
+            "seed": 0, **extra}  # fmt: skip
+
+
+def _ul2(targets_length):
+    return {"data.objective": "ul2", "data.targets_length": targets_length}
+
+
+def get_config(arg: str = "demo"):
+    if arg not in SCALES:
+        raise ValueError(f"configs/xue2023.py:{arg}; expected one of {SCALES}")
+    c = default_config()
+    c.data.objective = "span_corruption"
+    c.train.log_every = 10 if arg == "demo" else 100
+    if arg == "demo":
+        c.model = model_fields("t5_tiny")
+        c.data.source, c.data.vocab = "builtin", "byte"
+        c.data.store = "demo_out/stores/builtin-byte"
+        c.data.inputs_length = 128
+        c.train.steps, c.train.batch_size = 300, 16
+        c.train.checkpoint_every, c.train.keep, c.train.keep_period = 50, 2, 50
+        adamw(c, lr=3e-3, warmup=20, schedule="cosine")
+        m = "t5_tiny"
+        c.sweep = [_run(m, 1), _run(m, 8), _run(m, 32), _run(m, 32, **_ul2(128)),
+                   _run(m, 32, **{"model.dropout_rate": 0.1})]  # fmt: skip
+        return c
+
+    c.data.source, c.data.vocab = C4, T5_VOCAB
+    c.data.inputs_length = 512
+    adafactor_t5(c)
+    if arg == "small":
+        c.model = model_fields("t5_small")
+        c.data.store = "data/stores/c4-t5spm"
+        c.train.steps, c.train.batch_size = 2**14, 32
+        c.train.optimizer.warmup_steps = 1000
+        c.train.checkpoint_every, c.train.keep, c.train.keep_period = 1000, 2, 2000
+        m, hi, epochs = "t5_small", 64, (1, 4, 16, 64)
+        sweep = [_run(m, e) for e in epochs] + [_run(m, e, **_ul2(512)) for e in (1, hi)]
+        sweep += [_run("t5_small_moe8", e) for e in (1, hi)]
+        reg_epochs, reg_model = (hi,), m
+    else:
+        c.model = model_fields("t5_base")
+        c.data.store = "/mnt/stores/c4-t5spm"  # a local copy on every host
+        c.train.steps, c.train.batch_size = 2**19, 128
+        c.train.compute_dtype = "bfloat16"
+        c.train.checkpoint_every, c.train.keep, c.train.keep_period = 5000, 2, 20_000
+        epochs = tuple(2**k for k in range(9))  # 1 ... 256: unique tokens 2^35 ... 2^27
+        sweep = [_run(m, e) for m in ("t5_base", "t5_large", "t5_xl") for e in epochs]
+        sweep += [_run("t5_base", e, **_ul2(512)) for e in epochs]
+        sweep += [_run(m, e) for m in ("t5_base_moe8", "t5_base_share") for e in (1, 16, 256)]
+        sweep += [_run("t5_base_moe8", 256, **{"model.dropout_rate": 0.1})]
+        reg_epochs, reg_model = (16, 256), "t5_base"
+    staged = c.train.steps // 2
+    for e in reg_epochs:
+        sweep += [
+            _run(reg_model, e, **{"model.dropout_rate": 0.1}),
+            _run(reg_model, e, **{"model.dropout_rate": 0.1, "train.dropout_start_step": staged}),
+            _run(reg_model, e, **{"model.droppath_rate": 0.1}),
+            _run(reg_model, e, **{"train.label_smoothing": 0.1}),
+        ]
+        if arg == "paper":
+            sweep.append(_run(reg_model, e, **{"model.dropout_rate": 0.3}))
+    c.sweep = sweep
+    return c
