@@ -268,7 +268,8 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
         write_json(workdir / "data_plan.json", summary)
     distributed.sync("workdir_written")
 
-    mesh = sharding.make_mesh(dict(config.mesh.ici), dict(config.mesh.dcn) or None)
+    dcn = {a: int(n) for a, n in dict(config.mesh.dcn).items()}
+    mesh = sharding.make_mesh(dict(config.mesh.ici), dcn if any(n > 1 for n in dcn.values()) else None)
     rules = sharding.DEFAULT_RULES
     tx, schedule = optimizers.make_optimizer(tc.optimizer, int(tc.steps))
     info = state_lib.abstract_state(model_cfg, tx, mesh, rules)
