@@ -178,7 +178,12 @@ class Batcher:
         thread.start()
         try:
             while True:
-                item = q.get()
+                try:
+                    item = q.get(timeout=0.1)
+                except queue.Empty:
+                    if stop.is_set() and not thread.is_alive():
+                        return  # close() was called
+                    continue
                 if item is _DONE:
                     return
                 if isinstance(item, BaseException):
