@@ -163,6 +163,13 @@ class ModelRunner:
         self._attn = jax.jit(attn_fn)
         self.tokens_processed = 0
 
+    def load(self, model: nnx.Module) -> None:
+        """Swap in another checkpoint of the same model (compiled functions are reused)."""
+        graphdef, state = nnx.split(model)
+        if graphdef != self.graphdef:
+            raise ValueError("ModelRunner.load: a model with a different structure")
+        self.state = state
+
     def _put(self, feats: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         rows = next(iter(feats.values())).shape[0]
         s = self._batch_sharding if rows % self.batch_shards == 0 else self._replicated
@@ -650,6 +657,7 @@ def evaluate_model(
     heldout,
     candidates: np.ndarray,
     settings: EvalSettings,
+    vocab_size: int | None = None,
 ) -> dict[str, Any]:
     """All metrics of one model as a results.jsonl record (without step / token counts)."""
     t0 = time.perf_counter()
@@ -668,7 +676,7 @@ def evaluate_model(
     rec.update(icl_and_position_loss(runner, cfg, lengths, heldout, test_batches, s))
     rec.update(probe_scores(runner, cfg, lengths, heldout, candidates, test_batches, s))
     try:
-        rec["copying_score_heads"] = copying_scores_of(model, cfg, candidates)
+        rec["copying_score_heads"] = copying_scores_of(model, cfg, candidates, vocab_size)
     except (KeyError, TypeError, IndexError, ValueError) as e:  # unknown parameter layout
         rec["copying_score_heads"] = None
         rec["copying_score_error"] = f"{type(e).__name__}: {e}"

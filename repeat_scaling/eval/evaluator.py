@@ -1,0 +1,312 @@
+"""The evaluator: restore every committed checkpoint of a run and record its metrics.
+
+One pass (default) evaluates every committed checkpoint not yet in
+``workdir/eval/results.jsonl``, oldest first. ``watch=True`` keeps polling for new
+checkpoints until the run's final step (``config.train.steps``) is recorded. Checkpoints
+are listed with orbax (``CheckpointManager.all_steps`` of a read-only manager), which
+only reports committed steps, never one still being written. A step that the trainer
+deletes (keep-N retention) between listing and restoring is reported and skipped.
+
+Only the model parameters are restored (``train.checkpointing.restore_params``), onto
+the evaluator's own mesh (``num_devices`` devices on the "data" axis), whatever mesh the
+run was trained on.
+
+Token accounting per record (units):
+
+- ``tokens_seen``: processed tokens (``derived.tokens_per_step`` x step, the trainer's
+  unit: encoder + decoder tokens for T5).
+- ``unique_tokens_seen`` / ``repeated_tokens_seen``: STORE tokens (chunks of
+  ``objective.raw_length``) of the unique / repeated pool consumed by the first
+  ``step * batch_size`` slots, from the repetition plan (the sum of the trainer's
+  ``Batcher.accounting``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from repeat_scaling import sharding
+from repeat_scaling.data import pipeline
+from repeat_scaling.data.store import TokenStore
+from repeat_scaling.eval import metrics, probes
+from repeat_scaling.eval.results import ResultsWriter
+from repeat_scaling.models.config import ModelConfig
+from repeat_scaling.train import checkpointing
+
+
+class EvalError(ValueError):
+    """A workdir or evaluation setting that cannot be used (one-line message)."""
+
+
+def committed_steps(workdir: str | pathlib.Path) -> list[int]:
+    """Sorted committed (finalized) checkpoint steps of a run ([] without checkpoints).
+
+    Uses orbax's own notion of a finalized step directory, so a checkpoint still being
+    written (a temporary directory, or one without its commit marker) is never listed.
+    """
+    import orbax.checkpoint as ocp
+
+    directory = checkpointing.checkpoint_dir(workdir)
+    if not directory.is_dir():
+        return []
+    return sorted(int(s) for s in ocp.path.step.checkpoint_steps(directory))
+
+
+@dataclasses.dataclass
+class Run:
+    """What the evaluator needs to know about a training run."""
+
+    workdir: pathlib.Path
+    config: dict[str, Any]
+    model_cfg: ModelConfig
+    store: TokenStore
+    objective: Any
+    plan: Any
+    lengths: metrics.Lengths
+    final_step: int
+    batch_size: int
+    tokens_per_step: int
+
+    @classmethod
+    def load(cls, workdir: str | pathlib.Path) -> Run:
+        from repeat_scaling.train import loop
+
+        workdir = pathlib.Path(workdir)
+        path = workdir / "config.json"
+        if not path.is_file():
+            raise EvalError(f"{path} not found: --workdir={workdir} is not a training workdir")
+        try:
+            config = json.loads(path.read_text())
+            model_cfg = ModelConfig.from_dict(config["model"])
+            data, train = config["data"], config["train"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise EvalError(f"{path} is not a resolved training config ({e})") from None
+        store_path = pathlib.Path(data["store"])
+        if not store_path.is_absolute() and not (store_path / "manifest.json").is_file():
+            store_path = workdir / store_path
+        store = TokenStore(str(store_path))
+        cd = ml_collections.ConfigDict(config)
+        objective = pipeline.make_objective(
+            data["objective"],
+            store.vocab,
+            model_cfg.arch,
+            **loop.objective_options(cd, model_cfg.arch),
+        )
+        plan = pipeline.build_plan(
+            store.split("train"),
+            objective,
+            int(train["steps"]),
+            int(train["batch_size"]),
+            float(data["repeated_fraction"]),
+            int(data["repeated_epochs"]),
+            int(config["seed"]),
+        )
+        derived = config.get("derived", {})
+        tps = int(
+            derived.get("tokens_per_step") or objective.tokens_per_example * train["batch_size"]
+        )
+        return cls(
+            workdir=workdir,
+            config=config,
+            model_cfg=model_cfg,
+            store=store,
+            objective=objective,
+            plan=plan,
+            lengths=metrics.Lengths.of(model_cfg, objective.feature_lengths),
+            final_step=int(train["steps"]),
+            batch_size=int(train["batch_size"]),
+            tokens_per_step=tps,
+        )
+
+    def accounting(self, step: int) -> dict[str, int]:
+        """Tokens seen after ``step`` updates (units in the module docstring)."""
+        slots = min(step * self.batch_size, self.plan.num_slots)
+        unique = int(self.plan.unique_seen_chunks(slots).size)
+        raw = int(self.objective.raw_length)
+        return {
+            "tokens_seen": int(step) * self.tokens_per_step,
+            "unique_tokens_seen": unique * raw,
+            "repeated_tokens_seen": (slots - unique) * raw,
+        }
+
+
+def eval_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
+    """A data-parallel mesh over the first ``num_devices`` devices (0 = all)."""
+    devices = jax.devices()
+    if num_devices < 0 or num_devices > len(devices):
+        raise EvalError(f"num_devices={num_devices}; expected 0 (all) to {len(devices)}")
+    devices = devices[: num_devices or len(devices)]
+    return sharding.make_mesh({"data": -1}, devices=devices)
+
+
+class Evaluator:
+    """Evaluates the checkpoints of one run into ``workdir/eval/results.jsonl``."""
+
+    def __init__(
+        self,
+        workdir: str | pathlib.Path,
+        settings: metrics.EvalSettings | None = None,
+        mesh: jax.sharding.Mesh | None = None,
+        warn: Callable[[str], None] | None = None,
+    ):
+        self.warn = warn or logging.warning
+        self.settings = settings or metrics.EvalSettings()
+        self.run = Run.load(workdir)
+        self.mesh = mesh if mesh is not None else eval_mesh(0)
+        self.writer = ResultsWriter(workdir, warn=self.warn)
+        self._data: dict[str, Any] | None = None
+        self._runner: metrics.ModelRunner | None = None
+
+    # -- data shared by every checkpoint ------------------------------------------------
+    def data(self) -> dict[str, Any]:
+        if self._data is not None:
+            return self._data
+        s, run = self.settings, self.run
+        train, heldout = run.store.split("train"), run.store.split("validation")
+        vocab = run.store.vocab
+        counts = probes.token_counts(train, vocab.vocab_size, s.frequency_tokens)
+        special = [vocab.pad_id, vocab.eos_id, vocab.unk_id] + [
+            vocab.sentinel(k) for k in range(vocab.extra_ids)
+        ]
+        candidates = probes.probe_candidates(counts, special, s.probe_exclude_fraction)
+        raw = run.objective.raw_length
+        available = heldout.num_tokens // raw
+        if available < 1:
+            raise EvalError(
+                f"validation split has {heldout.num_tokens} tokens, fewer than one example "
+                f"({raw} tokens)"
+            )
+        bs = min(s.batch_size, available)
+        n_batches = max(1, min(s.test_batches, available // bs))
+        test = pipeline.heldout_batches(heldout, run.objective, bs, n_batches, s.seed)
+        rep = run.plan.repeated_chunks()
+        self._data = {
+            "train": train,
+            "heldout": heldout,
+            "candidates": candidates,
+            "test_batches": test,
+            "repeated_chunks": self._subsample(rep),
+        }
+        return self._data
+
+    def _subsample(self, chunk_ids: np.ndarray) -> np.ndarray:
+        n = self.settings.memorisation_examples
+        if chunk_ids.size <= n:
+            return chunk_ids
+        rng = np.random.default_rng([self.settings.seed, 0xAB])
+        return np.sort(rng.choice(chunk_ids, size=n, replace=False))
+
+    def _chunk_batches(self, chunk_ids: np.ndarray) -> list[dict] | None:
+        if chunk_ids.size == 0:
+            return None
+        return pipeline.chunk_batches(
+            self.data()["train"],
+            chunk_ids,
+            self.run.objective,
+            self.settings.batch_size,
+            self.settings.seed,
+        )
+
+    # -- one checkpoint -----------------------------------------------------------------
+    def restore(self, step: int):
+        """``(model, step)`` with the parameters of checkpoint ``step`` on the eval mesh."""
+        try:
+            model, _, step = checkpointing.restore_params(
+                self.run.workdir, step, self.mesh, model_config=self.run.model_cfg
+            )
+        except checkpointing.CheckpointError as e:
+            raise EvalError(str(e)) from None
+        return model, step
+
+    def evaluate_step(self, step: int) -> dict[str, Any] | None:
+        """Evaluate checkpoint ``step`` and append its record; None if it was deleted."""
+        t0 = time.perf_counter()
+        try:
+            model, step = self.restore(step)
+        except (EvalError, FileNotFoundError, OSError) as e:
+            if step not in committed_steps(self.run.workdir):
+                self.warn(f"checkpoint step {step} was deleted before evaluation; skipped")
+                return None
+            raise EvalError(str(e).splitlines()[0]) from None
+        d = self.data()
+        run = self.run
+        unique = run.plan.unique_seen_chunks(min(step * run.batch_size, run.plan.num_slots))
+        if self._runner is None:
+            self._runner = metrics.ModelRunner(model, run.model_cfg, self.mesh)
+        else:
+            self._runner.load(model)  # same graph: the compiled functions are reused
+        runner = self._runner
+        rec: dict[str, Any] = {"step": int(step)}
+        rec.update(run.accounting(step))
+        rec.update(
+            metrics.evaluate_model(
+                runner,
+                model,
+                run.model_cfg,
+                run.lengths,
+                test_batches=d["test_batches"],
+                repeated_batches=self._chunk_batches(d["repeated_chunks"]),
+                unique_seen_batches=self._chunk_batches(self._subsample(unique)),
+                heldout=d["heldout"],
+                candidates=d["candidates"],
+                settings=self.settings,
+                vocab_size=run.store.vocab.vocab_size,
+            )
+        )
+        rec.update(
+            {
+                "model": run.model_cfg.name,
+                "arch": run.model_cfg.arch,
+                "objective": run.config["data"]["objective"],
+                "num_devices": int(self.mesh.devices.size),
+                "eval_time_s": time.perf_counter() - t0,
+            }
+        )
+        self.writer.append(rec)
+        logging.info(
+            "step %d: test_loss %.4f, prefix_matching %s (%.1f s)",
+            step,
+            rec["test_loss"] if rec["test_loss"] is not None else float("nan"),
+            rec["prefix_matching"],
+            rec["eval_time_s"],
+        )
+        return rec
+
+    # -- the loop -------------------------------------------------------------------------
+    def pending(self) -> list[int]:
+        return [s for s in committed_steps(self.run.workdir) if not self.writer.done(s)]
+
+    def run_all(
+        self, watch: bool = False, poll_seconds: float = 10.0, timeout_seconds: float = 0.0
+    ) -> list[dict[str, Any]]:
+        """Evaluate pending checkpoints (and, with ``watch``, wait for new ones until the
+        final step is recorded or ``timeout_seconds`` > 0 elapse). Returns new records."""
+        start = time.monotonic()
+        written: list[dict[str, Any]] = []
+        if not watch and not committed_steps(self.run.workdir):
+            raise EvalError(
+                f"no committed checkpoint in {checkpointing.checkpoint_dir(self.run.workdir)}"
+            )
+        while True:
+            for step in self.pending():
+                rec = self.evaluate_step(step)
+                if rec is not None:
+                    written.append(rec)
+            if not watch or self.writer.done(self.run.final_step):
+                return written
+            if timeout_seconds and time.monotonic() - start > timeout_seconds:
+                raise EvalError(
+                    f"--watch timed out after {timeout_seconds:.0f} s before the final step "
+                    f"{self.run.final_step} was checkpointed"
+                )
+            time.sleep(poll_seconds)
