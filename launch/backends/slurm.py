@@ -12,7 +12,8 @@ submitted with `--dependency=after:<train job>` (`eval_mode=watch`: starts once 
 trainer has started and follows it) or `afterok:<train job>` (`after`).
 
 Submission is `sbatch --parsable SCRIPT` (the job id is read from its output); with
-`dry_run` the scripts are still written, and printed with the sbatch commands. ROOT
+`dry_run` the scripts are still written, and printed with the sbatch commands as a
+runnable shell snippet (`TRAIN_JOB_ID=$(sbatch --parsable ...)`). ROOT
 must be on a file system the compute nodes share. Runs already evaluated at their
 final step are skipped; trained but unevaluated runs get only the evaluator.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import shlex
 import subprocess
 import sys
 from typing import TextIO
@@ -102,11 +104,21 @@ class SlurmBackend:
         lines.append(f"srun {shell_join(eval_argv(sub, run, watch=watch))}")
         return "\n".join(lines) + "\n"
 
-    def _sbatch(self, args: list[str], dry_run: bool, placeholder: str) -> str:
-        cmd = ["sbatch", "--parsable", *args]
-        print(("" if dry_run else "+ ") + shell_join(cmd), file=self.out, flush=True)
+    def _sbatch(self, script: pathlib.Path, dependency: str, dry_run: bool) -> str:
+        """Submits `script` (after `dependency`, e.g. 'after:123'); returns the job id.
+
+        A dry run prints a runnable shell line instead: `TRAIN_JOB_ID=$(sbatch ...)` for
+        a job others depend on, and `--dependency=...:$TRAIN_JOB_ID` for those.
+        """
+        dep = [f"--dependency={dependency}"] if dependency else []
+        cmd = ["sbatch", "--parsable", *dep, str(script)]
         if dry_run:
-            return placeholder
+            line = " ".join(["sbatch", "--parsable", *dep, shlex.quote(str(script))])
+            if not dependency:
+                line = f"TRAIN_JOB_ID=$({line})"
+            print(line, file=self.out, flush=True)
+            return "$TRAIN_JOB_ID"
+        print("+ " + shell_join(cmd), file=self.out, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise LaunchError(
@@ -114,7 +126,7 @@ class SlurmBackend:
             )
         job_id = proc.stdout.strip().split(";")[0]
         if not job_id:
-            raise LaunchError(f"sbatch printed no job id for {args[-1]}")
+            raise LaunchError(f"sbatch printed no job id for {script}")
         return job_id
 
     def submit(self, sub: Submission, runs: list) -> int:
@@ -132,21 +144,20 @@ class SlurmBackend:
             (pathlib.Path(run.workdir) / "logs").mkdir(exist_ok=True)
             watch = sub.eval_mode == "watch"
             try:
-                dependency: list[str] = []
+                dependency = ""
                 if not st.trained:
                     path = directory / "train.sbatch"
                     path.write_text(self.train_script(sub, run), encoding="utf-8")
                     if sub.dry_run:
                         print(f"# {path}\n{path.read_text()}", file=self.out, end="")
-                    job = self._sbatch([str(path)], sub.dry_run, "$TRAIN_JOB_ID")
-                    kind = "after" if watch else "afterok"
-                    dependency = [f"--dependency={kind}:{job}"]
+                    job = self._sbatch(path, "", sub.dry_run)
+                    dependency = f"{'after' if watch else 'afterok'}:{job}"
                 if sub.eval_mode != "none" or st.trained:
                     path = directory / "eval.sbatch"
                     path.write_text(self.eval_script(sub, run, watch and not st.trained))
                     if sub.dry_run:
                         print(f"# {path}\n{path.read_text()}", file=self.out, end="")
-                    self._sbatch([*dependency, str(path)], sub.dry_run, "$EVAL_JOB_ID")
+                    self._sbatch(path, dependency, sub.dry_run)
             except LaunchError as e:
                 print(f"FAILED {run.name}: {e}", file=self.out)
                 failed += 1

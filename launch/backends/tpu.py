@@ -312,4 +312,7 @@ def pack_repository(path: str, root: pathlib.Path = REPO_ROOT) -> None:
     names = [n for n in proc.stdout.decode().split("\0") if n and (root / n).is_file()]
     with tarfile.open(path, "w:gz") as tar:
         for name in names:
-            tar.add(root / name, arcname=name)
+            try:
+                tar.add(root / name, arcname=name)
+            except FileNotFoundError:  # removed while packing (an editor's temp file)
+                continue
