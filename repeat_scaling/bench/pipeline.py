@@ -4,7 +4,8 @@
 
 Prints one JSON object per objective configuration. ``tokens_per_s`` counts store tokens
 consumed (raw chunk tokens: the data rate), ``positions_per_s`` the model positions produced
-(rows x ``objective.tokens_per_example``). The process is pinned to one CPU core. The store
+(rows x ``objective.tokens_per_example``), ``non_pad_fraction`` the share of those
+positions holding real tokens (packing efficiency). The process is pinned to one CPU core. The store
 is the built-in corpus with the byte vocabulary, prepared into a temporary directory unless
 ``--store`` names an existing token store.
 """
@@ -42,7 +43,7 @@ def _pin_one_core() -> int | None:
 
 
 def _measure(split, vocab, name, arch, options, batch, seconds):
-    from repeat_scaling.data import packing, pipeline
+    from repeat_scaling.data import pipeline
 
     obj = pipeline.make_objective(name, vocab, arch, **options)
     num_chunks = split.num_tokens // obj.raw_length
@@ -53,14 +54,14 @@ def _measure(split, vocab, name, arch, options, batch, seconds):
     batcher = pipeline.Batcher(split, plan, obj, batch, seed=0)
     batcher.batch(0)  # warm up (page in the store)
     n, t0 = 0, time.perf_counter()
-    seg_key = "encoder_segment_ids" if "encoder_segment_ids" in obj.feature_lengths else None
     eff = []
     while True:
         f = batcher.batch(1 + n % (steps - 1))
         n += 1
-        seg = f.get(seg_key) if seg_key else f.get("decoder_segment_ids")
-        if seg is not None:
-            eff.append(packing.packing_efficiency(seg))
+        real = [f["decoder_target_tokens"]]
+        if "encoder_input_tokens" in f:
+            real.append(f["encoder_input_tokens"])
+        eff.append(sum(np.count_nonzero(x) for x in real) / sum(x.size for x in real))
         dt = time.perf_counter() - t0
         if dt >= seconds and n >= 3:
             break
@@ -76,7 +77,7 @@ def _measure(split, vocab, name, arch, options, batch, seconds):
         "examples_per_s": round(rows / dt, 1),
         "tokens_per_s": round(rows * obj.raw_length / dt),
         "positions_per_s": round(rows * obj.tokens_per_example / dt),
-        "non_pad_fraction": round(float(np.mean(eff)), 4) if eff else None,
+        "non_pad_fraction": round(float(np.mean(eff)), 4),
         "batches": n,
         "seconds": round(dt, 3),
     }

@@ -682,68 +682,95 @@ class Objective:
         }
 
     # ------------------------------------------------------------------ packed
-    def _row_pieces(self, examples) -> tuple[list[dict], list[dict]] | list[dict]:
-        if self.arch == "encoder_decoder":
-            enc = [{"tokens": i} for i, _ in examples]
-            dec = []
-            for _, t in examples:
-                shifted = np.concatenate([[0], t[:-1]]).astype(np.int32)
-                dec.append({"targets": t, "inputs": shifted})
-            return enc, dec
-        pieces = []
-        for i, t in examples:
-            seq = np.concatenate([i, t]).astype(np.int32)
-            shifted = np.concatenate([[0], seq[:-1]]).astype(np.int32)
-            lw = np.concatenate([np.zeros(len(i)), np.ones(len(t))]).astype(np.float32)
-            causal = (np.arange(len(seq)) <= len(i)).astype(np.int32)
-            pieces.append({"targets": seq, "inputs": shifted, "weights": lw, "causal": causal})
-        return pieces
-
-    def _pack_row(self, examples) -> dict[str, np.ndarray]:
-        if self.arch == "encoder_decoder":
-            enc, dec = self._row_pieces(examples)
-            e = packing.pack_into_row(enc, self.inputs_length)
-            d = packing.pack_into_row(dec, self.targets_length)
-            return {
-                "encoder_input_tokens": e["tokens"],
-                "decoder_input_tokens": d["inputs"],
-                "decoder_target_tokens": d["targets"],
-                "decoder_loss_weights": (d["segment_ids"] > 0).astype(np.float32),
-                "encoder_segment_ids": e["segment_ids"],
-                "encoder_positions": e["positions"],
-                "decoder_segment_ids": d["segment_ids"],
-                "decoder_positions": d["positions"],
-            }
-        p = packing.pack_into_row(
-            self._row_pieces(examples), self.length, dtypes={"weights": np.float32}
-        )
-        return {
-            "decoder_input_tokens": p["inputs"],
-            "decoder_target_tokens": p["targets"],
-            "decoder_loss_weights": p["weights"],
-            "decoder_segment_ids": p["segment_ids"],
-            "decoder_positions": p["positions"],
-            "decoder_causal_attention": p["causal"],
-        }
-
     def _packed(self, chunks: np.ndarray, slots: np.ndarray, seed: int):
         eos = self.vocab.eos_id
-        rows = []
         rng = SlotRng()
+        # 1. Per row, in order: split into documents, choose a denoiser and draw its noise.
+        jobs: list[list[tuple[int, np.ndarray, Any]]] = []
         for chunk, slot in zip(chunks, slots):
             g = rng.reset(seed, slot)
-            examples = []
+            row = []
             for piece in packing.split_documents(chunk, eos):
-                d = self.denoisers[self._choose(g)]
+                k = self._choose(g)
+                d = self.denoisers[k]
                 body = piece[:-1] if (piece[-1] == eos and len(piece) > 1) else piece
-                examples.append(self._example(body, d, g))
-            try:
-                rows.append(self._pack_row(examples))
-            except packing.PackingOverflow:
-                g = rng.reset(seed, slot)
+                if d.is_span:
+                    m = span_uniforms_needed(len(body), d.noise_density, d.mean_noise_span_length)
+                    draw = g.random(m)
+                else:
+                    draw = int(g.integers(1, self._split_max_target(d, len(body)) + 1))
+                row.append((k, body, draw))
+            jobs.append(row)
+        # 2. Corrupt all documents of equal length and denoiser together (vectorised).
+        results: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for r, row in enumerate(jobs):
+            for p, (k, body, draw) in enumerate(row):
+                d = self.denoisers[k]
+                if d.is_span:
+                    groups.setdefault((k, len(body)), []).append((r, p))
+                else:
+                    results[r, p] = self._split_example(body, d, draw)
+        for (k, length), members in groups.items():
+            d = self.denoisers[k]
+            u = np.stack([jobs[r][p][2] for r, p in members])
+            toks = np.stack([jobs[r][p][1] for r, p in members])
+            mask = noise_mask_batch(u, length, d.noise_density, d.mean_noise_span_length)
+            ins, tgs = span_corrupt_batch(toks, mask, self.vocab, self.mode_token(d))
+            for (r, p), i, t in zip(members, ins, tgs):
+                results[r, p] = (i, t)
+        # 3. Pack; a row that would overflow falls back to one whole-chunk example.
+        examples = [[results[r, p] for p in range(len(row))] for r, row in enumerate(jobs)]
+        for r, ex in enumerate(examples):
+            if self._overflows(ex):
+                g = rng.reset(seed, slots[r])
                 d = self.denoisers[self._choose(g)]
-                rows.append(self._pack_row([self._example(chunk, d, g)]))
-        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+                examples[r] = [self._example(chunks[r], d, g)]
+        return self._pack_layout(examples)
+
+    def _overflows(self, examples) -> bool:
+        li = sum(len(i) for i, _ in examples)
+        lt = sum(len(t) for _, t in examples)
+        if self.arch == "encoder_decoder":
+            return li > self.inputs_length or lt > self.targets_length
+        return li + lt > self.length
+
+    def _pack_layout(self, examples) -> dict[str, np.ndarray]:
+        """Vectorised layout of packed rows (``examples[r]`` = row r's (inputs, targets))."""
+        if self.arch == "encoder_decoder":
+            e = packing.pack_rows([[i for i, _ in ex] for ex in examples], self.inputs_length)
+            d = packing.pack_rows([[t for _, t in ex] for ex in examples], self.targets_length)
+            tgt, seg, pos = d["tokens"], d["segment_ids"], d["positions"]
+            dec_in = np.zeros_like(tgt)
+            dec_in[:, 1:] = tgt[:, :-1]
+            dec_in[(pos == 0) | (seg == 0)] = 0  # every segment starts with 0
+            return {
+                "encoder_input_tokens": e["tokens"],
+                "decoder_input_tokens": dec_in,
+                "decoder_target_tokens": tgt,
+                "decoder_loss_weights": (seg > 0).astype(np.float32),
+                "encoder_segment_ids": e["segment_ids"],
+                "encoder_positions": e["positions"],
+                "decoder_segment_ids": seg,
+                "decoder_positions": pos,
+            }
+        seqs = [[np.concatenate([i, t]) for i, t in ex] for ex in examples]
+        in_len = np.array([len(i) for ex in examples for i, _ in ex] + [0], np.int64)
+        p = packing.pack_rows(seqs, self.length)
+        seq, seg, pos = p["tokens"], p["segment_ids"], p["positions"]
+        li = in_len[p["example_index"]]  # index -1 (padding) reads the trailing 0
+        real = seg > 0
+        dec_in = np.zeros_like(seq)
+        dec_in[:, 1:] = seq[:, :-1]
+        dec_in[(pos == 0) | ~real] = 0
+        return {
+            "decoder_input_tokens": dec_in,
+            "decoder_target_tokens": seq,
+            "decoder_loss_weights": ((pos >= li) & real).astype(np.float32),
+            "decoder_segment_ids": seg,
+            "decoder_positions": pos,
+            "decoder_causal_attention": ((pos <= li) & real).astype(np.int32),
+        }
 
 
 def make_objective(name: str, vocab: VocabInfo, arch: str, **options: Any) -> Objective:

@@ -60,6 +60,54 @@ def pack_into_row(
     return out
 
 
+def pack_rows(rows: Sequence[Sequence[np.ndarray]], length: int) -> dict[str, np.ndarray]:
+    """Vectorised packing: row ``r`` holds the 1-D examples ``rows[r]`` back to back.
+
+    Args:
+      rows: per row, its examples in order (each a 1-D integer array).
+      length: row length.
+
+    Returns:
+      ``tokens``, ``segment_ids`` (1..k, 0 = pad), ``positions`` (int32 ``[rows, length]``)
+      ``example_length`` (int32 ``[rows, length]``: the length of the example each
+      position belongs to, 0 on padding) and ``example_index`` (int64 ``[rows, length]``:
+      the index of that example in the flattened ``rows``, -1 on padding).
+
+    Raises:
+      PackingOverflow: naming the first row whose examples exceed ``length``.
+    """
+    n = len(rows)
+    counts = np.array([len(r) for r in rows], dtype=np.int64)
+    flat = [e for r in rows for e in r]
+    lengths = np.array([len(e) for e in flat], dtype=np.int64)
+    row_of = np.repeat(np.arange(n), counts)
+    totals = np.bincount(row_of, weights=lengths, minlength=n).astype(np.int64)
+    if n and totals.max(initial=0) > length:
+        r = int(np.argmax(totals > length))
+        raise PackingOverflow(f"row {r}: {counts[r]} examples hold {totals[r]} tokens > {length}")
+    out = {
+        k: np.zeros((n, length), np.int32)
+        for k in ("tokens", "segment_ids", "positions", "example_length")
+    }
+    out["example_index"] = np.full((n, length), -1, np.int64)
+    if not flat or lengths.sum() == 0:
+        return out
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])  # index of each row's first example
+    ends = np.cumsum(lengths)
+    starts_global = ends - lengths  # start of each example in the flat concatenation
+    row_start_global = np.repeat(starts_global[first[counts > 0]], counts[counts > 0])
+    offset_in_row = starts_global - row_start_global
+    seg = np.arange(len(flat)) - np.repeat(first, counts) + 1
+    pos = np.arange(ends[-1]) - np.repeat(starts_global, lengths)
+    dest = np.repeat(row_of * length + offset_in_row, lengths) + pos
+    out["tokens"].ravel()[dest] = np.concatenate(flat)
+    out["segment_ids"].ravel()[dest] = np.repeat(seg, lengths)
+    out["positions"].ravel()[dest] = pos
+    out["example_length"].ravel()[dest] = np.repeat(lengths, lengths)
+    out["example_index"].ravel()[dest] = np.repeat(np.arange(len(flat)), lengths)
+    return out
+
+
 def pack_sequences(sequences: Sequence[np.ndarray], length: int) -> dict[str, np.ndarray]:
     """Greedily pack sequences in order into ``[rows, length]`` arrays.
 
