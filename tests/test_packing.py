@@ -37,11 +37,35 @@ def test_pack_sequences_roundtrip(lengths, length):
     for toks, seg in zip(out["tokens"], out["segment_ids"]):
         for s in range(1, seg.max() + 1):
             pieces.append(toks[seg == s])
-            assert np.array_equal(out["positions"][0][:0], [])
     expected = [s[i : i + length] for s in seqs for i in range(0, len(s), length)]
     assert len(pieces) == len(expected)
     assert all(np.array_equal(a, b) for a, b in zip(pieces, expected))
     assert np.all((out["positions"] == 0) | (out["segment_ids"] > 0))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lengths=st.lists(st.lists(st.integers(1, 12), max_size=4), min_size=1, max_size=8),
+    width=st.integers(1, 40),
+)
+def test_pack_rows_matches_row_by_row_packing(lengths, width):
+    rng = np.random.default_rng(7)
+    rows = [[rng.integers(3, 300, size=n) for n in r] for r in lengths]
+    if any(sum(r) > width for r in lengths):
+        with pytest.raises(packing.PackingOverflow, match=f"> {width}"):
+            packing.pack_rows(rows, width)
+        return
+    out = packing.pack_rows(rows, width)
+    for r, row in enumerate(rows):
+        ref = packing.pack_into_row([{"tokens": e} for e in row], width) if row else None
+        for k in ("tokens", "segment_ids", "positions"):
+            expected = ref[k] if ref else np.zeros(width, np.int32)
+            assert np.array_equal(out[k][r], expected)
+    flat = [e for row in rows for e in row]
+    idx = out["example_index"]
+    assert np.all((idx >= 0) == (out["segment_ids"] > 0))
+    for i, e in enumerate(flat):
+        assert np.array_equal(out["tokens"][idx == i], e)
 
 
 @settings(max_examples=60, deadline=None)
@@ -102,10 +126,19 @@ def test_packed_span_corruption_keeps_documents_apart(c4_train, arch):
         else:
             seq, seg = f["decoder_target_tokens"][r], f["decoder_segment_ids"][r]
             ins, tgs = [], []
-            for s in _segments(seq, seg):
+            for k, s in enumerate(_segments(seq, seg), start=1):
                 n_in = int(np.argmax(s == 1)) + 1
                 ins.append(s[:n_in])
                 tgs.append(s[n_in:])
+                # Prefix-LM masks per segment: loss on the targets, bidirectional on the
+                # inputs plus one position (T5X), inputs shifted right from 0.
+                at = seg == k
+                w, c = f["decoder_loss_weights"][r][at], f["decoder_causal_attention"][r][at]
+                assert np.all(w[:n_in] == 0) and np.all(w[n_in:] == 1)
+                assert np.all(c[: n_in + 1] == 1) and np.all(c[n_in + 1 :] == 0)
+                dec_in = f["decoder_input_tokens"][r][at]
+                assert dec_in[0] == 0 and np.array_equal(dec_in[1:], s[:-1])
+            assert not f["decoder_loss_weights"][r][seg == 0].any()
         if len(ins) == 1 and len(docs) > 1:
             continue  # overflow fallback: whole chunk as one example
         assert len(ins) == len(tgs) == len(docs)
