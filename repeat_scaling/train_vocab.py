@@ -96,6 +96,7 @@ def train_vocab(
         )
     except RuntimeError as e:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown error"
+        msg = msg.rpartition("] ")[2] or msg  # drop SentencePiece's source location prefix
         raise VocabTrainingError(
             f"SentencePiece training on {source_spec!r} ({counter['docs']} documents, "
             f"{counter['lines']} lines) failed: {msg}"

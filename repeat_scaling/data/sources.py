@@ -30,6 +30,7 @@ This module imports tensorflow / tfds only inside the TFDS sources.
 from __future__ import annotations
 
 import ast
+import functools
 import glob as globlib
 import gzip
 import hashlib
@@ -117,7 +118,7 @@ class Source:
 
     def _carve_ids(self) -> frozenset[str]:
         if self._carved is None:
-            ids = [doc_id for doc_id, _ in self._iter_capped("train")]
+            ids = self._train_ids()
             if not ids:
                 raise SourceError(f"source {self.spec!r} yielded no training documents")
             n = self.validation_docs
@@ -134,6 +135,10 @@ class Source:
                 heapq.nsmallest(n, ids, key=lambda d: doc_hash(d, "validation"))
             )
         return self._carved
+
+    def _train_ids(self) -> list[str]:
+        """Ids of every (capped, non-empty) native train document; subclasses may shortcut."""
+        return [doc_id for doc_id, _ in self._iter_capped("train")]
 
     def documents(self, split: str) -> Iterator[tuple[str, str]]:
         """Yield ``(doc_id, text)`` of ``split`` ("train" or "validation") in a fixed order."""
@@ -449,31 +454,37 @@ class BuiltinSource(Source):
         return {"kind": self.kind, "python": sys.version, "stdlib": sysconfig.get_paths()["stdlib"]}
 
     def _iter_native(self, split):
-        # The corpus is small (~2 MB); parse the stdlib once per source object.
-        if getattr(self, "_docs", None) is None:
-            self._docs = list(self._generate())
-        yield from self._docs
+        # The corpus is small (~2 MB): parse the stdlib once per process.
+        docs, duplicates = _builtin_documents()
+        self.stats["duplicates_skipped"] = duplicates
+        yield from docs
 
-    def _generate(self):
-        from pydoc_data.topics import topics
 
-        seen: set[bytes] = set()
+@functools.lru_cache(maxsize=1)
+def _builtin_documents() -> tuple[tuple[tuple[str, str], ...], int]:
+    """((doc_id, text), ...) of the builtin corpus and the number of duplicates dropped."""
+    from pydoc_data.topics import topics
 
-        def items():
-            for name in sorted(topics):
-                yield f"topic:{name}", topics[name]
-            for mod, path in _stdlib_module_files():
-                yield f"module:{mod}", _module_docstrings(path, mod)
+    seen: set[bytes] = set()
+    docs = []
+    duplicates = 0
 
-        for doc_id, text in items():
-            if len(text) < _BUILTIN_MIN_CHARS:
-                continue
-            h = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
-            if h in seen:
-                self.stats["duplicates_skipped"] = self.stats.get("duplicates_skipped", 0) + 1
-                continue
-            seen.add(h)
-            yield doc_id, text
+    def items():
+        for name in sorted(topics):
+            yield f"topic:{name}", topics[name]
+        for mod, path in _stdlib_module_files():
+            yield f"module:{mod}", _module_docstrings(path, mod)
+
+    for doc_id, text in items():
+        if len(text) < _BUILTIN_MIN_CHARS:
+            continue
+        h = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+        if h in seen:
+            duplicates += 1
+            continue
+        seen.add(h)
+        docs.append((doc_id, text))
+    return tuple(docs), duplicates
 
 
 # --------------------------------------------------------------------------------------
@@ -588,6 +599,14 @@ class SyntheticSource(Source):
             sent = words[s : s + 12]
             sentences.append(" ".join([sent[0].capitalize(), *sent[1:]]) + ".")
         return " ".join(sentences)
+
+    def _train_ids(self):
+        n = (
+            self.params["num_docs"]
+            if self.max_docs is None
+            else min(self.max_docs, self.params["num_docs"])
+        )
+        return [f"synthetic:{d}" for d in range(n)]  # documents are never empty
 
     def _iter_native(self, split):
         for d in range(self.params["num_docs"]):
