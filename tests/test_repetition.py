@@ -117,8 +117,8 @@ def test_fractional_rule_is_documented_and_reported():
     plan = RepetitionPlan(10_000, 1000, 0.1, 3, 0)  # 33.33 repeated chunks -> 33
     assert plan.num_repeated == 33 and plan.num_unique == 1000 - 99
     s = plan.summary()
-    assert s["requested"] == {"repeated_fraction": 0.1, "repeated_epochs": 3}
-    assert s["realised"] == {"repeated_fraction": 0.099, "repeated_epochs": 3}
+    assert s["requested"] == {"repeated_fraction": 0.1, "repeated_epochs": 3, "total_tokens": 1000}
+    assert s["realised"] == {"repeated_fraction": 0.099, "repeated_epochs": 3, "total_tokens": 1000}
     plan = RepetitionPlan(10_000, 1000, 1.0, 3, 0)  # f=1 leaves N mod E unique slots
     assert (plan.num_repeated, plan.num_unique) == (333, 1)
 
@@ -134,6 +134,8 @@ def test_from_tokens_and_summary_accounting(tmp_path):
     )
     s = plan.summary()
     assert s["num_slots"] == 100 and s["total_tokens"] == 100 * 568
+    assert s["requested"]["total_tokens"] == 100 * 568 + 7
+    assert s["realised"]["total_tokens"] == 100 * 568
     assert s["subset_tokens"] == 5 * 568 and s["repeated_tokens"] == 20 * 568
     assert s["unique_tokens"] == 80 * 568 and s["seed"] == 9
     plan.write(tmp_path / "data_plan.json")

@@ -158,6 +158,7 @@ class RepetitionPlan:
                 "silently"
             )
         self._chunk_key = feistel.derive_key(self.seed, _CHUNK_STREAM)
+        self.requested_total_tokens = self.num_slots * self.chunk_length
 
     # ----------------------------------------------------------------- constructors
     @classmethod
@@ -181,7 +182,7 @@ class RepetitionPlan:
             raise RepetitionPlanError(
                 f"total_tokens={total_tokens} is less than one example ({example_tokens} tokens)"
             )
-        return cls(
+        plan = cls(
             num_chunks,
             total_tokens // example_tokens,
             repeated_fraction,
@@ -189,6 +190,8 @@ class RepetitionPlan:
             seed,
             chunk_length=example_tokens,
         )
+        plan.requested_total_tokens = total_tokens
+        return plan
 
     @classmethod
     def from_unique_tokens(
@@ -293,8 +296,13 @@ class RepetitionPlan:
             "requested": {
                 "repeated_fraction": self.requested_fraction,
                 "repeated_epochs": self.epochs,
+                "total_tokens": self.requested_total_tokens,
             },
-            "realised": {"repeated_fraction": self.realised_fraction, "repeated_epochs": E},
+            "realised": {
+                "repeated_fraction": self.realised_fraction,
+                "repeated_epochs": E,
+                "total_tokens": self.num_slots * L,
+            },
             "num_slots": self.num_slots,
             "num_chunks": self.num_chunks,
             "chunk_length": L,
