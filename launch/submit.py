@@ -45,6 +45,9 @@ flags.DEFINE_bool("dry_run", False, "print the commands instead of running them"
 flags.DEFINE_string("only", "", "comma-separated globs over run names (default: all runs)")
 flags.DEFINE_integer("parallel", 1, "runs at once (local and tpu backends)")
 flags.DEFINE_enum("eval_mode", "watch", list(EVAL_MODES), "evaluator beside, after or never")
+flags.DEFINE_multi_string(
+    "eval_flag", [], "extra evaluator flag, repeatable: --eval_flag=--poll_seconds=60"
+)
 flags.DEFINE_string("python", "", "interpreter for the runs (default: this one; tpu: python3)")
 flags.DEFINE_float("grace_s", 300.0, "local: seconds children get to save after SIGTERM")
 
@@ -164,6 +167,7 @@ def submit() -> int:
         overrides=tuple(
             f"--config.{k}={sweeps.format_flag_value(v)}" for k, v in overrides.items()
         ),
+        eval_flags=tuple(FLAGS.eval_flag),
         python=FLAGS.python or ("python3" if FLAGS.backend == "tpu" else sys.executable),
         eval_mode=FLAGS.eval_mode,
         dry_run=FLAGS.dry_run,

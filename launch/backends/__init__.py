@@ -34,6 +34,7 @@ class Submission:
         relative to the repository root for remote backends).
       config_arg: the part after `:` in `--config=FILE:ARG` ('' when none).
       overrides: global `--config.key=value` flags, applied before each run's own.
+      eval_flags: extra evaluator flags, e.g. ('--eval_config=test_batches=2',).
       python: the interpreter on the machine that runs the commands.
       eval_mode: one of EVAL_MODES.
       dry_run: print the commands instead of executing them.
@@ -42,6 +43,7 @@ class Submission:
     config_file: str
     config_arg: str = ""
     overrides: tuple[str, ...] = ()
+    eval_flags: tuple[str, ...] = ()
     python: str = sys.executable
     eval_mode: str = "watch"
     dry_run: bool = False
@@ -71,7 +73,7 @@ def train_argv(sub: Submission, run, python: str | None = None) -> list[str]:
 def eval_argv(sub: Submission, run, watch: bool, python: str | None = None) -> list[str]:
     """The evaluator's command line for `run`; `watch` follows a live run."""
     argv = [python or sub.python, "-m", "repeat_scaling.evaluate", f"--workdir={run.workdir}"]
-    return argv + (["--watch"] if watch else [])
+    return argv + (["--watch"] if watch else []) + list(sub.eval_flags)
 
 
 def shell_join(argv: Sequence[str]) -> str:
