@@ -72,7 +72,7 @@ def get_config(arg: str = "demo"):
     else:
         c.model = model_fields("d25m")
         c.data.source, c.data.vocab = C4, T5_VOCAB
-        c.data.store = "/mnt/stores/c4-t5spm"  # a local copy on every host
+        c.data.store = "data/stores/c4-t5spm"  # relative to the repo: a copy on every host
         c.data.length = 1024
         c.train.batch_size = 512
         c.train.steps = round(100e9 / (512 * 1024))  # T = 100B tokens

@@ -63,7 +63,7 @@ def get_config(arg: str = "demo"):
     else:
         c.model = _attention_only("attn2_d768", 768, 12)
         c.data.source, c.data.vocab = C4, T5_VOCAB
-        c.data.store = "/mnt/stores/c4-t5spm"  # a local copy on every host
+        c.data.store = "data/stores/c4-t5spm"  # relative to the repo: a copy on every host
         c.data.length = 1024
         c.train.steps, c.train.batch_size = 100_000, 256
         c.train.compute_dtype = "bfloat16"

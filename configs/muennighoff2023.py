@@ -73,7 +73,7 @@ def get_config(arg: str = "demo"):
     else:
         c.model = model_fields("d85m")
         c.data.source, c.data.vocab = C4, T5_VOCAB
-        c.data.store = "/mnt/stores/c4-t5spm"  # a local copy on every host
+        c.data.store = "data/stores/c4-t5spm"  # relative to the repo: a copy on every host
         c.data.length, c.train.batch_size = 2048, 256
         c.train.compute_dtype = "bfloat16"
         c.train.checkpoint_every, c.train.keep = 2000, 2

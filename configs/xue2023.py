@@ -81,7 +81,7 @@ def get_config(arg: str = "demo"):
         reg_epochs, reg_model = (hi,), m
     else:
         c.model = model_fields("t5_base")
-        c.data.store = "/mnt/stores/c4-t5spm"  # a local copy on every host
+        c.data.store = "data/stores/c4-t5spm"  # relative to the repo: a copy on every host
         c.train.steps, c.train.batch_size = 2**19, 128
         c.train.compute_dtype = "bfloat16"
         c.train.checkpoint_every, c.train.keep, c.train.keep_period = 5000, 2, 20_000

@@ -203,3 +203,35 @@ def test_status_reads_workdir_files(tmp_path):
     )  # fmt: skip
     assert missing.returncode == 1
     assert missing.stderr.strip() == f"error: --root={str(tmp_path / 'nope')!r} is not a directory"
+
+
+PAPER_CONFIGS = {  # config file -> number of runs at demo / small / paper scale
+    "hernandez2022": (5, 21, 287),
+    "xue2023": (5, 12, 53),
+    "muennighoff2023": (8, 18, 75),
+    "induction_heads": (2, 6, 5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_CONFIGS))
+def test_paper_configs_expand_and_validate(name):
+    """Every run of every scale has a unique name and passes the trainer's validation."""
+    import importlib.util
+
+    config_lib = pytest.importorskip("repeat_scaling.train.config")
+    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    counts = []
+    for scale in ("demo", "small", "paper"):
+        runs = sweeps.expand(module.get_config(scale), "/r")
+        counts.append(len(runs))
+        for run in runs:
+            model = config_lib.validate(run.config)
+            assert model.name == run.config.model.name
+            assert run.name.startswith(run.config.model.name + "_f")
+        if scale == "demo":
+            assert all(r.config.data.source == "builtin" for r in runs)
+    assert tuple(counts) == PAPER_CONFIGS[name]
+    with pytest.raises(ValueError, match="expected one of"):
+        module.get_config("huge")

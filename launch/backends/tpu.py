@@ -47,6 +47,8 @@ from launch.backends import LaunchError, Submission, eval_argv, shell_join, trai
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 REMOTE_DIR = "~/repeat_scaling"
 REMOTE_TARBALL = "/tmp/repeat_scaling.tar.gz"
+# Never shipped with the code: token stores and launcher logs (prepared/written per host).
+PACK_EXCLUDE = ("data/stores/", "launch_logs/", "demo_out/")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,7 +303,10 @@ class TpuBackend:
 
 
 def pack_repository(path: str, root: pathlib.Path = REPO_ROOT) -> None:
-    """Writes a tar.gz of the repository's files (tracked plus untracked, not ignored)."""
+    """Writes a tar.gz of the repository's files (tracked plus untracked, not ignored).
+
+    Token stores (`data/stores/`), launcher logs and `demo_out/` are left out.
+    """
     proc = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
         cwd=root,
@@ -309,7 +314,11 @@ def pack_repository(path: str, root: pathlib.Path = REPO_ROOT) -> None:
     )
     if proc.returncode != 0:
         raise LaunchError(f"cannot list the repository files in {root} (git ls-files failed)")
-    names = [n for n in proc.stdout.decode().split("\0") if n and (root / n).is_file()]
+    names = [
+        n
+        for n in proc.stdout.decode().split("\0")
+        if n and not n.startswith(PACK_EXCLUDE) and (root / n).is_file()
+    ]
     with tarfile.open(path, "w:gz") as tar:
         for name in names:
             try:
