@@ -1,0 +1,254 @@
+"""The evaluator on real runs: a tiny decoder trained on 8 devices, evaluated on 1 or 8.
+
+One run is trained in-process (module fixture, 4 steps, checkpoints at 2 and 4) on the
+tinyshakespeare text with the byte vocabulary; each test works on its own copy of it.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from repeat_scaling.eval import evaluator, metrics, results
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SMALL = dict(
+    batch_size=8,
+    test_batches=1,
+    memorisation_examples=8,
+    copy_examples=8,
+    random_repeat_examples=8,
+    icl_examples=8,
+    probe_sequences=8,
+    frequency_tokens=200_000,
+)
+SMALL_FLAG = ",".join(f"{k}={v}" for k, v in SMALL.items())
+TRAIN_OVERRIDES = {
+    "data.length": 64,
+    "data.repeated_fraction": 0.5,
+    "data.repeated_epochs": 2,
+    "train.steps": 4,
+    "train.checkpoint_every": 2,
+    "train.keep": 3,
+    "train.batch_size": 8,
+    "train.log_every": 2,
+    "train.progress_bar": "off",
+}
+
+
+def _env(devices: int = 8) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    return env
+
+
+@pytest.fixture(scope="module")
+def store(shared_data, tmp_path_factory):
+    from repeat_scaling.prepare import prepare_store
+
+    out = tmp_path_factory.mktemp("store") / "shakespeare-byte"
+    src = f"text:{shared_data / 'tinyshakespeare' / 'input.txt'}"
+    prepare_store(src, "byte", out, progress=False, log=lambda m: None)
+    return out
+
+
+def _demo_config(store_dir):
+    sys.path.insert(0, str(REPO / "configs"))
+    try:
+        import demo
+    finally:
+        sys.path.pop(0)
+    c = demo.get_config("dec")
+    c.data.store = str(store_dir)
+    for key, value in TRAIN_OVERRIDES.items():
+        group, name = key.split(".")
+        c[group][name] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def live(store, tmp_path_factory):
+    """A run trained on 8 devices by a trainer subprocess while a 1-device evaluator
+    ``--watch``es it (in this process): ``(workdir, records)``."""
+    work = tmp_path_factory.mktemp("runs") / "live"
+    overrides = [f"--config.{k}={v}" for k, v in TRAIN_OVERRIDES.items()]
+    trainer = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "repeat_scaling.train",
+            f"--config={REPO / 'configs' / 'demo.py'}",
+            f"--workdir={work}",
+            f"--config.data.store={store}",
+            *overrides,
+        ],
+        env=_env(8),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (work / "data_plan.json").exists():
+            assert trainer.poll() is None, trainer.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "trainer wrote no data_plan.json"
+            time.sleep(0.2)
+        assert evaluator.committed_steps(work) == []  # the evaluator starts before any save
+        ev = evaluator.Evaluator(work, metrics.EvalSettings(**SMALL), evaluator.eval_mesh(1))
+        recs = ev.run_all(watch=True, poll_seconds=0.5, timeout_seconds=180)
+    finally:
+        trainer.wait(timeout=180)
+    assert trainer.returncode == 0, trainer.stderr.read()[-2000:]
+    return work, recs
+
+
+def test_watch_live_two_checkpoint_run(live):
+    work, recs = live
+    assert [r["step"] for r in recs] == [2, 4]
+    assert [r["step"] for r in results.read_results(results.results_path(work))] == [2, 4]
+    assert all(r["num_devices"] == 1 for r in recs)
+    assert json.loads((work / "config.json").read_text())["derived"]["num_devices"] == 8
+
+
+def _copy(workdir, dest):
+    shutil.copytree(workdir, dest, ignore=shutil.ignore_patterns("eval"))
+    return dest
+
+
+def test_restore_8_devices_onto_1_identical_test_loss(live, tmp_path):
+    trained, live_records = live
+    settings = metrics.EvalSettings(**SMALL)
+    ev8 = evaluator.Evaluator(_copy(trained, tmp_path / "a"), settings, evaluator.eval_mesh(0))
+    ev1 = evaluator.Evaluator(_copy(trained, tmp_path / "b"), settings, evaluator.eval_mesh(1))
+    assert ev8.mesh.devices.size == 8 and ev1.mesh.devices.size == 1
+    m8, _ = ev8.restore(4)
+    m1, _ = ev1.restore(4)
+    from flax import nnx
+
+    p8 = jax.tree.leaves(nnx.to_pure_dict(nnx.state(m8, nnx.Param)))
+    p1 = jax.tree.leaves(nnx.to_pure_dict(nnx.state(m1, nnx.Param)))
+    assert len(p1[0].sharding.device_set) == 1
+    for a, b in zip(p8, p1):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    r8 = {r["step"]: r for r in ev8.run_all()}
+    r1 = {r["step"]: r for r in live_records}  # the 1-device watcher's records
+    for step in (2, 4):
+        np.testing.assert_allclose(r1[step]["test_loss"], r8[step]["test_loss"], rtol=1e-6)
+        assert r1[step]["test_accuracy"] == r8[step]["test_accuracy"]
+    rec = r1[4]
+    # The results schema the report relies on.
+    for key in (
+        "step tokens_seen unique_tokens_seen repeated_tokens_seen test_loss test_accuracy "
+        "repeated_loss unique_seen_loss copy_loss random_repeat_loss prefix_matching "
+        "previous_token copying_score icl_score prefix_matching_heads previous_token_heads "
+        "copying_score_heads loss_by_position icl_positions eval_time_s"
+    ).split():
+        assert key in rec, key
+    assert np.asarray(rec["prefix_matching_heads"]).shape == (2, 4)  # dec_tiny: 2 layers x 4
+    assert len(rec["loss_by_position"]) == 64 and rec["icl_positions"] == [31, 63]
+    assert rec["tokens_seen"] == 4 * 8 * 64
+    assert rec["repeated_tokens_seen"] + rec["unique_tokens_seen"] == 4 * 8 * 64
+    assert 0 < rec["test_loss"] < 10 and rec["repeated_loss"] is not None
+    # The trainer's own accounting agrees with the evaluator's.
+    train_log = [
+        json.loads(x) for x in (trained / "train" / "metrics.jsonl").read_text().splitlines()
+    ]
+    last = [r for r in train_log if r["step"] == 4][-1]
+    for key in ("tokens_seen", "unique_tokens_seen", "repeated_tokens_seen"):
+        assert rec[key] == last[key], key
+
+
+def test_deleted_checkpoint_is_skipped_and_errors_are_clear(live, tmp_path):
+    trained, _ = live
+    settings = metrics.EvalSettings(**SMALL)
+    work = _copy(trained, tmp_path / "run")
+    warnings = []
+    ev = evaluator.Evaluator(work, settings, evaluator.eval_mesh(1), warn=warnings.append)
+    assert ev.pending() == [2, 4]
+    shutil.rmtree(work / "checkpoints" / "2")  # what keep-N retention does
+    assert ev.evaluate_step(2) is None
+    assert "step 2 was deleted" in warnings[0]
+    # A workdir whose config names another model than the checkpoints hold.
+    other = _copy(trained, tmp_path / "other")
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["model"]["d_model"] = 32
+    (other / "config.json").write_text(json.dumps(cfg))
+    ev_other = evaluator.Evaluator(other, settings, evaluator.eval_mesh(1))
+    with pytest.raises(evaluator.EvalError, match="does not match model 'dec_tiny'"):
+        ev_other.run_all()
+    # No checkpoints at all.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(trained / "config.json", empty / "config.json")
+    with pytest.raises(evaluator.EvalError, match="no committed checkpoint"):
+        evaluator.Evaluator(empty, settings, evaluator.eval_mesh(1)).run_all()
+    with pytest.raises(evaluator.EvalError, match="not a training workdir"):
+        evaluator.Evaluator(tmp_path / "nothing", settings)
+    with pytest.raises(ValueError, match="unknown eval_config key 'batch'"):
+        metrics.EvalSettings.from_overrides({"batch": 3})
+
+
+def _cli(workdir, *flags):
+    return [
+        sys.executable,
+        "-m",
+        "repeat_scaling.evaluate",
+        f"--workdir={workdir}",
+        f"--eval_config={SMALL_FLAG}",
+        *flags,
+    ]
+
+
+def test_cli_kill_and_restart_never_duplicates(live, tmp_path):
+    trained, _ = live
+    work = _copy(trained, tmp_path / "run")
+    path = results.results_path(work)
+    proc = subprocess.Popen(
+        _cli(work, "--num_devices=1"),
+        env=_env(1),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if path.exists() and path.read_bytes().count(b"\n") >= 1:
+                break
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    first = path.read_text().splitlines()
+    assert len(first) >= 1
+    done = subprocess.run(
+        _cli(work, "--num_devices=1"), env=_env(1), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = path.read_text().splitlines()
+    steps = [json.loads(x)["step"] for x in lines]
+    assert steps == [2, 4], steps  # each step exactly once, in order
+    assert lines[: len(first)] == first
+    # A corrupt line (e.g. edited by hand) is reported, not fatal.
+    with open(path, "a") as f:
+        f.write("{oops\n")
+    warnings = []
+    ev = evaluator.Evaluator(work, metrics.EvalSettings(**SMALL), warn=warnings.append)
+    assert ev.run_all() == [] and ev.writer.done_steps == {2, 4}
+    assert "results.jsonl:3: corrupt results line skipped" in warnings[0]
+    # Clear one-line CLI errors.
+    bad = subprocess.run(_cli(tmp_path / "missing"), env=_env(1), capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert (
+        bad.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in bad.stderr
+    )
