@@ -11,8 +11,8 @@ apply to every run (before the run's own overrides). Backends:
 - `local`: subprocesses on this machine (`--parallel` runs at a time); Ctrl-C stops
   them cleanly (the trainers checkpoint); re-submitting skips finished runs and
   resumes unfinished ones.
-- `tpu`: Cloud TPU VMs / pods via the gcloud CLI (`--tpu_*` flags; ROOT is a gs://
-  URL every worker can write).
+- `tpu`: Cloud TPU VMs / pods via the gcloud CLI (`--tpu_*` flags; ROOT is a path
+  every worker shares, e.g. a gcsfuse mount of a bucket, or a gs:// URL).
 - `slurm`: one sbatch script per run, submitted with sbatch (`--slurm_*` flags; ROOT
   on a shared file system).
 
@@ -151,9 +151,10 @@ def submit() -> int:
     if not FLAGS.root:
         raise LaunchError("--root is required: the directory (or gs:// URL) for the runs")
     root = FLAGS.root
-    if FLAGS.backend == "tpu" and not root.startswith("gs://"):
+    if FLAGS.backend == "tpu" and not (root.startswith("gs://") or os.path.isabs(root)):
         raise LaunchError(
-            f"--root={root!r}: the tpu backend needs a gs:// URL every worker can write"
+            f"--root={root!r}: the tpu backend needs a gs:// URL or an absolute path that "
+            "every worker shares (e.g. a gcsfuse mount)"
         )
     if not root.startswith("gs://"):
         root = os.path.abspath(root)

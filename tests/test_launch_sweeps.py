@@ -155,11 +155,13 @@ def test_submit_cli_dry_run_and_errors(tmp_path):
     ]
     assert not root.exists()  # a dry run writes nothing
     bad = subprocess.run(
-        cmd + ["--backend=tpu"], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
+        [*cmd[:3], "--root=rel/dir", "--backend=tpu"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines() == [
-        f"error: --root={str(root)!r}: the tpu backend needs a gs:// URL every worker can write"
+        "error: --root='rel/dir': the tpu backend needs a gs:// URL or an absolute path that "
+        "every worker shares (e.g. a gcsfuse mount)"
     ]
 
 

@@ -11,7 +11,9 @@ Per run (TPU node `<prefix>-<run name>` with `_` -> `-`), in order:
    `tpu-vm ssh --worker=all` to unpack it and `pip install` it with `jax[tpu]`.
 3. train: `tpu-vm ssh --worker=all --command='cd ~/repeat_scaling && python3 -m
    repeat_scaling.train ...'` on every worker at once (jax.distributed detects the pod
-   itself); the workdir is `gcs_root/NAME` (a gs:// URL every worker can write).
+   itself); the workdir is `ROOT/NAME`, where ROOT is a path every worker shares (e.g.
+   a gcsfuse mount of a bucket at the same path on every worker, set up in `setup`) or
+   a gs:// URL (passed through as is to the trainer and evaluator).
 4. evaluate, beside the trainer (`eval_mode=watch`) or after it (`after`): on worker 0
    on its CPU (`eval_on=worker0`; the trainer holds the TPU chips) or on a separate
    small TPU VM `NODE-eval` (`eval_on=vm`), created, set up and deleted like the
@@ -22,8 +24,8 @@ Per run (TPU node `<prefix>-<run name>` with `_` -> `-`), in order:
 The launcher stays in the foreground while its runs train (run it under `nohup` or
 `tmux`); `parallel` runs proceed at once. With `dry_run` every command is printed
 instead (the queued-resource wait loop as one `describe`). Runs whose final step is
-already in `gcs_root/NAME/eval/results.jsonl` (read with `gcloud storage cat`) are
-skipped.
+already in `ROOT/NAME/eval/results.jsonl` (read with `gcloud storage cat` for gs://,
+else from the same path on this machine when it is mounted here too) are skipped.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import threading
 import time
 from typing import TextIO
 
+from launch import status as status_lib
 from launch.backends import LaunchError, Submission, eval_argv, shell_join, train_argv
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -209,8 +212,11 @@ class TpuBackend:
         """Whether `run`'s final step is in its eval/results.jsonl (via gcloud storage)."""
         total = run.total_steps
         path = f"{run.workdir}/eval/results.jsonl"
-        if total is None or not run.workdir.startswith("gs://"):
+        if total is None:
             return False
+        if not run.workdir.startswith("gs://"):
+            # A shared mount that this machine may see too (else: not known to be done).
+            return status_lib.run_status(run.workdir, total).evaluated
         proc = subprocess.run(["gcloud", "storage", "cat", path], capture_output=True, text=True)
         if proc.returncode != 0:
             return False
