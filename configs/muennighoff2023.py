@@ -26,14 +26,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _base import adamw, default_config, model_fields  # noqa: E402
+from _base import BYTE_VOCAB_SIZE, adamw, default_config, model_fields  # noqa: E402
 
 SCALES = ("demo", "small", "paper")
 C4 = "tfds:c4/en:3.1.0"
 T5_VOCAB = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
 
 
-def _grid(models, unique_tokens, epochs, tokens_per_step):
+def _grid(models, unique_tokens, epochs, tokens_per_step, **extra):
     sweep = []
     for m in models:
         for u in unique_tokens:
@@ -44,6 +44,7 @@ def _grid(models, unique_tokens, epochs, tokens_per_step):
                     "data.repeated_epochs": e,
                     "seed": 0,
                     "train.steps": math.ceil(u * e / tokens_per_step),
+                    **extra,
                 })  # fmt: skip
     return sweep
 
@@ -82,5 +83,7 @@ def get_config(arg: str = "demo"):
         models = ["d10m", "d25m", "d85m", "d300m", "d800m"]
         uniques, epochs = [500_000_000, 2_000_000_000, 8_000_000_000], [1, 2, 4, 8, 16]
     c.train.optimizer.end_learning_rate_fraction = 0.1
-    c.sweep = _grid(models, uniques, epochs, c.data.length * c.train.batch_size)
+    # The byte vocabulary needs 384 embedding rows, not the named sizes' 32128.
+    extra = {"model.vocab_size": BYTE_VOCAB_SIZE} if arg == "demo" else {}
+    c.sweep = _grid(models, uniques, epochs, c.data.length * c.train.batch_size, **extra)
     return c

@@ -54,7 +54,7 @@ TAGS = {
     "train.steps": "steps",
     "train.batch_size": "b",
 }
-UNNAMED = {"data.targets_length"}
+UNNAMED = {"data.targets_length", "model.vocab_size"}
 
 
 class SweepError(ValueError):
