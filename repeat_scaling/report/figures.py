@@ -1,0 +1,601 @@
+"""The report's figures: one PNG plus one CSV of every plotted point per figure.
+
+matplotlib with the Agg backend (no display needed). Axes follow the papers: token
+counts, repeated epochs and parameter counts on log scales; losses in nats/token on a
+linear scale. Finished runs are drawn solid, runs still training dashed.
+
+Every function takes the loaded runs (``runs.Run``) and the output directory and returns
+a ``Figure`` saying what was written and, when nothing could be drawn, why.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from repeat_scaling.report import fits as fits_lib  # noqa: E402
+
+PROBES = (
+    ("prefix_matching", "prefix-matching score (max over heads)"),
+    ("previous_token", "previous-token score (max over heads)"),
+    ("copying_score", "copying score (max over heads)"),
+    ("icl_score", "in-context-learning score (nats)"),
+)
+
+
+@dataclasses.dataclass
+class Figure:
+    """What one figure function produced (paths relative to the output directory)."""
+
+    name: str
+    title: str
+    caption: str
+    png: str | None = None
+    csvs: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    n_points: int = 0
+
+
+def write_csv(path: str, header: Sequence[str], rows: Sequence[dict]) -> None:
+    """Write rows (dicts) with a fixed header; None becomes an empty cell."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(header), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _cell(row.get(k)) for k in header})
+
+
+def _cell(value):
+    if value is None:
+        return ""
+    if isinstance(value, float) and not math.isfinite(value):
+        return ""
+    if isinstance(value, float | np.floating):
+        return f"{float(value):.10g}"
+    return value
+
+
+def run_label(run, runs) -> str:
+    """Legend label: model and repetition setting, plus what distinguishes the run."""
+    label = f"{run.model}, {run.setting}"
+    if len({r.objective for r in runs if r.config is not None}) > 1:
+        label += f", {run.objective}"
+    if run.regularisation != "none":
+        label += f", {run.regularisation}"
+    if not run.finished:
+        label += " (training)"
+    return label
+
+
+def _grid(n: int, ncols: int = 3, size: tuple[float, float] = (5.0, 3.8)):
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False
+    )
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _save(fig, out_dir: str, name: str) -> str:
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"{name}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"{name}.png"
+
+
+def _sorted_models(runs) -> list[str]:
+    sizes: dict[str, float] = {}
+    for r in runs:
+        sizes[r.model] = r.params or 0.0
+    return sorted(sizes, key=lambda m: (sizes[m], m))
+
+
+def _evaluated(runs) -> list:
+    return [r for r in runs if r.config is not None and r.results]
+
+
+# --------------------------------------------------------------------------------------
+def degradation_curves(runs, out_dir: str) -> Figure:
+    """Test loss (top row) and repeated-subset loss vs training tokens, per model."""
+    fig_info = Figure(
+        "degradation_curves",
+        "Test loss vs training tokens",
+        "Held-out test loss (top) and loss on the repeated subset (bottom, memorisation) "
+        "against tokens seen, one panel per model, one line per repetition setting. "
+        "Hernandez et al. see test loss rise mid-training as the repeated loss nears zero.",
+    )
+    header = ["run", "model", "params", "setting", "objective", "regularisation", "status"]
+    header += ["step", "tokens_seen", "metric", "value"]
+    rows = []
+    runs = _evaluated(runs)
+    models = _sorted_models(runs)
+    metrics = [("test_loss", "test loss (nats/token)")]
+    if any(r.curve("repeated_loss")[1] for r in runs):
+        metrics.append(("repeated_loss", "repeated-subset loss (nats/token)"))
+    if runs:
+        fig, axes = plt.subplots(
+            len(metrics), len(models), figsize=(5 * len(models), 3.8 * len(metrics)), squeeze=False
+        )
+        for j, model in enumerate(models):
+            members = sorted(
+                (r for r in runs if r.model == model),
+                key=lambda r: (r.repeated_fraction, r.repeated_epochs, r.name),
+            )
+            for i, (key, ylabel) in enumerate(metrics):
+                ax = axes[i][j]
+                for r in members:
+                    xs, ys = r.curve(key)
+                    steps = [row["step"] for row in r.results if _ok(row.get(key))]
+                    for s, x, y in zip(steps, xs, ys):
+                        rows.append(
+                            {
+                                "run": r.name,
+                                "model": r.model,
+                                "params": r.params,
+                                "setting": r.setting,
+                                "objective": r.objective,
+                                "regularisation": r.regularisation,
+                                "status": r.status,
+                                "step": s,
+                                "tokens_seen": x,
+                                "metric": key,
+                                "value": y,
+                            }
+                        )
+                    if xs:
+                        ax.plot(
+                            xs,
+                            ys,
+                            "-" if r.finished else "--",
+                            marker=".",
+                            label=run_label(r, runs),
+                        )
+                ax.set_xscale("log")
+                ax.set_xlabel("training tokens seen")
+                ax.set_ylabel(ylabel)
+                ax.set_title(f"{model}: {key.replace('_', ' ')}")
+                if ax.lines:
+                    ax.legend(fontsize=7)
+        fig_info.png = _save(fig, out_dir, fig_info.name)
+    else:
+        fig_info.notes.append("no run has evaluation results yet")
+    write_csv(os.path.join(out_dir, "degradation_curves.csv"), header, rows)
+    fig_info.csvs.append("degradation_curves.csv")
+    fig_info.n_points = len(rows)
+    return fig_info
+
+
+def _ok(value) -> bool:
+    """True for a finite number (the same test ``Run.curve`` applies)."""
+    number = _as_float(value)
+    return number is not None and math.isfinite(number)
+
+
+def _as_float(value):
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------------------
+DOUBLE_DESCENT_HEADER = [
+    "run",
+    "model",
+    "arch",
+    "objective",
+    "regularisation",
+    "params",
+    "repeated_fraction",
+    "repeated_epochs",
+    "total_tokens",
+    "unique_tokens",
+    "status",
+    "last_step",
+    "steps",
+    "final_test_loss",
+    "best_test_loss",
+    "latest_test_loss",
+    "final_test_accuracy",
+    "final_repeated_loss",
+    "final_copy_loss",
+    "final_prefix_matching",
+    "effective_params",
+    "multiplier",
+    "copy_loss_effective_params",
+    "copy_loss_multiplier",
+    "prefix_matching_effective_params",
+    "prefix_matching_multiplier",
+]
+
+
+def run_rows(runs, effective: dict) -> list[dict]:
+    """One row per loaded run (double_descent.csv); effective from fits.effective_size_rows."""
+    rows = []
+    for r in runs:
+        if r.config is None:
+            continue
+        eff = effective.get(r.path, {})
+        rows.append(
+            {
+                "run": r.name,
+                "model": r.model,
+                "arch": r.arch,
+                "objective": r.objective,
+                "regularisation": r.regularisation,
+                "params": r.params,
+                "repeated_fraction": r.repeated_fraction,
+                "repeated_epochs": r.repeated_epochs,
+                "total_tokens": r.total_tokens,
+                "unique_tokens": r.unique_tokens,
+                "status": r.status,
+                "last_step": r.last_step,
+                "steps": r.steps,
+                "final_test_loss": r.final("test_loss"),
+                "best_test_loss": r.best("test_loss"),
+                "latest_test_loss": r.latest("test_loss"),
+                "final_test_accuracy": r.final("test_accuracy"),
+                "final_repeated_loss": r.final("repeated_loss"),
+                "final_copy_loss": r.final("copy_loss"),
+                "final_prefix_matching": r.final("prefix_matching"),
+                "effective_params": eff.get("test_loss_effective_params"),
+                "multiplier": eff.get("test_loss_multiplier"),
+                "copy_loss_effective_params": eff.get("copy_loss_effective_params"),
+                "copy_loss_multiplier": eff.get("copy_loss_multiplier"),
+                "prefix_matching_effective_params": eff.get("prefix_matching_effective_params"),
+                "prefix_matching_multiplier": eff.get("prefix_matching_multiplier"),
+            }
+        )
+    return rows
+
+
+def double_descent(runs, rows: list[dict], out_dir: str) -> Figure:
+    """Final (filled) and best (hollow) test loss vs repeated epochs, per fraction."""
+    fig_info = Figure(
+        "double_descent",
+        "Final test loss vs repeated epochs",
+        "Final (filled markers, solid) and best-over-training (hollow markers, dotted: "
+        "the early-stopping value) test loss against epochs on the repeated subset, one "
+        "panel per repeated fraction, one line per model; dashed horizontal lines are the "
+        "unique-data (f = 0) baselines. Hernandez et al. find a peak of damage at "
+        "intermediate E (double descent).",
+    )
+    write_csv(os.path.join(out_dir, "double_descent.csv"), DOUBLE_DESCENT_HEADER, rows)
+    fig_info.csvs.append("double_descent.csv")
+    done = [
+        row
+        for row in rows
+        if row["final_test_loss"] is not None and row["regularisation"] == "none"
+    ]
+    fractions = sorted({row["repeated_fraction"] for row in done if row["repeated_fraction"] > 0})
+    if not fractions:
+        fig_info.notes.append("no finished run with repeated data (f > 0) and a final test loss")
+        return fig_info
+    models = _sorted_models([r for r in runs if r.config is not None])
+    fig, axes = _grid(len(fractions))
+    colors = {m: f"C{i % 10}" for i, m in enumerate(models)}
+    for ax, frac in zip(axes, fractions):
+        for model in models:
+            pts = sorted(
+                (row["repeated_epochs"], row["final_test_loss"], row["best_test_loss"])
+                for row in done
+                if row["model"] == model and row["repeated_fraction"] == frac
+            )
+            if pts:
+                e, final, best = zip(*pts)
+                ax.plot(e, final, "-o", color=colors[model], label=f"{model} final")
+                ax.plot(e, best, ":o", mfc="none", color=colors[model], label=f"{model} best")
+                fig_info.n_points += 2 * len(pts)
+            base = [
+                row["final_test_loss"]
+                for row in done
+                if row["model"] == model and row["repeated_fraction"] == 0
+            ]
+            if base:
+                ax.axhline(float(np.mean(base)), ls="--", color=colors[model], alpha=0.6)
+        ax.set_xscale("log")
+        ax.set_xlabel("epochs on the repeated subset E")
+        ax.set_ylabel("test loss (nats/token)")
+        ax.set_title(f"repeated fraction f = {frac:g}")
+        ax.legend(fontsize=7)
+    fig_info.png = _save(fig, out_dir, fig_info.name)
+    return fig_info
+
+
+# --------------------------------------------------------------------------------------
+def baseline_fits(baselines: dict, out_dir: str) -> Figure:
+    """Unique-data baselines against N with both fitted power laws, per metric."""
+    fig_info = Figure(
+        "baseline_fits",
+        "Power-law fits on the unique-data baselines",
+        "Final metric of the f = 0 runs against model size (log-log) with the fits "
+        "L(N) = E0 + (Nc/N)^alpha (solid) and (Nc/N)^alpha (dashed); higher-is-better "
+        "scores are fitted through their deficit 1 - score. These fits define the "
+        "effective model size.",
+    )
+    header = ["metric", "arch", "objective", "total_tokens", "run", "params", "value"]
+    rows = []
+    panels = [(k, fam, bf) for k, fams in baselines.items() for fam, bf in fams.items()]
+    if panels:
+        fig, axes = _grid(len(panels))
+        for ax, (key, fam, bf) in zip(axes, panels):
+            ns = [p[0] for p in bf.points]
+            vals = [bf.metric.to_loss(p[1]) for p in bf.points]
+            for n, v, name in bf.points:
+                rows.append(
+                    {
+                        "metric": key,
+                        "arch": fam[0],
+                        "objective": fam[1],
+                        "total_tokens": fam[2],
+                        "run": name,
+                        "params": n,
+                        "value": v,
+                    }
+                )
+            ax.plot(ns, vals, "o", color="k", label="f = 0 runs")
+            grid = np.logspace(np.log10(min(ns)) - 0.3, np.log10(max(ns)) + 0.3, 100)
+            for form, style in ((fits_lib.OFFSET, "-"), (fits_lib.OFFSET_FREE, "--")):
+                fit = bf.fits.get(form)
+                if fit:
+                    ax.plot(grid, fit.predict(grid), style, label=fit.describe())
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("parameters N")
+            ylabel = bf.metric.label
+            ax.set_ylabel(f"1 - {ylabel}" if bf.metric.higher_is_better else ylabel)
+            ax.set_title(f"{key}: {fam[0]}, {fam[1]}")
+            ax.legend(fontsize=7)
+        fig_info.png = _save(fig, out_dir, fig_info.name)
+    else:
+        fig_info.notes.append("no finished unique-data (f = 0) baseline runs to fit")
+    write_csv(os.path.join(out_dir, "baseline_fits.csv"), header, rows)
+    fig_info.csvs.append("baseline_fits.csv")
+    fig_info.n_points = len(rows)
+    return fig_info
+
+
+def effective_params(rows: list[dict], out_dir: str) -> Figure:
+    """Model-size multiplier N_eff/N vs repeated epochs, per metric, lines per (model, f)."""
+    fig_info = Figure(
+        "effective_params",
+        "Effective model size multipliers",
+        "N_eff / N against repeated epochs: N_eff is the size of a unique-data model "
+        "with the same final metric (inverted baseline fit). 1 = no damage; Hernandez "
+        "et al.'s 800M model with 10% of tokens repeated 100 times sits near 0.5.",
+    )
+    header = ["run", "model", "params", "repeated_fraction", "repeated_epochs", "metric"]
+    header += ["value", "effective_params", "multiplier"]
+    out_rows = []
+    keys = [
+        ("test_loss", "final_test_loss", "effective_params", "multiplier"),
+        ("copy_loss", "final_copy_loss", "copy_loss_effective_params", "copy_loss_multiplier"),
+        (
+            "prefix_matching",
+            "final_prefix_matching",
+            "prefix_matching_effective_params",
+            "prefix_matching_multiplier",
+        ),
+    ]
+    present = [k for k in keys if any(row[k[3]] is not None for row in rows)]
+    if present:
+        fig, axes = _grid(len(present))
+        for ax, (metric, value_key, eff_key, mult_key) in zip(axes, present):
+            groups: dict[tuple, list] = {}
+            for row in rows:
+                if row[mult_key] is None or row["repeated_fraction"] == 0:
+                    continue
+                out_rows.append(
+                    {
+                        "run": row["run"],
+                        "model": row["model"],
+                        "params": row["params"],
+                        "repeated_fraction": row["repeated_fraction"],
+                        "repeated_epochs": row["repeated_epochs"],
+                        "metric": metric,
+                        "value": row[value_key],
+                        "effective_params": row[eff_key],
+                        "multiplier": row[mult_key],
+                    }
+                )
+                label = f"{row['model']}, f={row['repeated_fraction']:g}"
+                if row["regularisation"] != "none":
+                    label += f", {row['regularisation']}"
+                groups.setdefault((row["params"] or 0, label), []).append(
+                    (row["repeated_epochs"], row[mult_key])
+                )
+            for (_, label), pts in sorted(groups.items()):
+                e, m = zip(*sorted(pts))
+                ax.plot(e, m, "-o", label=label)
+            ax.axhline(1.0, color="gray", ls=":", lw=1)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("epochs on the repeated subset E")
+            ax.set_ylabel("effective size multiplier N_eff / N")
+            ax.set_title(f"from {metric.replace('_', ' ')}")
+            if ax.lines[:-1]:
+                ax.legend(fontsize=7)
+        fig_info.png = _save(fig, out_dir, fig_info.name)
+    else:
+        fig_info.notes.append(
+            "no effective sizes: needs finished f = 0 baselines of >= 2 sizes and finished "
+            "repeated runs of the same architecture, objective and token budget"
+        )
+    write_csv(os.path.join(out_dir, "effective_params.csv"), header, out_rows)
+    fig_info.csvs.append("effective_params.csv")
+    fig_info.n_points = len(out_rows)
+    return fig_info
+
+
+# --------------------------------------------------------------------------------------
+def xue_epochs(rows: list[dict], out_dir: str) -> Figure:
+    """Xue et al.: final metric vs epochs at fixed total tokens, per objective and per
+    regularisation setting. Uses f = 1 runs (all data repeated) and f = 0 runs at E = 1."""
+    fig_info = Figure(
+        "xue_epochs",
+        "Multi-epoch degradation at fixed tokens (Xue et al.)",
+        "Final test metric against the number of epochs over the (whole) training data at "
+        "a fixed token budget: f = 1 runs at their E, unique-data runs at E = 1. Left: per "
+        "objective (MLM vs UL2, no regularisation); right: per regularisation setting "
+        "(dropout, DropPath, label smoothing, MoE, ParamShare).",
+    )
+    header = ["panel", "group", "run", "model", "objective", "regularisation"]
+    header += ["total_tokens", "epochs", "metric", "value"]
+    out_rows = []
+    pool = [
+        row
+        for row in rows
+        if row["final_test_loss"] is not None and row["repeated_fraction"] in (0.0, 1.0)
+    ]
+    metrics = [("final_test_loss", "final test loss (nats/token)")]
+    if any(row["final_test_accuracy"] is not None for row in pool):
+        metrics.append(("final_test_accuracy", "final test accuracy"))
+    panels = [
+        ("objective", lambda row: row["regularisation"] == "none", lambda row: row["objective"]),
+        ("regularisation", lambda row: True, lambda row: row["regularisation"]),
+    ]
+    if not any(row["repeated_fraction"] == 1.0 for row in pool):
+        fig_info.notes.append("no finished run with all data repeated (repeated_fraction = 1)")
+        write_csv(os.path.join(out_dir, "xue_epochs.csv"), header, out_rows)
+        fig_info.csvs.append("xue_epochs.csv")
+        return fig_info
+    fig, axes = plt.subplots(len(metrics), 2, figsize=(10, 3.8 * len(metrics)), squeeze=False)
+    for i, (mkey, ylabel) in enumerate(metrics):
+        for j, (panel, keep, group_of) in enumerate(panels):
+            ax = axes[i][j]
+            groups: dict[str, list] = {}
+            for row in pool:
+                if not keep(row) or row[mkey] is None:
+                    continue
+                epochs = 1.0 if row["repeated_fraction"] == 0 else row["repeated_epochs"]
+                group = f"{row['model']}, {group_of(row)}"
+                groups.setdefault(group, []).append((epochs, row[mkey]))
+                out_rows.append(
+                    {
+                        "panel": panel,
+                        "group": group,
+                        "run": row["run"],
+                        "model": row["model"],
+                        "objective": row["objective"],
+                        "regularisation": row["regularisation"],
+                        "total_tokens": row["total_tokens"],
+                        "epochs": epochs,
+                        "metric": mkey,
+                        "value": row[mkey],
+                    }
+                )
+            for group, pts in sorted(groups.items()):
+                e, v = zip(*sorted(pts))
+                ax.plot(e, v, "-o", label=group)
+            ax.set_xscale("log")
+            ax.set_xlabel("epochs over the training data")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"per {panel}")
+            if ax.lines:
+                ax.legend(fontsize=7)
+    fig_info.png = _save(fig, out_dir, fig_info.name)
+    write_csv(os.path.join(out_dir, "xue_epochs.csv"), header, out_rows)
+    fig_info.csvs.append("xue_epochs.csv")
+    fig_info.n_points = len(out_rows)
+    return fig_info
+
+
+# --------------------------------------------------------------------------------------
+def data_constrained(points: list[dict], out_dir: str) -> Figure:
+    """Muennighoff et al. law, published and refit constants, predicted vs measured."""
+    fig_info = Figure(
+        "data_constrained",
+        "Data-constrained scaling law: predicted vs measured",
+        "Final test loss predicted by L = E + A/N'^alpha + B/D'^beta (Muennighoff et al.) "
+        "against the measured value, with the published constants (trained on C4 with "
+        "the GPT-2 tokenizer, so offsets are expected) and refit to these runs; the "
+        "dashed diagonal is perfect prediction.",
+    )
+    header = ["run", "model", "params", "tokens", "unique_tokens", "measured_loss"]
+    header += ["predicted_published", "predicted_refit"]
+    write_csv(os.path.join(out_dir, "data_constrained.csv"), header, points)
+    fig_info.csvs.append("data_constrained.csv")
+    if not points:
+        fig_info.notes.append("no finished run with parameters, token counts and a test loss")
+        return fig_info
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    measured = [p["measured_loss"] for p in points]
+    ax.plot(measured, [p["predicted_published"] for p in points], "o", label="published")
+    refit = [(p["measured_loss"], p["predicted_refit"]) for p in points if p["predicted_refit"]]
+    if refit:
+        ax.plot(*zip(*refit), "s", mfc="none", label="refit to these runs")
+    values = measured + [p["predicted_published"] for p in points] + [v for _, v in refit]
+    lo, hi = min(values), max(values)
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
+    ax.set_xlabel("measured final test loss (nats/token)")
+    ax.set_ylabel("predicted loss (nats/token)")
+    ax.set_title("data-constrained law")
+    ax.legend(fontsize=8)
+    fig_info.png = _save(fig, out_dir, fig_info.name)
+    fig_info.n_points = len(points) + len(refit)
+    return fig_info
+
+
+# --------------------------------------------------------------------------------------
+def probes(runs, out_dir: str) -> Figure:
+    """Probe scores (prefix matching, previous token, copying, ICL) over training."""
+    fig_info = Figure(
+        "probes",
+        "Interpretability probes over training",
+        "Per-run probe scores (Olsson et al. definitions, max over heads) against tokens "
+        "seen: induction (prefix-matching) heads weaken under heavy repetition "
+        "(Hernandez et al.). ICL score = loss at token 500 minus loss at token 50.",
+    )
+    header = ["run", "model", "setting", "status", "step", "tokens_seen", "metric", "value"]
+    rows = []
+    runs = _evaluated(runs)
+    present = [(k, label) for k, label in PROBES if any(r.curve(k)[1] for r in runs)]
+    if present:
+        fig, axes = _grid(len(present), ncols=2)
+        for ax, (key, label) in zip(axes, present):
+            for r in runs:
+                xs, ys = r.curve(key)
+                if not xs:
+                    continue
+                steps = [row["step"] for row in r.results if _ok(row.get(key))]
+                for s, x, y in zip(steps, xs, ys):
+                    rows.append(
+                        {
+                            "run": r.name,
+                            "model": r.model,
+                            "setting": r.setting,
+                            "status": r.status,
+                            "step": s,
+                            "tokens_seen": x,
+                            "metric": key,
+                            "value": y,
+                        }
+                    )
+                ax.plot(xs, ys, "-" if r.finished else "--", marker=".", label=run_label(r, runs))
+            ax.set_xscale("log")
+            ax.set_xlabel("training tokens seen")
+            ax.set_ylabel(label)
+            ax.set_title(key.replace("_", " "))
+            ax.legend(fontsize=6)
+        fig_info.png = _save(fig, out_dir, fig_info.name)
+    else:
+        fig_info.notes.append("no probe scores in any results file (probes not run)")
+    write_csv(os.path.join(out_dir, "probes.csv"), header, rows)
+    fig_info.csvs.append("probes.csv")
+    fig_info.n_points = len(rows)
+    return fig_info

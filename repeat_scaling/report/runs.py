@@ -1,0 +1,384 @@
+"""Load run directories written by the trainer and the evaluator.
+
+A run directory (DESIGN.md, "Workdir layout") holds:
+
+- ``config.json``: the resolved config (``model``, ``data``, ``train``, ``derived``);
+- ``data_plan.json``: the exact repetition accounting (``requested``/``realised``
+  repeated fraction and epochs, token totals);
+- ``eval/results.jsonl``: one JSON object per evaluated checkpoint (``step``,
+  ``tokens_seen``, ``test_loss``, probe scores, ...);
+- ``train/metrics.jsonl``: one JSON object per logged training step.
+
+Nothing here is fatal: a missing file, a corrupt JSON line or a non-numeric metric is
+recorded as a problem on the run (a one-line message naming the file and line) and the
+report goes on with what exists. A run is *finished* when its results contain a line
+whose ``step`` equals ``train.steps``.
+
+Units: token counts are tokens (not sequences); parameter counts are parameters;
+losses are mean per-token cross-entropies in nats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+# Which parameter count stands for "model size" N (Kaplan/Hernandez use non-embedding).
+PARAM_KEYS = ("non_embedding", "total", "trainable")
+
+STATUS_FINISHED = "finished"
+STATUS_TRAINING = "training"
+STATUS_NOT_EVALUATED = "not evaluated"
+STATUS_MISSING = "missing"
+
+
+class ReportError(ValueError):
+    """Bad input to the report (one-line message naming the bad value)."""
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a finite float, or None (absent, null, NaN, non-numeric)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _read_json(path: str, problems: list[str]) -> dict | None:
+    """Read a JSON object file; on failure record a problem and return None."""
+    if not os.path.exists(path):
+        problems.append(f"{path}: file missing")
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        problems.append(f"{path}: unreadable JSON ({e})")
+        return None
+    if not isinstance(data, dict):
+        problems.append(f"{path}: expected a JSON object, got {type(data).__name__}")
+        return None
+    return data
+
+
+def read_jsonl(path: str, problems: list[str]) -> list[dict]:
+    """Read a JSON-lines file of objects, skipping (and reporting) corrupt lines.
+
+    Lines are returned sorted by ``step``; when a step occurs more than once (e.g. an
+    evaluator restarted mid-write) the last occurrence wins. Lines without an integer
+    ``step`` are reported and skipped.
+    """
+    if not os.path.exists(path):
+        return []
+    by_step: dict[int, dict] = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"{path} line {lineno}: corrupt JSON line skipped ({e.msg})")
+                continue
+            if not isinstance(row, dict):
+                problems.append(f"{path} line {lineno}: expected a JSON object, skipped")
+                continue
+            step = row.get("step")
+            if isinstance(step, bool) or not isinstance(step, int | float) or step != int(step):
+                problems.append(f"{path} line {lineno}: missing or non-integer 'step', skipped")
+                continue
+            by_step[int(step)] = row
+    return [by_step[s] for s in sorted(by_step)]
+
+
+@dataclasses.dataclass
+class Run:
+    """One run directory and everything the report knows about it."""
+
+    path: str
+    config: dict | None = None
+    data_plan: dict | None = None
+    results: list[dict] = dataclasses.field(default_factory=list)
+    metrics: list[dict] = dataclasses.field(default_factory=list)
+    problems: list[str] = dataclasses.field(default_factory=list)
+    param_key: str = "non_embedding"
+
+    # ----- identity -------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return os.path.basename(os.path.normpath(self.path))
+
+    def _section(self, key: str) -> dict:
+        value = (self.config or {}).get(key)
+        return value if isinstance(value, dict) else {}
+
+    @property
+    def model(self) -> str:
+        return str(self._section("model").get("name") or "unknown")
+
+    @property
+    def arch(self) -> str:
+        return str(self._section("model").get("arch") or "unknown")
+
+    @property
+    def objective(self) -> str:
+        return str(self._section("data").get("objective") or "unknown")
+
+    @property
+    def seed(self) -> int | None:
+        seed = (self.config or {}).get("seed")
+        return seed if isinstance(seed, int) else None
+
+    @property
+    def params(self) -> float | None:
+        """Model size N: ``derived.params[param_key]``, falling back to ``total``."""
+        counts = self._section("derived").get("params")
+        if isinstance(counts, dict):
+            for key in (self.param_key, "total"):
+                value = _finite(counts.get(key))
+                if value is not None and value > 0:
+                    return value
+        elif _finite(counts) is not None:
+            return _finite(counts)
+        return None
+
+    @property
+    def steps(self) -> int | None:
+        steps = _finite(self._section("train").get("steps"))
+        return int(steps) if steps is not None else None
+
+    @property
+    def total_tokens(self) -> float | None:
+        """Training token budget T (tokens)."""
+        value = _finite(self._section("derived").get("total_tokens"))
+        if value is None and self.data_plan:
+            value = _finite(self.data_plan.get("total_tokens"))
+        return value
+
+    def _plan_value(self, key: str) -> float | None:
+        """Realised (else requested) plan value, else the config's data section."""
+        plan = self.data_plan or {}
+        for section in ("realised", "requested"):
+            block = plan.get(section)
+            if isinstance(block, dict) and _finite(block.get(key)) is not None:
+                return _finite(block.get(key))
+        return _finite(self._section("data").get(key))
+
+    @property
+    def repeated_fraction(self) -> float:
+        """f: fraction of training tokens drawn from the repeated subset (0 = unique)."""
+        value = self._plan_value("repeated_fraction")
+        return 0.0 if value is None else value
+
+    @property
+    def repeated_epochs(self) -> float:
+        """E: epochs on the repeated subset (1 when nothing is repeated)."""
+        if self.repeated_fraction == 0:
+            return 1.0
+        value = self._plan_value("repeated_epochs")
+        return 1.0 if value is None else value
+
+    @property
+    def unique_tokens(self) -> float | None:
+        """U_D: distinct training tokens, (1-f)*T + f*T/E (tokens)."""
+        total = self.total_tokens
+        if total is None:
+            return None
+        f, e = self.repeated_fraction, self.repeated_epochs
+        return total * ((1.0 - f) + f / max(e, 1.0))
+
+    @property
+    def regularisation(self) -> str:
+        """Short label of the regularisation/architecture variant (Xue et al. settings)."""
+        model, train = self._section("model"), self._section("train")
+        labels = []
+        if (_finite(model.get("dropout_rate")) or 0) > 0:
+            start = _finite(train.get("dropout_start_step")) or 0
+            rate = _finite(model.get("dropout_rate"))
+            labels.append(f"{'staged ' if start > 0 else ''}dropout {rate:g}")
+        if (_finite(model.get("droppath_rate")) or 0) > 0:
+            labels.append(f"droppath {_finite(model.get('droppath_rate')):g}")
+        if (_finite(train.get("label_smoothing")) or 0) > 0:
+            labels.append(f"label smoothing {_finite(train.get('label_smoothing')):g}")
+        if (_finite(model.get("num_experts")) or 0) > 1:
+            labels.append(f"MoE x{int(_finite(model.get('num_experts')))}")
+        if model.get("param_share"):
+            labels.append("ParamShare")
+        return " + ".join(labels) if labels else "none"
+
+    @property
+    def setting(self) -> str:
+        """Repetition setting label, e.g. ``f=0.1 E=100`` or ``unique``."""
+        f = self.repeated_fraction
+        return "unique" if f == 0 else f"f={f:g} E={self.repeated_epochs:g}"
+
+    # ----- progress -------------------------------------------------------------------
+    @property
+    def last_step(self) -> int | None:
+        return int(self.results[-1]["step"]) if self.results else None
+
+    @property
+    def status(self) -> str:
+        if self.config is None:
+            return STATUS_MISSING
+        if not self.results:
+            return STATUS_NOT_EVALUATED
+        if self.steps is not None and any(int(r["step"]) == self.steps for r in self.results):
+            return STATUS_FINISHED
+        return STATUS_TRAINING
+
+    @property
+    def finished(self) -> bool:
+        return self.status == STATUS_FINISHED
+
+    def progress(self) -> str:
+        """One-line human description of where the run is."""
+        status = self.status
+        if status == STATUS_TRAINING:
+            return f"still training: last evaluated step {self.last_step} of {self.steps}"
+        if status == STATUS_NOT_EVALUATED:
+            return "no evaluation results yet"
+        if status == STATUS_MISSING:
+            return "no config.json (run missing or never started)"
+        return f"finished at step {self.steps}"
+
+    # ----- metrics --------------------------------------------------------------------
+    def curve(self, key: str, x_key: str = "tokens_seen") -> tuple[list[float], list[float]]:
+        """(x, y) over evaluated steps where both are finite; x falls back to step."""
+        xs, ys = [], []
+        for row in self.results:
+            y = _finite(row.get(key))
+            x = _finite(row.get(x_key))
+            if x is None:
+                x = _finite(row.get("step"))
+            if x is not None and y is not None:
+                xs.append(x)
+                ys.append(y)
+        return xs, ys
+
+    def final(self, key: str) -> float | None:
+        """Metric at the final step (only when the run is finished)."""
+        if not self.finished:
+            return None
+        for row in self.results:
+            if int(row["step"]) == self.steps:
+                return _finite(row.get(key))
+        return None
+
+    def latest(self, key: str) -> float | None:
+        """Metric at the last evaluated step that has it."""
+        for row in reversed(self.results):
+            value = _finite(row.get(key))
+            if value is not None:
+                return value
+        return None
+
+    def best(self, key: str, higher_is_better: bool = False) -> float | None:
+        """Best value over all evaluated steps (early-stopping / peak performance)."""
+        _, ys = self.curve(key, x_key="step")
+        if not ys:
+            return None
+        return max(ys) if higher_is_better else min(ys)
+
+
+def load_run(path: str, param_key: str = "non_embedding") -> Run:
+    """Load one run directory; never raises for missing or corrupt files."""
+    if param_key not in PARAM_KEYS:
+        raise ReportError(f"param_key={param_key!r} is not one of {', '.join(PARAM_KEYS)}")
+    run = Run(path=path, param_key=param_key)
+    if not os.path.isdir(path):
+        run.problems.append(f"{path}: run directory missing")
+        return run
+    run.config = _read_json(os.path.join(path, "config.json"), run.problems)
+    if run.config is None:
+        return run
+    plan_problems: list[str] = []
+    run.data_plan = _read_json(os.path.join(path, "data_plan.json"), plan_problems)
+    run.problems.extend(plan_problems)
+    results_path = os.path.join(path, "eval", "results.jsonl")
+    if not os.path.exists(results_path):
+        run.problems.append(f"{results_path}: file missing (not evaluated yet)")
+    run.results = read_jsonl(results_path, run.problems)
+    run.metrics = read_jsonl(os.path.join(path, "train", "metrics.jsonl"), run.problems)
+    if run.params is None:
+        run.problems.append(f"{path}/config.json: no derived.params count; fits skip this run")
+    if run.steps is None:
+        run.problems.append(f"{path}/config.json: no train.steps; cannot tell if finished")
+    return run
+
+
+def expand_patterns(patterns: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Expand glob patterns to run directories.
+
+    Returns (directories, problems). A pattern without glob characters names a run
+    directory that is kept even when absent (so it is reported as missing); a glob that
+    matches nothing is reported. Non-directories matched by a glob are ignored.
+    """
+    dirs: list[str] = []
+    problems: list[str] = []
+    for pattern in patterns:
+        if not glob.has_magic(pattern):
+            dirs.append(pattern)
+            continue
+        matches = sorted(p for p in glob.glob(pattern) if os.path.isdir(p))
+        if not matches:
+            problems.append(f"--runs pattern {pattern!r} matches no directory")
+        dirs.extend(matches)
+    seen: set[str] = set()
+    unique = []
+    for d in dirs:
+        key = os.path.normpath(os.path.abspath(d))
+        if key not in seen:
+            seen.add(key)
+            unique.append(d)
+    return unique, problems
+
+
+def load_runs(
+    patterns: Sequence[str], param_key: str = "non_embedding"
+) -> tuple[list[Run], list[str]]:
+    """Load every run directory matched by ``patterns``: (runs, global problems)."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    dirs, problems = expand_patterns(patterns)
+    return [load_run(d, param_key=param_key) for d in dirs], problems
+
+
+def missing_grid_cells(runs: Sequence[Run]) -> list[str]:
+    """Sweep cells with no finished run.
+
+    Within each (arch, objective, regularisation) family, the expected grid is every
+    observed model size crossed with every observed repetition setting; a cell whose
+    runs are all unfinished (or absent) is listed.
+    """
+    families: dict[tuple, list[Run]] = {}
+    for run in runs:
+        if run.config is not None:
+            families.setdefault((run.arch, run.objective, run.regularisation), []).append(run)
+    missing = []
+    for (arch, objective, reg), members in sorted(families.items()):
+        models = sorted({(r.params or 0.0, r.model) for r in members})
+        settings = sorted({(r.repeated_fraction, r.repeated_epochs) for r in members})
+        for _, model in models:
+            for f, e in settings:
+                cell = [
+                    r
+                    for r in members
+                    if r.model == model and (r.repeated_fraction, r.repeated_epochs) == (f, e)
+                ]
+                if any(r.finished for r in cell):
+                    continue
+                label = "unique" if f == 0 else f"f={f:g} E={e:g}"
+                state = "; ".join(f"{r.name}: {r.progress()}" for r in cell) or "no run"
+                reg_label = "" if reg == "none" else f", {reg}"
+                missing.append(f"{model} ({arch}, {objective}{reg_label}) {label}: {state}")
+    return missing
