@@ -24,8 +24,10 @@ an unchanged source is a no-op (the manifest keeps a fingerprint of the request)
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
+import mmap
 import os
 import sys
 import time
@@ -40,6 +42,8 @@ from repeat_scaling.data.vocab import EOS_ID, Encoder, VocabInfo, load_vocab_inf
 
 PREPARE_VERSION = 1
 DEFAULT_CHUNK_DOCS = 256
+WRITE_BLOCK_DOCS = 1024
+PIPELINE_DEPTH = 4  # chunks in flight in the single-worker pipeline
 
 
 # -- worker side ----------------------------------------------------------------------------
@@ -66,6 +70,24 @@ def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, bytes]:
         out[pos] = EOS_ID
         pos += 1
     return lengths, out.tobytes()
+
+
+def _threaded_map(chunks):
+    """``map(_encode_chunk, chunks)`` in one background thread, order kept.
+
+    SentencePiece releases the GIL while encoding, so reading and parsing the next chunks
+    in this thread overlaps with tokenization: one worker, tokenizer-bound.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="tokenize") as ex:
+        pending = collections.deque()
+        for chunk in chunks:
+            pending.append(ex.submit(_encode_chunk, chunk))
+            if len(pending) >= PIPELINE_DEPTH:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 # -- library ---------------------------------------------------------------------------------
@@ -119,7 +141,8 @@ def prepare_store(
     """Prepare (or reuse) the token store for ``source_spec`` x ``vocab_spec`` at ``out_dir``.
 
     Args:
-      num_workers: tokenizer processes; 1 tokenizes in this process, 0 picks automatically
+      num_workers: tokenizer processes; 1 tokenizes in this process (in one background
+        thread that overlaps with reading), 0 picks automatically
         (1 for the byte vocabulary, else one per CPU up to 16).
       seed: seeds the document order (a hash of ``seed`` and each document id).
       validation_docs / max_docs / text_field / text_separator / tfds_data_dir: passed to
@@ -197,7 +220,7 @@ def prepare_store(
             encode_map = lambda chunks: pool.imap(_encode_chunk, chunks)  # noqa: E731
         else:
             _init_worker(vocab)
-            encode_map = lambda chunks: map(_encode_chunk, chunks)  # noqa: E731
+            encode_map = _threaded_map
         split_stats = {}
         for split in sources_lib.SPLITS:
             split_stats[split] = _prepare_split(
@@ -262,13 +285,20 @@ def _prepare_split(source, split, writer, encode_map, seed, chunk_docs, progress
         raise sources_lib.SourceError(f"source {source.spec!r} yielded no {split} documents")
     lengths = np.concatenate(lengths_parts)
     bounds = np.concatenate([[0], np.cumsum(lengths)])
-    tokens = np.memmap(scratch, dtype=vocab.token_dtype, mode="r") if bounds[-1] else np.zeros(0)
     # Seeded shuffle: order documents by the hash of (seed, doc id); ties keep source order.
     order = np.argsort(np.asarray(keys, dtype=np.uint64), kind="stable")
     sw = writer.split_writer(split)
-    for i in order:
-        sw.write(tokens[bounds[i] : bounds[i + 1]])
-    del tokens
+    with open(scratch, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if bounds[-1] else None
+        tokens = np.frombuffer(mm, dtype=vocab.token_dtype) if mm is not None else np.zeros(0)
+        for k in range(0, len(order), WRITE_BLOCK_DOCS):
+            block = order[k : k + WRITE_BLOCK_DOCS]
+            sw.write(
+                np.concatenate([tokens[bounds[i] : bounds[i + 1]] for i in block]), lengths[block]
+            )
+        del tokens
+        if mm is not None:
+            mm.close()
     os.remove(scratch)
     return {"chars": counter["chars"]}
 

@@ -249,21 +249,34 @@ class _SplitWriter:
             self._hashes.append(self._hash.hexdigest())
             self._file = None
 
-    def write(self, tokens: np.ndarray) -> None:
-        """Append one document's tokens (must end with EOS)."""
+    def write(self, tokens: np.ndarray, lengths: np.ndarray | None = None) -> None:
+        """Append one document's tokens (ending with EOS), or several documents at once.
+
+        Args:
+          tokens: the tokens, concatenated when several documents are given.
+          lengths: token count of each document in ``tokens`` (None: one document).
+        """
         data = np.ascontiguousarray(tokens, dtype=self.dtype)
         pos = 0
         while pos < len(data) or self._file is None:
             if self._file is None or self._in_shard == self.shard_tokens:
                 self._open_next()
             take = min(len(data) - pos, self.shard_tokens - self._in_shard)
-            chunk = data[pos : pos + take].tobytes()
+            chunk = data[pos : pos + take]
             self._file.write(chunk)
             self._hash.update(chunk)
             self._in_shard += take
             self.shard_sizes[-1] += take
             pos += take
-        self.bounds.append(self.bounds[-1] + len(data))
+        if lengths is None:
+            self.bounds.append(self.bounds[-1] + len(data))
+        else:
+            ends = self.bounds[-1] + np.cumsum(np.asarray(lengths, dtype=np.int64))
+            if len(ends) and ends[-1] != self.bounds[-1] + len(data):
+                raise StoreError(
+                    f"document lengths sum to {ends[-1] - self.bounds[-1]}, not {len(data)}"
+                )
+            self.bounds.extend(ends.tolist())
 
     def finish(self) -> dict[str, Any]:
         if self._file is None:

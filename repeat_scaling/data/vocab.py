@@ -220,7 +220,8 @@ class Encoder:
             ]
         # One thread: parallelism comes from worker processes (see prepare).
         return [
-            np.asarray(ids, dtype=np.int32) for ids in self._sp.encode(list(texts), num_threads=1)
+            np.asarray(ids, dtype=np.int32)
+            for ids in self._sp.encode(list(texts), num_threads=1, return_type="numpy")
         ]
 
     def decode(self, ids: Sequence[int]) -> str:
