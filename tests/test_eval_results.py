@@ -43,3 +43,19 @@ def test_corrupt_and_truncated_lines_reported_not_fatal(tmp_path):
     recs = results.read_results(path, warn=warnings.append)
     assert [(r["step"], r["x"]) for r in recs] == [(1, 1), (2, 4)]
     assert path.read_text().endswith('{"step":2,"x":4}\n')
+
+
+def test_evaluation_imports_no_tensorflow():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import repeat_scaling.evaluate, repeat_scaling.eval.evaluator, repeat_scaling.bench.eval\n"
+        "from repeat_scaling.eval import metrics, probes, results\n"
+        "import repeat_scaling.train.loop, repeat_scaling.data.pipeline  # used by Run.load\n"
+        "bad = [m for m in ('tensorflow', 'seqio', 'tensorflow_datasets') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]

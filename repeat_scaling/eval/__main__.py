@@ -78,6 +78,8 @@ def main(argv: list[str]) -> None:
 
     try:
         settings = metrics.EvalSettings.from_overrides(parse_eval_config(FLAGS.eval_config))
+        if FLAGS.watch:  # a live run may not have written its config yet
+            evaluator.wait_for_run(FLAGS.workdir, FLAGS.poll_seconds, FLAGS.watch_timeout_seconds)
         ev = evaluator.Evaluator(
             FLAGS.workdir, settings, mesh=evaluator.eval_mesh(FLAGS.num_devices)
         )

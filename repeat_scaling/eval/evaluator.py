@@ -140,6 +140,20 @@ class Run:
         }
 
 
+def wait_for_run(
+    workdir: str | pathlib.Path, poll_seconds: float = 10.0, timeout_seconds: float = 0.0
+) -> None:
+    """Block until ``workdir/config.json`` exists (the trainer writes it once its data is
+    ready); ``timeout_seconds`` > 0 bounds the wait (EvalError)."""
+    path = pathlib.Path(workdir) / "config.json"
+    start = time.monotonic()
+    while not path.is_file():
+        if timeout_seconds and time.monotonic() - start > timeout_seconds:
+            raise EvalError(f"--watch timed out after {timeout_seconds:.0f} s waiting for {path}")
+        logging.info("waiting for %s", path)
+        time.sleep(poll_seconds)
+
+
 def eval_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
     """A data-parallel mesh over the first ``num_devices`` devices (0 = all)."""
     devices = jax.devices()
