@@ -167,6 +167,13 @@ def test_tpu_dry_run_prints_and_runs_nothing(fake_cli, tmp_path):
     ]
     evals = [line for line in lines if "repeat_scaling.evaluate" in line]
     assert evals[0].endswith("--workdir=gs://bkt/sweep/d25m_f10_e100_s0 --watch'")
+    assert evals[0] == (
+        "gcloud compute tpus tpu-vm ssh rs-d25m-f10-e100-s0 --zone=z --worker=0 "
+        "'--command=cd ~/repeat_scaling && until gcloud storage ls "
+        "gs://bkt/sweep/d25m_f10_e100_s0/config.json >/dev/null 2>&1; do sleep 30; done && "
+        "JAX_PLATFORMS=cpu python3 -m repeat_scaling.evaluate "
+        "--workdir=gs://bkt/sweep/d25m_f10_e100_s0 --watch'"
+    )
     assert sum(" delete " in line for line in lines) == 2
 
 
@@ -218,6 +225,7 @@ def test_slurm_scripts_and_sbatch(fake_cli, tmp_path):
     eval0 = (w0 / "slurm" / "eval.sbatch").read_text().splitlines()
     assert "#SBATCH --nodes=1" in eval0 and "#SBATCH --gpus-per-node=1" in eval0
     assert eval0[-1] == f"srun python3 -m repeat_scaling.evaluate --workdir={w0} --watch"
+    assert eval0[-2] == f"until [ -f {w0}/config.json ]; do sleep 30; done"
     eval1 = (w1 / "slurm" / "eval.sbatch").read_text().splitlines()
     assert eval1[-1] == f"srun python3 -m repeat_scaling.evaluate --workdir={w1}"
 

@@ -1,7 +1,7 @@
 """The local backend for real: a 2-run tiny sweep with the real trainer and evaluator.
 
 Ctrl-C (SIGINT) stops the children cleanly (runs marked `stopped`); re-submitting
-resumes both runs to completion and evaluates them; a third submission is a no-op.
+resumes both runs to completion with watching evaluators; a third submission is a no-op.
 """
 
 import json
@@ -90,7 +90,10 @@ def test_local_sweep_interrupt_resume_and_noop(tmp_path, shared_data):
     assert status.returncode == 0
     assert all(" stopped " in line for line in status.stdout.splitlines()[:2]), status.stdout
 
-    # 2. Re-submit: both runs resume, train to step 12 and are evaluated.
+    # 2. Re-submit (evaluators now watching beside the trainers): both runs resume, train
+    # to step 12 and are evaluated.
+    cmd = [c.replace("--eval_mode=after", "--eval_mode=watch") for c in cmd]
+    cmd.append("--eval_flag=--poll_seconds=1")
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 run(s) done, 0 failed" in done.stdout

@@ -9,7 +9,8 @@ For each run, in its workdir `ROOT/NAME`:
 Re-submitting is safe: a run whose final step is evaluated (or trained, with
 `--eval_mode=none`) is skipped; a trained but unevaluated run gets only its evaluator;
 anything else restarts its trainer on the same workdir, which resumes from the latest
-committed checkpoint.
+committed checkpoint. With `--eval_mode=watch` the evaluator starts as soon as the
+trainer has written `config.json` (the evaluator needs it) and follows the run.
 
 Runs that share a token store which does not exist yet start one at a time until the
 first has prepared it (its trainer prepares `data.store` from `data.source`), so two
@@ -107,8 +108,6 @@ class _Job:
             self.backend.say(f"start {self.run.name}")
             self.train_proc = self._spawn(train_argv(self.sub, self.run), "train.log")
             self._write(train_pid=self.train_proc.pid)
-            if self.sub.eval_mode == "watch":
-                self._start_eval(watch=True)
         else:
             self.backend.say(f"evaluate {self.run.name} (already trained)")
             self._start_eval(watch=False)
@@ -118,15 +117,22 @@ class _Job:
         if self.train_proc is not None and self.record.get("train_returncode") is None:
             rc = self.train_proc.poll()
             if rc is None:
+                # The watching evaluator starts once the trainer has written config.json.
+                if (
+                    self.sub.eval_mode == "watch"
+                    and self.eval_proc is None
+                    and (self.workdir / status_lib.CONFIG_FILE).is_file()
+                ):
+                    self._start_eval(watch=True)
                 return False
             self._write(train_returncode=rc)
             if rc != 0:
                 self._terminate(self.eval_proc, grace_s=30.0)
                 return self._finish("failed", f"trainer exited with {rc}", "train.log")
-            if self.sub.eval_mode == "after":
-                self._start_eval(watch=False)
-            elif self.sub.eval_mode == "none":
+            if self.sub.eval_mode == "none":
                 return self._finish("done")
+            if self.eval_proc is None:  # `after`, or a trainer quicker than the watcher
+                self._start_eval(watch=False)
         if self.eval_proc is not None:
             rc = self.eval_proc.poll()
             if rc is None:

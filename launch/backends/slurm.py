@@ -101,6 +101,11 @@ class SlurmBackend:
         """The evaluator's sbatch script for `run`."""
         log = f"{run.workdir}/logs/slurm-eval-%j.out"
         lines = self._header(f"{run.name}-eval", 1, self.opt.eval_gpus, log)
+        if watch:
+            lines.append("# The evaluator needs the trainer's config.json: wait for it.")
+            lines.append(
+                f"until [ -f {shlex.quote(run.workdir + '/config.json')} ]; do sleep 30; done"
+            )
         lines.append(f"srun {shell_join(eval_argv(sub, run, watch=watch))}")
         return "\n".join(lines) + "\n"
 

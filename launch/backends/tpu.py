@@ -36,6 +36,7 @@ import hashlib
 import json
 import pathlib
 import re
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -160,8 +161,13 @@ class TpuBackend:
         argv = shell_join(eval_argv(sub, run, watch=watch))
         if self.opt.eval_on == "worker0":
             # The trainer owns the TPU chips of worker 0: evaluate on its CPU.
-            return self.ssh_cmd(node, "0", f"cd {REMOTE_DIR} && JAX_PLATFORMS=cpu {argv}")
-        return self.ssh_cmd(f"{node}-eval", "0", f"cd {REMOTE_DIR} && {argv}")
+            argv = f"JAX_PLATFORMS=cpu {argv}"
+        else:
+            node = f"{node}-eval"
+        steps = [f"cd {REMOTE_DIR}"]
+        if watch:  # the evaluator needs the trainer's config.json: wait for it
+            steps.append(wait_for_config(run.workdir))
+        return self.ssh_cmd(node, "0", " && ".join([*steps, argv]))
 
     def delete_cmd(self, node: str) -> list[str]:
         if self.opt.queued:
@@ -306,6 +312,14 @@ class TpuBackend:
             with concurrent.futures.ThreadPoolExecutor(self.parallel) as pool:
                 results = list(pool.map(lambda r: self.run_one(sub, r, tarball), todo))
         return 0 if all(results) else 1
+
+
+def wait_for_config(workdir: str) -> str:
+    """A shell loop that waits until the trainer has written `workdir/config.json`."""
+    path = shlex.quote(f"{workdir}/config.json")
+    if workdir.startswith("gs://"):
+        return f"until gcloud storage ls {path} >/dev/null 2>&1; do sleep 30; done"
+    return f"until [ -f {path} ]; do sleep 30; done"
 
 
 def pack_repository(path: str, root: pathlib.Path = REPO_ROOT) -> None:
