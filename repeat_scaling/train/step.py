@@ -158,7 +158,7 @@ def make_train_step(
             }
             (grads, stats), _ = jax.lax.scan(body, (zeros_g, zeros_st), (jnp.arange(k), micro))
 
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         w = jnp.maximum(stats["w_sum"], 1.0)
