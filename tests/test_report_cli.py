@@ -236,7 +236,10 @@ def test_report_md_embeds_figures_and_says_what_is_missing(report):
     assert "tiny_f0.1_E10" in missing and "line 3: corrupt JSON line skipped" in missing
     assert "sweep cell medium (decoder, causal_lm) f=0.1 E=100: no run" in missing
     assert "small_prefix_f0" in missing and "data_plan.json: file missing" in missing
-    assert "need >= 3 distinct model sizes" in missing  # prefix_lm baseline fit
+    assert (
+        "baseline fit (decoder, prefix_lm) of test_loss, copy_loss, prefix_matching: no offset_free fit, need >= 2 distinct"
+        in missing
+    )
     assert "| published | 520.8 | 1488 |" in text
     assert "| refit |" in text
 

@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from repeat_scaling.report import fits as fits_lib  # noqa: E402
@@ -86,6 +87,14 @@ def _grid(n: int, ncols: int = 3, size: tuple[float, float] = (5.0, 3.8)):
     for ax in flat[n:]:
         ax.set_visible(False)
     return fig, flat[:n]
+
+
+def _log_epochs(ax) -> None:
+    """Log-scale epoch axis with plain-number tick labels (1, 2, 4, 10, 100)."""
+    ax.set_xscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 def _save(fig, out_dir: str, name: str) -> str:
@@ -282,18 +291,26 @@ def double_descent(runs, rows: list[dict], out_dir: str) -> Figure:
         for row in rows
         if row["final_test_loss"] is not None and row["regularisation"] == "none"
     ]
-    fractions = sorted({row["repeated_fraction"] for row in done if row["repeated_fraction"] > 0})
-    if not fractions:
+    panels = sorted(
+        {
+            (row["arch"], row["objective"], row["repeated_fraction"])
+            for row in done
+            if row["repeated_fraction"] > 0
+        }
+    )
+    if not panels:
         fig_info.notes.append("no finished run with repeated data (f > 0) and a final test loss")
         return fig_info
+    several = len({(arch, obj) for arch, obj, _ in panels}) > 1
     models = _sorted_models([r for r in runs if r.config is not None])
-    fig, axes = _grid(len(fractions))
+    fig, axes = _grid(len(panels))
     colors = {m: f"C{i % 10}" for i, m in enumerate(models)}
-    for ax, frac in zip(axes, fractions):
+    for ax, (arch, objective, frac) in zip(axes, panels):
+        family = [row for row in done if (row["arch"], row["objective"]) == (arch, objective)]
         for model in models:
             pts = sorted(
                 (row["repeated_epochs"], row["final_test_loss"], row["best_test_loss"])
-                for row in done
+                for row in family
                 if row["model"] == model and row["repeated_fraction"] == frac
             )
             if pts:
@@ -303,15 +320,16 @@ def double_descent(runs, rows: list[dict], out_dir: str) -> Figure:
                 fig_info.n_points += 2 * len(pts)
             base = [
                 row["final_test_loss"]
-                for row in done
+                for row in family
                 if row["model"] == model and row["repeated_fraction"] == 0
             ]
             if base:
                 ax.axhline(float(np.mean(base)), ls="--", color=colors[model], alpha=0.6)
-        ax.set_xscale("log")
+        _log_epochs(ax)
         ax.set_xlabel("epochs on the repeated subset E")
         ax.set_ylabel("test loss (nats/token)")
-        ax.set_title(f"repeated fraction f = {frac:g}")
+        title = f"repeated fraction f = {frac:g}"
+        ax.set_title(f"{arch}, {objective}: {title}" if several else title)
         ax.legend(fontsize=7)
     fig_info.png = _save(fig, out_dir, fig_info.name)
     return fig_info
@@ -423,7 +441,7 @@ def effective_params(rows: list[dict], out_dir: str) -> Figure:
                 e, m = zip(*sorted(pts))
                 ax.plot(e, m, "-o", label=label)
             ax.axhline(1.0, color="gray", ls=":", lw=1)
-            ax.set_xscale("log")
+            _log_epochs(ax)
             ax.set_yscale("log")
             ax.set_xlabel("epochs on the repeated subset E")
             ax.set_ylabel("effective size multiplier N_eff / N")
@@ -465,9 +483,18 @@ def xue_epochs(rows: list[dict], out_dir: str) -> Figure:
     metrics = [("final_test_loss", "final test loss (nats/token)")]
     if any(row["final_test_accuracy"] is not None for row in pool):
         metrics.append(("final_test_accuracy", "final test accuracy"))
+    objectives = len({row["objective"] for row in pool}) > 1
     panels = [
         ("objective", lambda row: row["regularisation"] == "none", lambda row: row["objective"]),
-        ("regularisation", lambda row: True, lambda row: row["regularisation"]),
+        (
+            "regularisation",
+            lambda row: True,
+            lambda row: (
+                f"{row['objective']}, {row['regularisation']}"
+                if objectives
+                else row["regularisation"]
+            ),
+        ),
     ]
     if not any(row["repeated_fraction"] == 1.0 for row in pool):
         fig_info.notes.append("no finished run with all data repeated (repeated_fraction = 1)")
@@ -502,7 +529,7 @@ def xue_epochs(rows: list[dict], out_dir: str) -> Figure:
             for group, pts in sorted(groups.items()):
                 e, v = zip(*sorted(pts))
                 ax.plot(e, v, "-o", label=group)
-            ax.set_xscale("log")
+            _log_epochs(ax)
             ax.set_xlabel("epochs over the training data")
             ax.set_ylabel(ylabel)
             ax.set_title(f"per {panel}")

@@ -157,15 +157,24 @@ def write_report(
     for r in runs:
         if not r.finished:
             missing.append(f"run {r.name}: {r.progress()}")
+    # Cells of the inferred grid (model sizes x repetition settings per family).
     missing += [f"sweep cell {cell}" for cell in runs_lib.missing_grid_cells(runs)]
     for r in runs:
         missing += [f"run {r.name}: {p}" for p in r.problems if "file missing" not in p]
     for fig in figs:
         missing += [f"figure {fig.name}: {note}" for note in fig.notes]
+    # One line per (family, reason): the offset-free failure implies the offset one.
+    fit_failures: dict[tuple, list[str]] = {}
     for key, fams in baselines.items():
         for fam, bf in fams.items():
-            for form, why in bf.failures.items():
-                missing.append(f"fit {key} {form} ({fam[0]}, {fam[1]}): {why}")
+            why = bf.failures.get(fits_lib.OFFSET_FREE) or bf.failures.get(fits_lib.OFFSET)
+            if why:
+                form = fits_lib.OFFSET_FREE if fits_lib.OFFSET_FREE in bf.failures else "offset"
+                fit_failures.setdefault((fam[0], fam[1], form, why), []).append(key)
+    for (arch, objective, form, why), keys in fit_failures.items():
+        missing.append(
+            f"baseline fit ({arch}, {objective}) of {', '.join(keys)}: no {form} fit, {why}"
+        )
     if not any(baselines.values()):
         missing.append("effective sizes: no finished unique-data (f = 0) baseline runs")
     if refit_failure:
@@ -187,7 +196,17 @@ def write_report(
         "curves (dashed)."
     )
     lines += ["", "## What is missing", ""]
-    lines += [f"- {m}" for m in missing] if missing else ["Nothing: every run is finished."]
+    if missing:
+        lines.append(
+            "Runs not finished, files missing or corrupt, fits and figures that could not "
+            "be made. A *sweep cell* is a (model, repetition setting) pair of the grid "
+            "inferred from the runs of one architecture/objective/regularisation family "
+            "that has no finished run."
+        )
+        lines.append("")
+        lines += [f"- {m}" for m in missing]
+    else:
+        lines.append("Nothing: every run is finished and every figure drawn.")
 
     lines += ["", "## Runs", ""]
     lines += _table(
