@@ -143,7 +143,7 @@ def prepare_store(
     Args:
       num_workers: tokenizer processes; 1 tokenizes in this process (in one background
         thread that overlaps with reading), 0 picks automatically
-        (1 for the byte vocabulary, else one per CPU up to 16).
+        (1 for the byte vocabulary, else one per CPU but one, up to 16).
       seed: seeds the document order (a hash of ``seed`` and each document id).
       validation_docs / max_docs / text_field / text_separator / tfds_data_dir: passed to
         :func:`repeat_scaling.data.sources.parse_source`.
@@ -205,7 +205,8 @@ def prepare_store(
             overwrite = True
 
     if num_workers == 0:
-        num_workers = 1 if vocab.kind == "byte" else max(1, min(16, os.cpu_count() or 1))
+        # One CPU stays with the main process (reading, parsing, writing).
+        num_workers = 1 if vocab.kind == "byte" else max(1, min(16, (os.cpu_count() or 1) - 1))
 
     t0 = time.time()
     writer = store_lib.StoreWriter(out_dir, vocab, shard_tokens=shard_tokens)
@@ -324,7 +325,9 @@ def _define_flags() -> None:
     )
     flags.DEFINE_string("vocab", None, "'byte' or a SentencePiece .model path")
     flags.DEFINE_string("out", None, "output token store directory")
-    flags.DEFINE_integer("num_workers", 0, "tokenizer processes (0 = auto: 1 for byte, else #CPUs)")
+    flags.DEFINE_integer(
+        "num_workers", 0, "tokenizer processes (0 = auto: 1 for byte, else #CPUs - 1, at most 16)"
+    )
     flags.DEFINE_integer("seed", 0, "seed of the document order")
     flags.DEFINE_integer(
         "validation_docs",

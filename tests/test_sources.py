@@ -106,6 +106,9 @@ def test_tfds_directory(shared_data):
     with gzip.open(shared_data / "c4-en-sample" / "c4-validation.sample-1000.json.gz", "rt") as f:
         json_val = {json.loads(line)["text"] for line in f}
     assert sum(t in json_val for _, t in val) == 200
+    # The same data by TFDS name and version with a data_dir, as for the full C4.
+    named = parse_source("tfds:c4/en:3.1.0", tfds_data_dir=str(shared_data / "c4-tfds-minimal"))
+    assert _docs(named, "validation") == val
     with pytest.raises(SourceError, match="does not exist"):
         parse_source(f"tfds_dir:{shared_data}/no-such-dir")
     with pytest.raises(SourceError, match="expected tfds:NAME:VERSION"):

@@ -42,6 +42,21 @@ def _default_corpus() -> str | None:
     return os.path.join(path, "c4-*.sample-*.json.gz") if os.path.isdir(path) else None
 
 
+def _scaled_corpus(corpus: str | None, scale: int, tmp: str) -> str:
+    """A source spec: the corpus glob itself, or its files copied ``scale`` times."""
+    if not corpus:
+        return "builtin"
+    if scale <= 1:
+        return f"json:{corpus}"
+    import glob
+    import shutil
+
+    for path in sorted(glob.glob(corpus)):
+        for k in range(scale):
+            shutil.copy(path, os.path.join(tmp, f"copy{k}-{os.path.basename(path)}"))
+    return f"json:{tmp}/copy*"
+
+
 def _emit(record: dict) -> None:
     print(json.dumps(record, sort_keys=False), flush=True)
 
@@ -145,19 +160,23 @@ def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="python -m repeat_scaling.bench data")
     p.add_argument("--corpus", default=None, help="json glob (default: the shared C4 sample)")
     p.add_argument("--sp_vocab_size", type=int, default=8000)
+    p.add_argument(
+        "--scale", type=int, default=3, help="repeat the corpus N times (amortizes start-up)"
+    )
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--reads", type=int, default=200_000)
     p.add_argument("--read_lengths", type=int, nargs="+", default=[568, 4096])
     p.add_argument("--large_store_tokens", type=int, default=64 << 20)
     args = p.parse_args(argv[1:])
     corpus = args.corpus or _default_corpus()
-    source = f"json:{corpus}" if corpus else "builtin"
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+        source = _scaled_corpus(corpus, args.scale, tmp)
         byte = _bench_prepare(source, "byte", 1, tmp)
         _emit({**byte, "source": source})
         model = os.path.join(tmp, "sp.model")
         t0 = time.perf_counter()
-        train_vocab(source, args.sp_vocab_size, model)
+        # Trained on the corpus once (not its copies): the vocabulary, not the data, matters.
+        train_vocab(f"json:{corpus}" if corpus else source, args.sp_vocab_size, model)
         _emit({"benchmark": "data.train_vocab", "vocab_size": args.sp_vocab_size,
                "seconds": round(time.perf_counter() - t0, 3)})  # fmt: skip
         tight = _bench_sp_tight_loop(source, model)
