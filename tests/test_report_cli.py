@@ -48,10 +48,10 @@ def write_run(
         "seed": 0,
         "model": {
             "name": model,
-            "arch": "decoder",
+            "arch": "decoder_only",
             "dropout_rate": dropout,
             "droppath_rate": 0.0,
-            "num_experts": 1,
+            "num_experts": 0,
             "param_share": False,
         },
         "data": {
@@ -84,6 +84,7 @@ def write_run(
             "num_slots": STEPS * 8,
             "num_chunks": 20000,
             "repeated_tokens": repeated,
+            "subset_tokens": repeated / epochs,
             "unique_tokens": total - repeated,
             "total_tokens": total,
         }
@@ -234,10 +235,10 @@ def test_report_md_embeds_figures_and_says_what_is_missing(report):
     assert "medium_f0.1_E100: no config.json" in missing
     assert "small_f0.1_E100: still training: last evaluated step 600 of 1000" in missing
     assert "tiny_f0.1_E10" in missing and "line 3: corrupt JSON line skipped" in missing
-    assert "sweep cell medium (decoder, causal_lm) f=0.1 E=100: no run" in missing
+    assert "sweep cell medium (decoder_only, causal_lm) f=0.1 E=100: no run" in missing
     assert "small_prefix_f0" in missing and "data_plan.json: file missing" in missing
     assert (
-        "baseline fit (decoder, prefix_lm) of test_loss, copy_loss, prefix_matching: no offset_free fit, need >= 2 distinct"
+        "baseline fit (decoder_only, prefix_lm) of test_loss, copy_loss, prefix_matching: no offset_free fit, need >= 2 distinct"
         in missing
     )
     assert "| published | 520.8 | 1488 |" in text
@@ -284,3 +285,23 @@ def test_load_run_of_missing_directory_is_reported_not_raised(tmp_path):
     assert "run directory missing" in run.problems[0]
     with pytest.raises(runs_lib.ReportError, match="param_key='flops'"):
         runs_lib.load_run(str(tmp_path), param_key="flops")
+
+
+def test_run_labels_and_token_accounting_follow_config_and_plan(tmp_path):
+    path = write_run(tmp_path, "moe", "small", 0.1, 100.0, dropout=0.2)
+    config = json.loads((path / "config.json").read_text())
+    config["model"] |= {"num_experts": 8, "param_share": True}
+    config["train"] |= {"dropout_start_step": 500, "label_smoothing": 0.1}
+    (path / "config.json").write_text(json.dumps(config))
+    plan = json.loads((path / "data_plan.json").read_text())
+    # Whole chunks: the realised fraction differs a little from the requested one.
+    plan["realised"]["repeated_fraction"] = 0.0996
+    plan |= {"total_tokens": 1000, "unique_tokens": 900, "subset_tokens": 1}
+    (path / "data_plan.json").write_text(json.dumps(plan))
+    run = runs_lib.load_run(str(path))
+    assert run.regularisation == "staged dropout 0.2 + label smoothing 0.1 + MoE x8 + ParamShare"
+    assert run.repeated_fraction == 0.1 and run.realised_fraction == 0.0996
+    assert run.setting == "f=0.1 E=100"
+    assert run.unique_tokens == pytest.approx(STEPS * TOKENS_PER_STEP * 0.901)
+    assert run.params == SIZES["small"]
+    assert runs_lib.load_run(str(path), param_key="total").params == SIZES["small"] + 384 * 64

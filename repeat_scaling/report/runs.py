@@ -164,10 +164,10 @@ class Run:
             value = _finite(self.data_plan.get("total_tokens"))
         return value
 
-    def _plan_value(self, key: str) -> float | None:
-        """Realised (else requested) plan value, else the config's data section."""
+    def _plan_value(self, key: str, sections=("requested", "realised")) -> float | None:
+        """A plan value from the first of ``sections`` that has it, else config.data."""
         plan = self.data_plan or {}
-        for section in ("realised", "requested"):
+        for section in sections:
             block = plan.get(section)
             if isinstance(block, dict) and _finite(block.get(key)) is not None:
                 return _finite(block.get(key))
@@ -175,8 +175,14 @@ class Run:
 
     @property
     def repeated_fraction(self) -> float:
-        """f: fraction of training tokens drawn from the repeated subset (0 = unique)."""
+        """f as requested (0 = unique): the label runs are grouped and plotted by."""
         value = self._plan_value("repeated_fraction")
+        return 0.0 if value is None else value
+
+    @property
+    def realised_fraction(self) -> float:
+        """f as realised by the plan (whole chunks), used in token accounting."""
+        value = self._plan_value("repeated_fraction", ("realised", "requested"))
         return 0.0 if value is None else value
 
     @property
@@ -189,11 +195,20 @@ class Run:
 
     @property
     def unique_tokens(self) -> float | None:
-        """U_D: distinct training tokens, (1-f)*T + f*T/E (tokens)."""
+        """U_D: distinct training tokens, in the same units as ``total_tokens``.
+
+        From the plan's exact accounting when present (unique pool + repeated subset over
+        all planned store tokens, scaled to model tokens), else (1-f)*T + f*T/E.
+        """
         total = self.total_tokens
         if total is None:
             return None
-        f, e = self.repeated_fraction, self.repeated_epochs
+        plan = self.data_plan or {}
+        unique, subset = _finite(plan.get("unique_tokens")), _finite(plan.get("subset_tokens"))
+        planned = _finite(plan.get("total_tokens"))
+        if unique is not None and subset is not None and planned:
+            return total * min((unique + subset) / planned, 1.0)
+        f, e = self.realised_fraction, self.repeated_epochs
         return total * ((1.0 - f) + f / max(e, 1.0))
 
     @property
@@ -209,7 +224,7 @@ class Run:
             labels.append(f"droppath {_finite(model.get('droppath_rate')):g}")
         if (_finite(train.get("label_smoothing")) or 0) > 0:
             labels.append(f"label smoothing {_finite(train.get('label_smoothing')):g}")
-        if (_finite(model.get("num_experts")) or 0) > 1:
+        if (_finite(model.get("num_experts")) or 0) > 0:
             labels.append(f"MoE x{int(_finite(model.get('num_experts')))}")
         if model.get("param_share"):
             labels.append("ParamShare")
