@@ -1,0 +1,269 @@
+"""Models: config, sizes/params/FLOPs, masks and packing, dropout, attention weights."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from repeat_scaling.models import build, convert, forward, sizes
+from repeat_scaling.models.config import ModelConfig, padded_vocab_size
+from repeat_scaling.models.layers import relative_position_bucket
+
+TINY_DEC = sizes.get("dec_tiny").replace(d_model=32, d_ff=64, head_dim=8)
+TINY_T5 = sizes.get("t5_tiny").replace(d_model=32, d_ff=64, head_dim=8)
+
+
+def _tokens(shape, seed=0, low=2, high=300):
+    return jnp.asarray(np.random.RandomState(seed).randint(low, high, shape), jnp.int32)
+
+
+@functools.cache
+def _model(cfg, seed=0):
+    """Models are cached: tests share them (building compiles one init per shape)."""
+    return build(cfg, nnx.Rngs(seed))
+
+
+_fwd = nnx.jit(lambda m, f: forward(m, f)[0])
+
+
+@nnx.jit
+def _call(m, *args):
+    return m(*args)
+
+
+@nnx.jit(static_argnames=("return_attention",))
+def _call_kw(m, *args, return_attention=False, **kw):
+    return m(*args, return_attention=return_attention, **kw)
+
+
+# ----------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------
+def test_config_roundtrip_and_validation():
+    cfg = sizes.get("t5_small")
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.replace(dropout_rate=0.1).dropout_rate == 0.1
+    assert padded_vocab_size(359) == 384 and padded_vocab_size(32128) == 32128
+    with pytest.raises(ValueError, match="arch='bogus'"):
+        cfg.replace(arch="bogus")
+    with pytest.raises(ValueError, match="vocab_size=359"):
+        cfg.replace(vocab_size=359)
+    with pytest.raises(ValueError, match="position='rope'"):
+        cfg.replace(position="rope")  # T5 encoder-decoder is relative-only
+    with pytest.raises(ValueError, match="top_k=3"):
+        cfg.replace(num_experts=2, top_k=3)
+    with pytest.raises(ValueError, match="unknown ModelConfig field"):
+        cfg.replace(nope=1)
+    with pytest.raises(ValueError, match="unknown model size 't5_huge'"):
+        sizes.get("t5_huge")
+
+
+# ----------------------------------------------------------------------------------------
+# Sizes: parameter table and FLOPs
+# ----------------------------------------------------------------------------------------
+def test_t5_parameter_table_matches_reference():
+    got = {
+        n: sizes.count_params(sizes.get(n))["total"]
+        for n in ("t5_small", "t5_base", "t5_large", "t5_xl", "t5_xxl")
+    }
+    assert round(got["t5_small"] / 1e6, 1) == 77.0
+    assert round(got["t5_base"] / 1e6, 1) == 247.6
+    assert round(got["t5_large"] / 1e6, 1) == 783.2
+    assert round(got["t5_xl"] / 1e9, 2) == 2.85
+    assert round(got["t5_xxl"] / 1e9, 1) == 11.1
+
+
+def test_count_params_by_hand_and_paramshare():
+    d, f, da, v = 32, 64, 32, 384
+    dec = sizes.count_params(TINY_DEC)
+    layer = 4 * d * da + 3 * d * f + 2 * d
+    assert dec["total"] == dec["trainable"] == 2 * v * d + 2 * layer + d
+    assert dec["non_embedding"] == 2 * layer + d
+    moe = sizes.count_params(TINY_DEC.replace(num_experts=4, moe_every=2))
+    assert moe["total"] == dec["total"] + 3 * 3 * d * f + d * 4  # 3 more experts + router
+    t5 = sizes.count_params(TINY_T5)
+    enc, dl = 4 * d * da + 3 * d * f + 2 * d, 8 * d * da + 3 * d * f + 3 * d
+    assert t5["total"] == 2 * v * d + 2 * enc + 2 * dl + 2 * d + 2 * 4 * 32
+    shared = sizes.count_params(TINY_DEC.replace(num_decoder_layers=6, param_share=True))
+    plain = sizes.count_params(TINY_DEC.replace(num_decoder_layers=6))
+    assert shared["total"] == plain["total"]
+    assert shared["trainable"] == plain["trainable"] - 5 * layer
+    # The decoder-only family spans ~1M..~1B non-embedding parameters.
+    assert sizes.count_params(sizes.get("d1m"))["non_embedding"] < 2e6
+    assert 0.9e9 < sizes.count_params(sizes.get("d1b"))["non_embedding"] < 1.2e9
+
+
+def test_flops_formula_by_hand():
+    cfg = TINY_DEC.replace(vocab_size=128)
+    d, f, da, n, v, lt = 32, 64, 4 * 8, 2, 128, 10
+    per_tok = n * (2 * (4 * d * da + 3 * d * f) + 4 * lt * da / 2) + 2 * d * v
+    got = sizes.flops_per_token(cfg, {"decoder": lt})
+    assert got["forward"] == pytest.approx(per_tok)
+    assert got["train"] == pytest.approx(3 * per_tok)
+    moe = cfg.replace(num_experts=8, top_k=1, moe_every=2)
+    assert sizes.flops_per_token(moe, {"decoder": lt})["forward"] == pytest.approx(
+        per_tok + 2 * d * 8
+    )  # router; one expert per token = dense FLOPs
+    t5 = TINY_T5.replace(vocab_size=128, num_encoder_layers=1, num_decoder_layers=1)
+    li, lt = 12, 6
+    enc = li * (2 * (4 * d * da + 3 * d * f) + 4 * li * da)
+    dec = lt * (2 * (6 * d * da + 3 * d * f) + 2 * lt * da + 4 * li * da) + li * 4 * d * da
+    ex = enc + dec + lt * 2 * d * v
+    assert sizes.flops_per_example(t5, {"encoder": li, "decoder": lt})["forward"] == ex
+    assert sizes.flops_per_token(t5, {"encoder": li, "decoder": lt})["forward"] == ex / (li + lt)
+    with pytest.raises(ValueError, match="'encoder'"):
+        sizes.flops_per_token(t5, {"decoder": 4})
+
+
+def test_relative_position_buckets_t5():
+    rel = np.arange(-200, 201)[None, :]
+    b = relative_position_bucket(rel, bidirectional=True)[0]
+    assert b[200] == 0 and b[201] == 17 and b[199] == 1  # key after query -> upper half
+    assert b.max() == 31 and b.min() == 0
+    c = relative_position_bucket(rel, bidirectional=False)[0]
+    assert (c[201:] == 0).all() and c[:200].max() == 31 and c[199] == 1
+    # Exact buckets for |distance| < 8 (bidirectional) / < 16 (causal).
+    assert list(c[200 - np.arange(16)]) == list(range(16))
+
+
+# ----------------------------------------------------------------------------------------
+# Masks, packing, positions
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("position", ["rope", "relative"])
+def test_decoder_only_packing_and_causality(position):
+    model = _model(TINY_DEC.replace(position=position), 1)
+    tok = _tokens((1, 12))
+    seg = jnp.asarray([[1] * 5 + [2] * 7], jnp.int32)
+    pos = jnp.asarray([list(range(5)) + list(range(7))], jnp.int32)
+    feats = dict(
+        decoder_input_tokens=tok,
+        decoder_target_tokens=tok,
+        decoder_segment_ids=seg,
+        decoder_positions=pos,
+    )
+    base = _fwd(model, feats)
+    # Perturbing segment 2 leaves segment 1 unchanged, and vice versa.
+    out = _fwd(model, dict(feats, decoder_input_tokens=tok.at[0, 8].set(7)))
+    np.testing.assert_array_equal(out[0, :5], base[0, :5])
+    np.testing.assert_array_equal(out[0, 5:8], base[0, 5:8])  # causal: before position 8
+    assert not np.allclose(out[0, 8:], base[0, 8:])
+    out1 = _fwd(model, dict(feats, decoder_input_tokens=tok.at[0, 1].set(7)))
+    np.testing.assert_array_equal(out1[0, 5:], base[0, 5:])
+    # A packed segment equals the same sequence run alone (positions restart at 0).
+    alone = _fwd(model, dict(decoder_input_tokens=tok[:, 5:], decoder_target_tokens=tok[:, 5:]))
+    np.testing.assert_allclose(alone[0], base[0, 5:], atol=1e-5)
+
+
+def test_prefix_lm_mask_is_bidirectional_over_prefix():
+    model = _model(TINY_DEC, 1)
+    tok = _tokens((2, 12))
+    tok = tok.at[1].set(tok[1].at[3].set(5))  # row 1 = row 0 with position 3 changed
+    tok = tok.at[1].set(tok[0].at[3].set(5))
+    prefix = jnp.asarray([[1, 1, 1, 1] + [0] * 8] * 2, jnp.int32)
+    out = _fwd(
+        model,
+        dict(decoder_input_tokens=tok, decoder_target_tokens=tok, decoder_causal_attention=prefix),
+    )
+    assert not np.allclose(out[0, 0], out[1, 0])  # earlier prefix token sees position 3
+    causal = _fwd(model, dict(decoder_input_tokens=tok, decoder_target_tokens=tok))
+    np.testing.assert_array_equal(causal[0, :3], causal[1, :3])
+
+
+def test_encoder_decoder_masks_padding_and_segments():
+    model = _model(TINY_T5, 3)
+    enc = _tokens((2, 10))
+    tgt = _tokens((2, 6), seed=1)
+    dec = jnp.concatenate([jnp.zeros((2, 1), jnp.int32), tgt[:, :-1]], axis=1)
+    base = _call(model, enc, dec, tgt)
+    assert base.shape == (2, 6, TINY_T5.vocab_size) and base.dtype == jnp.float32
+    # Extra encoder padding changes nothing.
+    padded = jnp.concatenate([enc, jnp.zeros((2, 5), jnp.int32)], axis=1)
+    np.testing.assert_allclose(_call(model, padded, dec, tgt), base, atol=1e-5)
+    # Packed: encoder segments [1]*4+[2]*6, decoder segments [1]*3+[2]*3.
+    es = jnp.asarray([[1] * 4 + [2] * 6] * 2, jnp.int32)
+    ds = jnp.asarray([[1] * 3 + [2] * 3] * 2, jnp.int32)
+    feats = dict(
+        encoder_input_tokens=enc,
+        decoder_input_tokens=dec,
+        decoder_target_tokens=tgt,
+        encoder_segment_ids=es,
+        decoder_segment_ids=ds,
+    )
+    p0 = _fwd(model, feats)
+    p1 = _fwd(
+        model,
+        dict(
+            feats,
+            encoder_input_tokens=enc.at[:, 7].set(9),
+            decoder_input_tokens=dec.at[:, 4].set(9),
+        ),
+    )
+    np.testing.assert_array_equal(p1[:, :3], p0[:, :3])
+    assert not np.allclose(p1[:, 3:], p0[:, 3:])
+
+
+def test_return_attention_and_attention_only():
+    cfg = TINY_DEC.replace(attention_only=True, d_ff=0)
+    model = _model(cfg)
+    tok = _tokens((2, 7))
+    logits, attn = _call_kw(model, tok, return_attention=True)
+    np.testing.assert_allclose(logits, _call(model, tok), atol=1e-6)
+    assert len(attn) == 2 and attn[0].shape == (2, cfg.num_heads, 7, 7)
+    np.testing.assert_allclose(attn[1].sum(-1), 1.0, atol=1e-5)
+    assert float(jnp.triu(attn[0], k=1).max()) < 1e-6
+    assert "mlp" not in nnx.state(model)["decoder"]["layers"]["layers"]
+    t5 = _model(TINY_T5, 3)
+    _, a = _call_kw(t5, tok, tok[:, :5], return_attention=True)
+    assert [len(a[k]) for k in ("encoder", "decoder_self", "decoder_cross")] == [2, 2, 2]
+    assert a["decoder_cross"][0].shape == (2, TINY_T5.num_heads, 5, 7)
+
+
+def test_scan_unrolled_remat_and_param_share_agree():
+    moe = TINY_DEC.replace(num_decoder_layers=4, num_experts=4, top_k=2, moe_every=2)
+    tok = _tokens((2, 8))
+    for cfg, other in (
+        (TINY_DEC, dict(scan_layers=False, remat_policy="dots")),
+        (moe, dict(scan_layers=False)),
+    ):
+        scanned = _model(cfg, 1)
+        canon = convert.model_to_canonical(scanned)
+        unrolled = convert.canonical_to_model(cfg.replace(**other), canon)
+        np.testing.assert_allclose(_call(unrolled, tok), _call(scanned, tok), atol=1e-5)
+    shared = TINY_DEC.replace(num_decoder_layers=3, param_share=True)
+    a = _model(shared)
+    b = _model(shared.replace(scan_layers=False, remat_policy="full"))
+    np.testing.assert_allclose(_call(a, tok), _call(b, tok), atol=1e-5)
+
+
+def test_dropout_staging_and_determinism():
+    cfg = TINY_DEC.replace(dropout_rate=0.3, attention_dropout_rate=0.1, droppath_rate=0.1)
+    model = _model(cfg)
+    tgt = _tokens((2, 6), seed=3)
+    feats = dict(decoder_input_tokens=tgt, decoder_target_tokens=tgt)
+    step = nnx.jit(
+        lambda m, f, key, scale: forward(
+            m, f, deterministic=False, dropout_rng=key, dropout_scale=scale
+        )[0]
+    )
+    k0, k1 = jax.random.key(0), jax.random.key(1)
+    det = _fwd(model, feats)
+    np.testing.assert_allclose(step(model, feats, k0, 0.0), det, atol=1e-5)  # staged: off
+    on0, on0b, on1 = (step(model, feats, k, 1.0) for k in (k0, k0, k1))
+    np.testing.assert_array_equal(on0, on0b)
+    assert not np.allclose(on0, det) and not np.allclose(on0, on1)
+    with pytest.raises(ValueError, match="dropout_rng"):
+        forward(model, feats, deterministic=False)
+    with pytest.raises(ValueError, match="encoder_input_tokens"):
+        forward(_model(TINY_T5, 3), dict(decoder_input_tokens=tgt))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    model = _model(TINY_DEC.replace(dtype="bfloat16"))
+    tok = _tokens((2, 8))
+    out = _call(model, tok)
+    assert out.dtype == jnp.float32
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert float(jnp.abs(out - _call(_model(TINY_DEC), tok)).max()) < 0.2
