@@ -140,6 +140,8 @@ def sweep(tmp_path_factory) -> pathlib.Path:
             else:
                 corrupt = model == "tiny" and epochs == 10
                 write_run(root, name, model, 0.1, epochs, mult, corrupt_line=corrupt)
+    # Hernandez et al.'s fraction scan: a second fraction at E = 10.
+    write_run(root, "tiny_f0.5_E10", "tiny", 0.5, 10.0, 0.6)
     # Xue et al.: all data repeated 4 times, per objective and with dropout.
     write_run(root, "small_f1_E4", "small", 1.0, 4.0, 0.6)
     write_run(root, "small_f1_E4_dropout", "small", 1.0, 4.0, 0.75, dropout=0.1)
@@ -171,7 +173,7 @@ def test_report_writes_every_figure_and_csv(report):
     out, stdout = report
     assert "report.md" in stdout
     names = ["degradation_curves", "double_descent", "baseline_fits", "effective_params"]
-    names += ["xue_epochs", "data_constrained", "probes"]
+    names += ["xue_epochs", "data_constrained", "probes", "fraction_scan"]
     for name in names:
         png = out / f"{name}.png"
         assert png.stat().st_size > 10_000, name
@@ -183,8 +185,9 @@ def test_report_writes_every_figure_and_csv(report):
 def test_double_descent_csv_has_one_row_per_run_and_recovers_multipliers(report):
     out, _ = report
     rows = {row["run"]: row for row in read_csv(out / "double_descent.csv")}
-    # 3 baselines + 5 of the 6 f=0.1 runs (one never started) + 4 Xue runs.
-    assert len(rows) == 12
+    # 3 baselines + 5 of the 6 f=0.1 runs (one never started) + 1 f=0.5 + 4 Xue runs.
+    assert len(rows) == 13
+    assert float(rows["tiny_f0.5_E10"]["multiplier"]) == pytest.approx(0.6, rel=0.01)
     required = ["model", "params", "repeated_fraction", "repeated_epochs", "final_test_loss"]
     assert set(required + ["effective_params"]) <= set(next(iter(rows.values())))
     for model, n in SIZES.items():

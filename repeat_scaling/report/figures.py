@@ -30,6 +30,8 @@ PROBES = (
     ("previous_token", "previous-token score (max over heads)"),
     ("copying_score", "copying score (max over heads)"),
     ("icl_score", "in-context-learning score (nats)"),
+    ("random_repeat_loss", "repeated-random-tokens loss (nats/token)"),
+    ("cross_prefix_matching", "cross-attention prefix-matching score (T5)"),
 )
 
 
@@ -332,6 +334,77 @@ def double_descent(runs, rows: list[dict], out_dir: str) -> Figure:
         ax.set_title(f"{arch}, {objective}: {title}" if several else title)
         ax.legend(fontsize=7)
     fig_info.png = _save(fig, out_dir, fig_info.name)
+    return fig_info
+
+
+# --------------------------------------------------------------------------------------
+def fraction_scan(rows: list[dict], out_dir: str) -> Figure:
+    """Final test loss vs repeated fraction f at fixed E, one line per model."""
+    fig_info = Figure(
+        "fraction_scan",
+        "Final test loss vs repeated fraction",
+        "Final test loss against the fraction of training tokens drawn from the repeated "
+        "subset, at fixed epochs E (one panel each), one line per model; dashed lines are "
+        "the f = 0 baselines (Hernandez et al. scan f = 3%..90%).",
+    )
+    header = ["run", "model", "params", "arch", "objective", "repeated_epochs"]
+    header += ["repeated_fraction", "final_test_loss"]
+    done = [
+        row
+        for row in rows
+        if row["final_test_loss"] is not None and row["regularisation"] == "none"
+    ]
+    cells: dict[tuple, set] = {}
+    for row in done:
+        if row["repeated_fraction"] > 0:
+            key = (row["arch"], row["objective"], row["repeated_epochs"])
+            cells.setdefault(key, set()).add(row["repeated_fraction"])
+    panels = sorted(key for key, fractions in cells.items() if len(fractions) >= 2)
+    out_rows = []
+    if panels:
+        fig, axes = _grid(len(panels))
+        for ax, (arch, objective, epochs) in zip(axes, panels):
+            family = [r for r in done if (r["arch"], r["objective"]) == (arch, objective)]
+            models = sorted({(r["params"] or 0, r["model"]) for r in family})
+            for i, (_, model) in enumerate(models):
+                pts = sorted(
+                    (
+                        r
+                        for r in family
+                        if r["model"] == model
+                        and r["repeated_fraction"] > 0
+                        and r["repeated_epochs"] == epochs
+                    ),
+                    key=lambda r: r["repeated_fraction"],
+                )
+                out_rows += [{k: r[k] for k in header} for r in pts]
+                pts = [(r["repeated_fraction"], r["final_test_loss"]) for r in pts]
+                if pts:
+                    ax.plot(
+                        [p[0] for p in pts],
+                        [p[1] for p in pts],
+                        "-o",
+                        color=f"C{i % 10}",
+                        label=model,
+                    )
+                base = [
+                    r["final_test_loss"]
+                    for r in family
+                    if r["model"] == model and r["repeated_fraction"] == 0
+                ]
+                if base:
+                    ax.axhline(float(np.mean(base)), ls="--", color=f"C{i % 10}", alpha=0.6)
+            ax.set_xscale("log")
+            ax.set_xlabel("repeated fraction f of training tokens")
+            ax.set_ylabel("final test loss (nats/token)")
+            ax.set_title(f"{arch}, {objective}: E = {epochs:g}")
+            ax.legend(fontsize=7)
+        fig_info.png = _save(fig, out_dir, fig_info.name)
+    else:
+        fig_info.notes.append("no epoch setting with finished runs at >= 2 repeated fractions")
+    write_csv(os.path.join(out_dir, "fraction_scan.csv"), header, out_rows)
+    fig_info.csvs.append("fraction_scan.csv")
+    fig_info.n_points = len(out_rows)
     return fig_info
 
 

@@ -123,6 +123,7 @@ def write_report(
     figs = [
         figures.degradation_curves(runs, out_dir),
         figures.double_descent(runs, rows, out_dir),
+        figures.fraction_scan(rows, out_dir),
         figures.baseline_fits(baselines, out_dir),
         figures.effective_params(rows, out_dir),
         figures.xue_epochs(rows, out_dir),
