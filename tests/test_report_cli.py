@@ -235,7 +235,7 @@ def test_report_md_embeds_figures_and_says_what_is_missing(report):
         assert f"]({name}.png)" in text
         assert f"]({name}.csv)" in text
     missing = text.split("## What is missing")[1].split("## Runs")[0]
-    assert "medium_f0.1_E100: no config.json" in missing
+    assert "medium_f0.1_E100: no readable config.json" in missing
     assert "small_f0.1_E100: still training: last evaluated step 600 of 1000" in missing
     assert "tiny_f0.1_E10" in missing and "line 3: corrupt JSON line skipped" in missing
     assert "sweep cell medium (decoder_only, causal_lm) f=0.1 E=100: no run" in missing
@@ -308,3 +308,13 @@ def test_run_labels_and_token_accounting_follow_config_and_plan(tmp_path):
     assert run.unique_tokens == pytest.approx(STEPS * TOKENS_PER_STEP * 0.901)
     assert run.params == SIZES["small"]
     assert runs_lib.load_run(str(path), param_key="total").params == SIZES["small"] + 384 * 64
+
+
+def test_report_package_imports_neither_jax_nor_tensorflow():
+    code = (
+        "import sys; import repeat_scaling.report.__main__; "
+        "bad = sorted(m for m in ('jax', 'tensorflow', 'seqio', 'flax') if m in sys.modules); "
+        "assert not bad, bad"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

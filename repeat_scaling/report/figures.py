@@ -91,8 +91,8 @@ def _grid(n: int, ncols: int = 3, size: tuple[float, float] = (5.0, 3.8)):
     return fig, flat[:n]
 
 
-def _log_epochs(ax) -> None:
-    """Log-scale epoch axis with plain-number tick labels (1, 2, 4, 10, 100)."""
+def _log_x_plain(ax) -> None:
+    """Log-scale x axis with plain-number tick labels (0.1, 1, 10, 100)."""
     ax.set_xscale("log")
     plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
     ax.xaxis.set_major_formatter(plain)
@@ -327,7 +327,7 @@ def double_descent(runs, rows: list[dict], out_dir: str) -> Figure:
             ]
             if base:
                 ax.axhline(float(np.mean(base)), ls="--", color=colors[model], alpha=0.6)
-        _log_epochs(ax)
+        _log_x_plain(ax)
         ax.set_xlabel("epochs on the repeated subset E")
         ax.set_ylabel("test loss (nats/token)")
         title = f"repeated fraction f = {frac:g}"
@@ -394,7 +394,7 @@ def fraction_scan(rows: list[dict], out_dir: str) -> Figure:
                 ]
                 if base:
                     ax.axhline(float(np.mean(base)), ls="--", color=f"C{i % 10}", alpha=0.6)
-            ax.set_xscale("log")
+            _log_x_plain(ax)
             ax.set_xlabel("repeated fraction f of training tokens")
             ax.set_ylabel("final test loss (nats/token)")
             ax.set_title(f"{arch}, {objective}: E = {epochs:g}")
@@ -514,7 +514,7 @@ def effective_params(rows: list[dict], out_dir: str) -> Figure:
                 e, m = zip(*sorted(pts))
                 ax.plot(e, m, "-o", label=label)
             ax.axhline(1.0, color="gray", ls=":", lw=1)
-            _log_epochs(ax)
+            _log_x_plain(ax)
             ax.set_yscale("log")
             ax.set_xlabel("epochs on the repeated subset E")
             ax.set_ylabel("effective size multiplier N_eff / N")
@@ -602,7 +602,7 @@ def xue_epochs(rows: list[dict], out_dir: str) -> Figure:
             for group, pts in sorted(groups.items()):
                 e, v = zip(*sorted(pts))
                 ax.plot(e, v, "-o", label=group)
-            _log_epochs(ax)
+            _log_x_plain(ax)
             ax.set_xlabel("epochs over the training data")
             ax.set_ylabel(ylabel)
             ax.set_title(f"per {panel}")

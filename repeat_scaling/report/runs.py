@@ -263,7 +263,7 @@ class Run:
         if status == STATUS_NOT_EVALUATED:
             return "no evaluation results yet"
         if status == STATUS_MISSING:
-            return "no config.json (run missing or never started)"
+            return "no readable config.json (run missing or never started)"
         return f"finished at step {self.steps}"
 
     # ----- metrics --------------------------------------------------------------------
