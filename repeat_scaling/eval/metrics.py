@@ -43,7 +43,8 @@ Context-length rules (documented, recorded in the results where they matter):
 - random repeat: random sequence length ``n = min(random_repeat_length or C // 2, C // 2)``
   of tokens drawn uniformly (with replacement) from the probe candidates.
 - ICL: late = min(icl_late (500), L - 1), early = min(icl_early (50), late // 2), recorded
-  as ``icl_positions = [early, late]``.
+  as ``icl_positions = [early, late]`` (with packed T5 targets, each moves down to the
+  nearest position that has tokens).
 - probes: period 25, 4 repeats, BOS first (101 tokens); when the context is shorter,
   repeats drop to fit (at least 2) and then the period shrinks.
 """
@@ -118,7 +119,8 @@ class EvalSettings:
             try:
                 kw[k] = want(v) if not isinstance(v, bool) else v
             except (TypeError, ValueError):
-                raise ValueError(f"eval_config {k}={v!r}; expected a {want.__name__}") from None
+                what = "a float" if want is float else "an int"
+                raise ValueError(f"eval_config {k}={v!r}; expected {what}") from None
         return cls(**kw)
 
 
@@ -475,9 +477,18 @@ def icl_and_position_loss(runner, cfg, lengths: Lengths, heldout, test_batches, 
         batches = test_batches
     lbp = loss_by_position(runner, batches)
     early, late = icl_positions(len(lbp), s.icl_early, s.icl_late)
+    # Packed rows may leave late positions without any token: use the nearest position
+    # below that has one (recorded in icl_positions).
+    valid = [i for i, v in enumerate(lbp) if v is not None]
+    below = [i for i in valid if i <= late]
     icl = None
-    if lbp[early] is not None and lbp[late] is not None:
-        icl = lbp[late] - lbp[early]
+    if below:
+        late = below[-1]
+        early = min(early, late // 2)
+        early_ok = [i for i in valid if i <= early]
+        if early_ok and early_ok[-1] < late:
+            early = early_ok[-1]
+            icl = lbp[late] - lbp[early]
     return {"loss_by_position": lbp, "icl_score": icl, "icl_positions": [early, late]}
 
 
