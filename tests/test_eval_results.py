@@ -13,6 +13,9 @@ def test_append_skip_and_reopen(tmp_path):
     assert w.append({"step": 10, "test_loss": np.float32(2.5), "heads": np.zeros((2, 2))})
     assert not w.append({"step": 10, "test_loss": 9.0})  # done: skipped
     assert w.append({"step": 20, "test_loss": float("nan")})
+    with pytest.raises(results.ResultsLockedError, match="another evaluator is writing"):
+        results.ResultsWriter(tmp_path)  # a second evaluator while the first one runs
+    w.close()
     again = results.ResultsWriter(tmp_path)  # a restarted evaluator
     assert again.done_steps == {10, 20}
     assert not again.append({"step": 20, "test_loss": 1.0})

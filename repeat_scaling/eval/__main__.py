@@ -74,6 +74,7 @@ def main(argv: list[str]) -> None:
     from repeat_scaling.data.repetition import RepetitionPlanError
     from repeat_scaling.data.store import StoreError
     from repeat_scaling.eval import evaluator, metrics, probes
+    from repeat_scaling.eval.results import ResultsLockedError
     from repeat_scaling.train.checkpointing import CheckpointError
 
     try:
@@ -91,6 +92,7 @@ def main(argv: list[str]) -> None:
     except (
         ValueError,  # EvalError, ProbeError, StoreError, VocabError, plan and batcher errors
         CheckpointError,
+        ResultsLockedError,
         StoreError,
         RepetitionPlanError,
         probes.ProbeError,

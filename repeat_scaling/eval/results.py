@@ -7,6 +7,10 @@ writer re-reads the file when it opens it, so a restarted evaluator skips steps 
 recorded and never duplicates a line. A truncated tail left by a kill is terminated with a
 newline before the next append (it is then a corrupt line, reported and skipped).
 
+Only one writer per results file at a time: the writer holds an exclusive ``flock`` on
+``eval/results.lock`` (released by the kernel when the process exits, even on kill -9);
+a second evaluator on the same workdir fails with a clear error instead of racing.
+
 Reading: a line that is not a JSON object with an integer ``step`` is reported (a warning
 naming the file and line number) and skipped, never fatal. When the same step appears
 twice (only possible by hand-editing), the first record wins.
@@ -14,6 +18,7 @@ twice (only possible by hand-editing), the first record wins.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -24,6 +29,11 @@ from typing import Any
 from absl import logging
 
 RESULTS_NAME = "results.jsonl"
+LOCK_NAME = "results.lock"
+
+
+class ResultsLockedError(RuntimeError):
+    """Another evaluator is writing the same results file."""
 
 
 def results_path(workdir: str | os.PathLike) -> pathlib.Path:
@@ -89,9 +99,29 @@ class ResultsWriter:
     def __init__(self, workdir: str | os.PathLike, warn: Callable[[str], None] | None = None):
         self.path = results_path(workdir)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.path.parent / LOCK_NAME, "a+")  # held open while writing
+        try:
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise ResultsLockedError(
+                f"another evaluator is writing {self.path} (lock {self.path.parent / LOCK_NAME})"
+            ) from None
         self._warn = warn or logging.warning
         self.records = read_results(self.path, warn=self._warn)
         self._done = {r["step"] for r in self.records}
+
+    def close(self) -> None:
+        """Release the writer lock (also released when the process exits)."""
+        if not self._lock.closed:
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_UN)
+            self._lock.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
 
     @property
     def done_steps(self) -> set[int]:
