@@ -129,9 +129,7 @@ def make_mesh(
                 f"{n} devices not divisible into {num_slices} slices (dcn={dict(dcn)})"
             )
         ici_shape = _fill(ici, n // num_slices, "ici")
-        from jax.experimental import mesh_utils
-
-        arr = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices=devices)
+        arr = _hybrid_device_array(ici_shape, dcn_shape, devices)
     else:
         ici_shape = _fill(ici, n, "ici")
         try:
@@ -141,6 +139,24 @@ def make_mesh(
         except (ValueError, NotImplementedError, AssertionError):
             arr = np.asarray(devices, dtype=object).reshape(ici_shape)
     return Mesh(arr, MESH_AXES)
+
+
+def _hybrid_device_array(ici_shape: list[int], dcn_shape: list[int], devices: list) -> np.ndarray:
+    """Devices for a multi-slice mesh: slices (TPU ``slice_index``, else processes, else
+    contiguous device blocks, e.g. virtual CPU devices) tiled along the DCN axes."""
+    from jax.experimental import mesh_utils
+
+    if hasattr(devices[0], "slice_index"):
+        return mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices=devices)
+    if len({d.process_index for d in devices}) == math.prod(dcn_shape):
+        return mesh_utils.create_hybrid_device_mesh(
+            ici_shape, dcn_shape, devices=devices, process_is_granule=True
+        )
+    # One device block per slice: [dcn..., ici...] -> interleave -> [dcn_i * ici_i ...].
+    n = len(ici_shape)
+    arr = np.asarray(devices, dtype=object).reshape(list(dcn_shape) + list(ici_shape))
+    order = [a for i in range(n) for a in (i, n + i)]
+    return arr.transpose(order).reshape([d * i for d, i in zip(dcn_shape, ici_shape, strict=True)])
 
 
 def _as_tuple(m: MeshAxes) -> tuple[str, ...]:
