@@ -26,7 +26,7 @@ from typing import Any
 
 ARCHS = ("encoder_decoder", "decoder_only")
 POSITIONS = ("relative", "rope")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16")
 
 

@@ -455,11 +455,13 @@ class LayerGroup(nnx.Module):
 
 
 def _remat_policy(name: str):
+    """Rematerialisation policy: "full" saves nothing (recompute the layer in the backward
+    pass), "dots" saves every matmul output, "dots_no_batch" saves the weight matmuls
+    (not the attention score/value einsums, which carry batch dims)."""
     return {
         "full": None,
         "dots": jax.checkpoint_policies.checkpoint_dots,
         "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-        "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     }[name]
 
 
