@@ -67,9 +67,21 @@ def _fail(msg: str) -> None:
     sys.exit(1)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with config-file / override errors as one line."""
+    try:
+        return FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        text = str(e).replace("\\n", "\n").replace("\\'", "'")
+        lines = [line.strip(" '\"") for line in text.splitlines() if line.strip(" '\"")]
+        msg = lines[-1] if "Traceback" in text else " ".join(lines)
+        _fail(f"bad command line: {msg}")
+        raise  # unreachable
+
+
 def run() -> None:
     """Console script ``repeat-scaling-train``."""
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":
