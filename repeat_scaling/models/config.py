@@ -16,6 +16,10 @@ Conventions:
   moe_every, 2*moe_every, ...) a top-``top_k`` mixture of experts.
 * ``param_share``: all layers of a stack share one set of weights (ALBERT-style).
 * ``dtype`` is the compute dtype; parameters are stored in ``param_dtype`` (float32).
+* ``attention_impl``: "einsum" (explicit einsums, float32 softmax; supports attention
+  dropout and returning weights), "xla" / "cudnn" (``jax.nn.dot_product_attention``;
+  "cudnn" is the fused flash kernel on NVIDIA GPUs, needs bf16 compute). Probes that ask
+  for attention weights always use the einsum path.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ ARCHS = ("encoder_decoder", "decoder_only")
 POSITIONS = ("relative", "rope")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
 
 
 def padded_vocab_size(n: int, multiple: int = 128) -> int:
@@ -69,6 +74,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     float32_logits: bool = True
+    attention_impl: str = "einsum"
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -117,6 +123,10 @@ class ModelConfig:
             for n in self.stack_layers():
                 if self.scan_layers and n % self.moe_every:
                     bad("moe_every", f"a divisor of the layer count {n} when scan_layers=True")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            bad("attention_impl", f"one of {ATTENTION_IMPLS}")
+        if self.attention_impl != "einsum" and self.attention_dropout_rate:
+            bad("attention_impl", "'einsum' when attention_dropout_rate > 0")
         if self.remat_policy not in REMAT_POLICIES:
             bad("remat_policy", f"one of {REMAT_POLICIES}")
         if self.dtype not in DTYPES:

@@ -307,6 +307,7 @@ class Attention(nnx.Module):
         self.dtype = dtype_of(cfg.dtype)
         self.rate = cfg.attention_dropout_rate
         self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
+        self.impl = cfg.attention_impl
         q_init = kernel_init(0, (1, 2), scale=1.0 / k)  # variance / head_dim
         kv_init = kernel_init(0, (1, 2))
         self.query = param(rngs, q_init, (d, h, k), ("embed", "heads", "kv"), pd)
@@ -336,6 +337,19 @@ class Attention(nnx.Module):
         if self.rope_theta is not None and q_positions is not None:
             q = apply_rope(q, q_positions, self.rope_theta)
             k = apply_rope(k, k_positions, self.rope_theta)
+        if self.impl != "einsum" and not return_attention:
+            # Fused kernel: scale=1 (T5 folds 1/sqrt(d) into the query init).
+            ctx = jax.nn.dot_product_attention(
+                q,
+                k,
+                v,
+                bias=None if bias is None else bias.astype(dt),
+                mask=mask,
+                scale=1.0,
+                implementation=self.impl,
+            )
+            out = jnp.einsum("bqhd,hdm->bqm", ctx, self.out[...].astype(dt))
+            return with_logical_constraint(out, ("batch", "length", "act_embed")), None
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         if bias is not None:
             logits = logits + bias
