@@ -218,6 +218,8 @@ def test_learns_well_below_unigram_entropy(store_dir, tmp_path, arg, steps, lr):
     c.train.log_every = 10
     c.train.batch_size = 16
     c.train.optimizer.learning_rate = lr
+    c.train.eval_every = steps // 2
+    c.train.eval_batches = 1
     c.train.optimizer.warmup_steps = 10
     summary = loop.train(c, tmp_path)
     # Unigram entropy of the training targets (what a model without context achieves).
@@ -229,6 +231,8 @@ def test_learns_well_below_unigram_entropy(store_dir, tmp_path, arg, steps, lr):
     final = np.mean([x["loss"] for x in lines[-3:]])
     assert summary["final_step"] == steps and lines[-1]["step"] == steps
     assert final < 0.8 * h, (final, h)
+    evals = [json.loads(x) for x in (tmp_path / "train" / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [steps // 2, steps] and evals[-1]["loss"] < h
     assert lines[-1]["tokens_per_s"] > 0 and lines[-1]["tokens_seen"] == steps * 16 * (
         64
         if arg == "dec"

@@ -122,6 +122,7 @@ class MetricsWriter:
         if is_primary:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             truncate_jsonl(self.path, start_step)
+            truncate_jsonl(self.workdir / "train" / "eval.jsonl", start_step)
             self._file = open(self.path, "a", buffering=1)  # noqa: SIM115
             from tensorboardX import SummaryWriter
 
