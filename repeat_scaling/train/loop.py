@@ -269,7 +269,9 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     distributed.sync("workdir_written")
 
     dcn = {a: int(n) for a, n in dict(config.mesh.dcn).items()}
-    mesh = sharding.make_mesh(dict(config.mesh.ici), dcn if any(n > 1 for n in dcn.values()) else None)
+    mesh = sharding.make_mesh(
+        dict(config.mesh.ici), dcn if any(n > 1 for n in dcn.values()) else None
+    )
     rules = sharding.DEFAULT_RULES
     tx, schedule = optimizers.make_optimizer(tc.optimizer, int(tc.steps))
     info = state_lib.abstract_state(model_cfg, tx, mesh, rules)
