@@ -23,13 +23,15 @@ lint: $(VENV)/.installed
 test: lint
 	$(PY) -m pytest -q tests
 
+# prepare the built-in corpus -> demo sweep (train + evaluate) -> report in demo_out/report
 demo: $(VENV)/.installed
-	@echo "make demo arrives with the end-to-end issue (sweeps, launchers, demo);"
-	@echo "until then: make test runs every component that exists."
-	@exit 1
+	$(PY) launch/demo.py --out=demo_out
 
 bench: $(VENV)/.installed
 	$(PY) -m repeat_scaling.bench data
+	$(PY) -m repeat_scaling.bench pipeline
+	$(PY) -m repeat_scaling.bench train
+	$(PY) -m repeat_scaling.bench eval
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache .ruff_cache

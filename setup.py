@@ -47,6 +47,9 @@ setup(
         "console_scripts": [
             "repeat-scaling-prepare=repeat_scaling.prepare:run",
             "repeat-scaling-train-vocab=repeat_scaling.train_vocab:run",
+            "repeat-scaling-train=repeat_scaling.train.__main__:run",
+            "repeat-scaling-evaluate=repeat_scaling.evaluate:run",
+            "repeat-scaling-report=repeat_scaling.report.__main__:run",
         ],
     },
 )
