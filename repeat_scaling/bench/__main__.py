@@ -19,7 +19,9 @@ def main() -> None:
     names = _available()
     if len(sys.argv) < 2 or sys.argv[1] not in names:
         got = sys.argv[1] if len(sys.argv) > 1 else "(nothing)"
-        sys.exit(f"usage: python -m repeat_scaling.bench NAME [flags]; NAME={got!r}, expected one of {names}")
+        sys.exit(
+            f"usage: python -m repeat_scaling.bench NAME [flags]; NAME={got!r}, expected one of {names}"
+        )
     module = importlib.import_module(f"repeat_scaling.bench.{sys.argv[1]}")
     module.main([f"repeat_scaling.bench.{sys.argv[1]}"] + sys.argv[2:])
 
