@@ -35,6 +35,11 @@ def main(argv: list[str]) -> None:
         _fail("--config is required (e.g. --config=configs/demo.py)")
     if not FLAGS.workdir:
         _fail("--workdir is required (the run directory)")
+    if "://" in FLAGS.workdir:
+        _fail(
+            f"--workdir={FLAGS.workdir!r} is a URL; expected a file-system path "
+            "(mount a bucket with gcsfuse and pass the mount path)"
+        )
     # Imports after flag parsing: jax must not start a backend before distributed init.
     from repeat_scaling.train import distributed
 
