@@ -233,12 +233,22 @@ class RelativePositionBias(nnx.Module):
         )
 
     def __call__(self, q_len: int, k_len: int) -> Array:
-        rel = np.arange(k_len)[None, :] - np.arange(q_len)[:, None]
+        # The bias depends only on r = k - q, which takes P = q_len + k_len - 1 values:
+        # look those up (a tiny gather) and lay them out as the Toeplitz matrix
+        # M[q, k] = v[k - q + q_len - 1] by tiling v and re-reading it with row stride
+        # P - 1. Unlike a [q, k] gather, the backward pass is then a slice/pad/sum
+        # instead of a q*k-element scatter (slow on CPU).
+        rel = np.arange(-(q_len - 1), k_len)  # [P]
         buckets = relative_position_bucket(
             rel, self.bidirectional, self.num_buckets, self.max_distance
         )
         table = self.rel_embedding[...].astype(jnp.float32)
-        return jnp.take(table, jnp.asarray(buckets), axis=1)[None]
+        v = jnp.take(table, jnp.asarray(buckets), axis=1)  # [H, P]
+        if q_len == 1:
+            return v[None, :, None, :]
+        p = q_len + k_len - 1
+        z = jnp.tile(v, (1, q_len))[:, q_len - 1 : q_len - 1 + q_len * (p - 1)]
+        return z.reshape(-1, q_len, p - 1)[:, :, :k_len][None]
 
 
 def apply_rope(x: Array, positions: Array, theta: float) -> Array:
