@@ -145,6 +145,8 @@ def degradation_curves(runs, out_dir: str) -> Figure:
                 (r for r in runs if r.model == model),
                 key=lambda r: (r.repeated_fraction, r.repeated_epochs, r.name),
             )
+            # One colour per run in every row, so a setting is the same line in both.
+            colours = {r.name: f"C{k % 10}" for k, r in enumerate(members)}
             for i, (key, ylabel) in enumerate(metrics):
                 ax = axes[i][j]
                 for r in members:
@@ -172,8 +174,16 @@ def degradation_curves(runs, out_dir: str) -> Figure:
                             ys,
                             "-" if r.finished else "--",
                             marker=".",
+                            color=colours[r.name],
                             label=run_label(r, runs),
                         )
+                if not ax.lines:
+                    ax.text(0.5, 0.5, f"no {key.replace('_', ' ')} for {model}", ha="center",
+                            va="center", transform=ax.transAxes)  # fmt: skip
+                    ax.set_title(f"{model}: {key.replace('_', ' ')}")
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                    continue
                 ax.set_xscale("log")
                 ax.set_xlabel("training tokens seen")
                 ax.set_ylabel(ylabel)
