@@ -137,7 +137,9 @@ class Embed(nnx.Module):
         # Gathering rows from a vocab-sharded table is not partitioned well by XLA: gather
         # the table first (FSDP all-gathers every weight at use anyway).
         table = with_logical_constraint(self.embedding[...], (None, None))
-        x = jnp.take(table, ids, axis=0).astype(self.dtype)
+        # mode="clip": a plain row gather; the default "fill" adds a NaN-select over the
+        # [B, L, embed] output that XLA:CPU fuses into a much slower element-wise gather.
+        x = jnp.take(table, ids, axis=0, mode="clip").astype(self.dtype)
         return with_logical_constraint(x, ("batch", "length", "act_embed"))
 
 
