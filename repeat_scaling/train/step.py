@@ -24,6 +24,7 @@ Metrics (float32 scalars): ``loss`` (cross-entropy per target token, without z-l
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -47,10 +48,24 @@ WEIGHTS = "decoder_loss_weights"
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 
 
+@functools.cache
+def _cpu_options_supported() -> bool:
+    """Whether this jaxlib's XLA:CPU knows CPU_COMPILER_OPTIONS (an experimental flag)."""
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS)(
+            jnp.float32(0)
+        ).block_until_ready()
+    except Exception:  # an unknown option is an XlaRuntimeError / ValueError by version
+        return False
+    return True
+
+
 def compiler_options(mesh: Mesh) -> dict[str, str] | None:
     """Per-jit XLA options for ``mesh``'s platform (None when there are none)."""
     platform = mesh.devices.flat[0].platform
-    return dict(CPU_COMPILER_OPTIONS) if platform == "cpu" else None
+    if platform == "cpu" and _cpu_options_supported():
+        return dict(CPU_COMPILER_OPTIONS)
+    return None
 
 
 def uses_dropout(cfg: ModelConfig) -> bool:
