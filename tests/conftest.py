@@ -24,3 +24,17 @@ def shared_data() -> pathlib.Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared test corpora not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def c4_byte_store(shared_data, tmp_path_factory):
+    """The shared C4 sample (allenai json.gz) prepared once with the byte vocabulary."""
+    from repeat_scaling.prepare import prepare_store
+
+    return prepare_store(
+        f"json:{shared_data}/c4-en-sample/c4-*.json.gz",
+        "byte",
+        tmp_path_factory.mktemp("c4store"),
+        progress=False,
+        log=lambda *a: None,
+    )

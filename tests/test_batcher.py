@@ -17,16 +17,8 @@ VOCAB = load_vocab_info("byte")
 
 
 @pytest.fixture(scope="module")
-def store(shared_data, tmp_path_factory):
-    from repeat_scaling.prepare import prepare_store
-
-    return prepare_store(
-        f"json:{shared_data}/c4-en-sample/c4-*.json.gz",
-        "byte",
-        tmp_path_factory.mktemp("c4store"),
-        progress=False,
-        log=lambda *a: None,
-    )
+def store(c4_byte_store):
+    return c4_byte_store
 
 
 @pytest.fixture(scope="module")

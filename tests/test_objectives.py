@@ -19,17 +19,8 @@ FIRST_SENTINEL = VOCAB.vocab_size - VOCAB.extra_ids
 
 
 @pytest.fixture(scope="module")
-def c4_train(shared_data, tmp_path_factory):
-    from repeat_scaling.prepare import prepare_store
-
-    store = prepare_store(
-        f"json:{shared_data}/c4-en-sample/c4-*.json.gz",
-        "byte",
-        tmp_path_factory.mktemp("c4store"),
-        progress=False,
-        log=lambda *a: None,
-    )
-    return store.split("train")
+def c4_train(c4_byte_store):
+    return c4_byte_store.split("train")
 
 
 def _chunks(split, obj, n, offset=0):

@@ -83,17 +83,8 @@ def test_split_documents_covers_the_chunk(tokens):
 
 
 @pytest.fixture(scope="module")
-def c4_train(shared_data, tmp_path_factory):
-    from repeat_scaling.prepare import prepare_store
-
-    store = prepare_store(
-        f"json:{shared_data}/c4-en-sample/c4-*.json.gz",
-        "byte",
-        tmp_path_factory.mktemp("c4store"),
-        progress=False,
-        log=lambda *a: None,
-    )
-    return store.split("train")
+def c4_train(c4_byte_store):
+    return c4_byte_store.split("train")
 
 
 def _segments(tokens, seg):
