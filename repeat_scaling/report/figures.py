@@ -47,6 +47,11 @@ class Figure:
     notes: list[str] = dataclasses.field(default_factory=list)
     n_points: int = 0
 
+    def write_points(self, out_dir: str, header: Sequence[str], rows: Sequence[dict]) -> None:
+        """Write the plotted points to ``<name>.csv`` in ``out_dir`` and list that CSV."""
+        write_csv(os.path.join(out_dir, f"{self.name}.csv"), header, rows)
+        self.csvs.append(f"{self.name}.csv")
+
 
 def write_csv(path: str, header: Sequence[str], rows: Sequence[dict]) -> None:
     """Write rows (dicts) with a fixed header; None becomes an empty cell."""
@@ -193,8 +198,7 @@ def degradation_curves(runs, out_dir: str) -> Figure:
         fig_info.png = _save(fig, out_dir, fig_info.name)
     else:
         fig_info.notes.append("no run has evaluation results yet")
-    write_csv(os.path.join(out_dir, "degradation_curves.csv"), header, rows)
-    fig_info.csvs.append("degradation_curves.csv")
+    fig_info.write_points(out_dir, header, rows)
     fig_info.n_points = len(rows)
     return fig_info
 
@@ -296,8 +300,7 @@ def double_descent(runs, rows: list[dict], out_dir: str) -> Figure:
         "unique-data (f = 0) baselines. Hernandez et al. find a peak of damage at "
         "intermediate E (double descent).",
     )
-    write_csv(os.path.join(out_dir, "double_descent.csv"), DOUBLE_DESCENT_HEADER, rows)
-    fig_info.csvs.append("double_descent.csv")
+    fig_info.write_points(out_dir, DOUBLE_DESCENT_HEADER, rows)
     done = [
         row
         for row in rows
@@ -412,8 +415,7 @@ def fraction_scan(rows: list[dict], out_dir: str) -> Figure:
         fig_info.png = _save(fig, out_dir, fig_info.name)
     else:
         fig_info.notes.append("no epoch setting with finished runs at >= 2 repeated fractions")
-    write_csv(os.path.join(out_dir, "fraction_scan.csv"), header, out_rows)
-    fig_info.csvs.append("fraction_scan.csv")
+    fig_info.write_points(out_dir, header, out_rows)
     fig_info.n_points = len(out_rows)
     return fig_info
 
@@ -465,8 +467,7 @@ def baseline_fits(baselines: dict, out_dir: str) -> Figure:
         fig_info.png = _save(fig, out_dir, fig_info.name)
     else:
         fig_info.notes.append("no finished unique-data (f = 0) baseline runs to fit")
-    write_csv(os.path.join(out_dir, "baseline_fits.csv"), header, rows)
-    fig_info.csvs.append("baseline_fits.csv")
+    fig_info.write_points(out_dir, header, rows)
     fig_info.n_points = len(rows)
     return fig_info
 
@@ -537,8 +538,7 @@ def effective_params(rows: list[dict], out_dir: str) -> Figure:
             "no effective sizes: needs finished f = 0 baselines of >= 2 sizes and finished "
             "repeated runs of the same architecture, objective and token budget"
         )
-    write_csv(os.path.join(out_dir, "effective_params.csv"), header, out_rows)
-    fig_info.csvs.append("effective_params.csv")
+    fig_info.write_points(out_dir, header, out_rows)
     fig_info.n_points = len(out_rows)
     return fig_info
 
@@ -581,8 +581,7 @@ def xue_epochs(rows: list[dict], out_dir: str) -> Figure:
     ]
     if not any(row["repeated_fraction"] == 1.0 for row in pool):
         fig_info.notes.append("no finished run with all data repeated (repeated_fraction = 1)")
-        write_csv(os.path.join(out_dir, "xue_epochs.csv"), header, out_rows)
-        fig_info.csvs.append("xue_epochs.csv")
+        fig_info.write_points(out_dir, header, out_rows)
         return fig_info
     fig, axes = plt.subplots(len(metrics), 2, figsize=(10, 3.8 * len(metrics)), squeeze=False)
     for i, (mkey, ylabel) in enumerate(metrics):
@@ -619,8 +618,7 @@ def xue_epochs(rows: list[dict], out_dir: str) -> Figure:
             if ax.lines:
                 ax.legend(fontsize=7)
     fig_info.png = _save(fig, out_dir, fig_info.name)
-    write_csv(os.path.join(out_dir, "xue_epochs.csv"), header, out_rows)
-    fig_info.csvs.append("xue_epochs.csv")
+    fig_info.write_points(out_dir, header, out_rows)
     fig_info.n_points = len(out_rows)
     return fig_info
 
@@ -638,8 +636,7 @@ def data_constrained(points: list[dict], out_dir: str) -> Figure:
     )
     header = ["run", "model", "params", "tokens", "unique_tokens", "measured_loss"]
     header += ["predicted_published", "predicted_refit"]
-    write_csv(os.path.join(out_dir, "data_constrained.csv"), header, points)
-    fig_info.csvs.append("data_constrained.csv")
+    fig_info.write_points(out_dir, header, points)
     if not points:
         fig_info.notes.append("no finished run with parameters, token counts and a test loss")
         return fig_info
@@ -705,7 +702,6 @@ def probes(runs, out_dir: str) -> Figure:
         fig_info.png = _save(fig, out_dir, fig_info.name)
     else:
         fig_info.notes.append("no probe scores in any results file (probes not run)")
-    write_csv(os.path.join(out_dir, "probes.csv"), header, rows)
-    fig_info.csvs.append("probes.csv")
+    fig_info.write_points(out_dir, header, rows)
     fig_info.n_points = len(rows)
     return fig_info
