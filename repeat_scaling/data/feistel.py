@@ -56,10 +56,10 @@ def _half_bits(n: int) -> int:
     return h
 
 
-def _feistel(x: np.ndarray, keys: np.ndarray, half_bits: int) -> np.ndarray:
-    """One pass of the balanced Feistel network over [0, 4**half_bits)."""
-    mask = np.uint64((1 << half_bits) - 1)
-    shift = np.uint64(half_bits)
+def _feistel(x: np.ndarray, keys: np.ndarray, half_bits: np.ndarray) -> np.ndarray:
+    """One pass of the balanced Feistel network over [0, 4**half_bits) (per element)."""
+    shift = np.asarray(half_bits, dtype=np.uint64)
+    mask = (np.uint64(1) << shift) - np.uint64(1)
     left = x >> shift
     right = x & mask
     with np.errstate(over="ignore"):
@@ -69,9 +69,9 @@ def _feistel(x: np.ndarray, keys: np.ndarray, half_bits: int) -> np.ndarray:
     return (left << shift) | right
 
 
-def _feistel_inverse(x: np.ndarray, keys: np.ndarray, half_bits: int) -> np.ndarray:
-    mask = np.uint64((1 << half_bits) - 1)
-    shift = np.uint64(half_bits)
+def _feistel_inverse(x: np.ndarray, keys: np.ndarray, half_bits: np.ndarray) -> np.ndarray:
+    shift = np.asarray(half_bits, dtype=np.uint64)
+    mask = (np.uint64(1) << shift) - np.uint64(1)
     left = x >> shift
     right = x & mask
     with np.errstate(over="ignore"):
@@ -81,19 +81,22 @@ def _feistel_inverse(x: np.ndarray, keys: np.ndarray, half_bits: int) -> np.ndar
     return (left << shift) | right
 
 
-def _walk(fn, x, n, key, domain_n):
+def _walk(fn, x, n, key):
     x = np.asarray(x)
     if x.size and (x.min() < 0 or np.any(x >= n)):
         bad = x[(x < 0) | (x >= n)].ravel()[0]
         raise ValueError(f"index {int(bad)} outside the permutation domain [0, {np.max(n)})")
-    half = _half_bits(int(domain_n))
     shape = x.shape
     out = x.astype(np.uint64).ravel()
     keys = np.broadcast_to(np.asarray(key, dtype=np.uint64), shape).ravel().copy()
     limit = np.broadcast_to(np.asarray(n, dtype=np.uint64), shape).ravel().copy()
+    # Each element's Feistel width comes from its OWN domain size, so an element's image
+    # never depends on which other elements (other blocks) share the call.
+    sizes, which = np.unique(limit, return_inverse=True)
+    half = np.array([_half_bits(int(m)) for m in sizes], dtype=np.uint64)[which]
     todo = np.arange(out.size)
     while todo.size:
-        out[todo] = fn(out[todo], keys[todo], half)
+        out[todo] = fn(out[todo], keys[todo], half[todo])
         todo = todo[out[todo] >= limit[todo]]
     return out.astype(np.int64).reshape(shape)
 
@@ -104,15 +107,16 @@ def permute(x: np.ndarray, n: int | np.ndarray, key: int | np.ndarray) -> np.nda
     Args:
       x: integer array of indices in ``[0, n)``.
       n: domain size (scalar, or an array broadcastable to ``x`` for per-element domains;
-        the Feistel width is taken from the largest).
+        each element's Feistel width comes from its own domain, so the result for one
+        element never depends on the others in the call).
       key: uint64 key (scalar or per element; see :func:`derive_key`).
 
     Returns:
       int64 array of the same shape: ``pi_key(x)``.
     """
-    return _walk(_feistel, x, n, key, np.max(n))
+    return _walk(_feistel, x, n, key)
 
 
 def invert(y: np.ndarray, n: int | np.ndarray, key: int | np.ndarray) -> np.ndarray:
     """Inverse of :func:`permute` with the same ``n`` and ``key``."""
-    return _walk(_feistel_inverse, y, n, key, np.max(n))
+    return _walk(_feistel_inverse, y, n, key)
