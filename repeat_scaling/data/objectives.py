@@ -774,7 +774,15 @@ class Objective:
 
 
 def make_objective(name: str, vocab: VocabInfo, arch: str, **options: Any) -> Objective:
-    """Build an :class:`Objective`; unknown options are an error naming them."""
+    """Build an :class:`Objective`; unknown options are an error naming them.
+
+    ``icl`` (fixed-length in-context-learning sequences, :mod:`repeat_scaling.data.icl_tasks`)
+    takes its own options.
+    """
+    if name == "icl":
+        from repeat_scaling.data.icl_tasks import make_icl_objective
+
+        return make_icl_objective(vocab, arch, **options)
     allowed = {
         "inputs_length",
         "targets_length",

@@ -36,12 +36,16 @@ class VocabError(ValueError):
     """A vocabulary spec or file that cannot be used (one-line message)."""
 
 
+VOCAB_KINDS = ("byte", "sentencepiece", "tokens")
+
+
 @dataclasses.dataclass(frozen=True)
 class VocabInfo:
     """Everything a consumer needs to know about a vocabulary, without loading it.
 
     Attributes:
-      kind: "byte" or "sentencepiece".
+      kind: "byte", "sentencepiece" or "tokens" (a synthetic id space with no text form,
+        e.g. the in-context-learning task stores; spec ``tokens:N``).
       path: the SentencePiece ``.model`` path (None for byte).
       sha256: hex digest of the ``.model`` file bytes (None for byte).
       vocab_size: number of ids including the extra ids (unpadded).
@@ -59,8 +63,8 @@ class VocabInfo:
     unk_id: int = UNK_ID
 
     def __post_init__(self):
-        if self.kind not in ("byte", "sentencepiece"):
-            raise VocabError(f"vocab kind {self.kind!r} is not one of 'byte', 'sentencepiece'")
+        if self.kind not in VOCAB_KINDS:
+            raise VocabError(f"vocab kind {self.kind!r} is not one of {VOCAB_KINDS}")
 
     def sentinel(self, k: int) -> int:
         """Id of extra id ``k`` (T5 sentinels count down from the end of the vocabulary)."""
@@ -71,6 +75,8 @@ class VocabInfo:
     @property
     def spec(self) -> str:
         """The spec string that :func:`load_vocab_info` accepts for this vocabulary."""
+        if self.kind == "tokens":
+            return f"tokens:{self.vocab_size}"
         return "byte" if self.kind == "byte" else str(self.path)
 
     @property
@@ -88,8 +94,8 @@ class VocabInfo:
         )
 
     def describe(self) -> str:
-        if self.kind == "byte":
-            return f"byte (vocab_size={self.vocab_size})"
+        if self.kind in ("byte", "tokens"):
+            return f"{self.kind} (vocab_size={self.vocab_size})"
         return f"sentencepiece {self.path} (sha256={str(self.sha256)[:12]}, vocab_size={self.vocab_size})"
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,6 +166,11 @@ def load_vocab_info(spec: str | VocabInfo) -> VocabInfo:
         raise VocabError(f"vocab spec {spec!r} must be 'byte' or a path to a SentencePiece .model")
     if spec == "byte":
         return VocabInfo(kind="byte", path=None, sha256=None, vocab_size=BYTE_VOCAB_SIZE)
+    if spec.startswith("tokens:"):
+        n = spec.split(":", 1)[1]
+        if not n.isdigit() or int(n) <= UNK_ID + 1:
+            raise VocabError(f"vocab spec {spec!r}: expected tokens:N with N > {UNK_ID + 1} ids")
+        return VocabInfo(kind="tokens", path=None, sha256=None, vocab_size=int(n), extra_ids=0)
     path = os.path.abspath(os.path.expanduser(spec))
     if not os.path.isfile(path):
         raise VocabError(

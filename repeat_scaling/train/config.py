@@ -32,12 +32,14 @@ import ml_collections
 from repeat_scaling.train import optimizers
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
-OBJECTIVES = ("span_corruption", "ul2", "causal_lm", "prefix_lm")
+OBJECTIVES = ("span_corruption", "ul2", "causal_lm", "prefix_lm", "supervised", "icl")
 OBJECTIVE_ARCHS = {
     "span_corruption": ("encoder_decoder",),
     "causal_lm": ("decoder_only",),
     "prefix_lm": ("encoder_decoder", "decoder_only"),
     "ul2": ("encoder_decoder", "decoder_only"),
+    "supervised": ("encoder_decoder", "decoder_only"),
+    "icl": ("decoder_only",),
 }
 
 
