@@ -146,3 +146,49 @@ def test_synthetic_language():
     assert sum(c for _, c in nxt.most_common(8)) > 0.5 * sum(nxt.values())
     # Bursts: some 6-gram repeats inside a document.
     assert any(len({tuple(s[i : i + 6]) for i in range(len(s) - 5)}) < len(s) - 5 for s in seq)
+
+
+def test_pystdlib_code_corpus(tmp_path):
+    import sys
+    import sysconfig
+
+    from repeat_scaling.data.sources import pystdlib_files
+
+    src = parse_source("pystdlib")
+    train, val = _docs(src, "train"), _docs(src, "validation")
+    ids = [d for d, _ in train]
+    assert ids == sorted(ids) and len(train) > 500 and 10 <= len(val) < len(train) // 10
+    assert "json/decoder.py" in {d for d, _ in train + val}
+    assert not any(
+        d.startswith("test/") or "/tests/" in d or "site-packages" in d for d, _ in train + val
+    )
+    root = sysconfig.get_paths()["stdlib"]
+    doc = dict(train + val)["json/decoder.py"]
+    with open(f"{root}/json/decoder.py", encoding="utf-8") as f:
+        assert doc == f.read()  # the whole file, verbatim
+    assert src.fingerprint()["python"] == sys.version
+    assert src.stats["undecodable_files_skipped"] == 0
+    capped = parse_source("pystdlib:max_docs=40")
+    assert len(_docs(capped, "train")) + len(_docs(capped, "validation")) == 40
+    assert capped.fingerprint() != src.fingerprint()
+    with_tests = pystdlib_files(include_tests=True)
+    assert len(with_tests) > len(pystdlib_files()) and any(
+        r.startswith("test/") for r, _ in with_tests
+    )
+    with pytest.raises(SourceError, match="unknown pystdlib parameter 'colour'"):
+        parse_source("pystdlib:colour=red")
+    with pytest.raises(SourceError, match="tests must be 0 or 1|tests 0 or 1"):
+        parse_source("pystdlib:tests=2")
+
+
+def test_pystdlib_skips_undecodable_files(monkeypatch, tmp_path):
+    from repeat_scaling.data import sources
+
+    (tmp_path / "good.py").write_text("x = 1\n")
+    (tmp_path / "bad.py").write_bytes(b"s = '\xe9'\n")
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "good.py").write_text("cached = 1\n")
+    monkeypatch.setattr(sources.sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    src = parse_source("pystdlib", validation_docs=1)
+    assert [d for d, _ in src._iter_native("train")] == ["good.py"]
+    assert src.stats["undecodable_files_skipped"] == 1

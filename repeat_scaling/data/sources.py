@@ -11,6 +11,8 @@ Source specs (what ``--source`` accepts):
   and ``tfds_dir:PATH``, a prepared TFDS directory (``tfds.builder_from_directory``).
 - ``builtin``: the interpreter's own documentation: every ``pydoc`` topic and, per
   standard-library module, its docstrings (read with ``ast``, nothing is imported).
+- ``pystdlib`` or ``pystdlib:key=value,...``: the Python standard library's own ``.py``
+  source files, a code corpus that needs no download (see :class:`PyStdlibSource`).
 - ``synthetic`` or ``synthetic:key=value,...``: a seeded toy language (see
   :class:`SyntheticSource`).
 
@@ -488,6 +490,119 @@ def _builtin_documents() -> tuple[tuple[tuple[str, str], ...], int]:
 
 
 # --------------------------------------------------------------------------------------
+# pystdlib: the standard library's own source code
+# --------------------------------------------------------------------------------------
+
+# Never part of the code corpus: installed third-party packages and bytecode caches.
+_PYSTDLIB_SKIP_DIRS = frozenset(["site-packages", "dist-packages", "__pycache__"])
+# The regression-test suites (Lib/test, */tests, idlelib/idle_test): excluded unless
+# ``tests=1``; they are larger than the library itself and full of deliberately odd files.
+_PYSTDLIB_TEST_DIRS = frozenset(["test", "tests", "idle_test"])
+
+
+def _parse_params(spec: str, rest: str, defaults: dict[str, Any], what: str) -> dict[str, Any]:
+    """``k=v,k=v`` after a spec's colon -> ``defaults`` updated, values cast to their types."""
+    p = dict(defaults)
+    for item in filter(None, rest.split(",")):
+        k, eq, v = item.partition("=")
+        k, v = k.strip(), v.strip()
+        if not eq:
+            raise SourceError(f"source {spec!r}: {what} parameters must be key=value, got {item!r}")
+        if k not in p:
+            raise SourceError(
+                f"source {spec!r}: unknown {what} parameter {k!r}; expected one of {sorted(p)}"
+            )
+        try:
+            p[k] = type(defaults[k])(v)
+        except ValueError:
+            raise SourceError(f"source {spec!r}: parameter {k}={v!r} is not a number") from None
+    return p
+
+
+def pystdlib_files(include_tests: bool = False) -> list[tuple[str, str]]:
+    """``(relative path, absolute path)`` of every stdlib ``.py`` file, sorted by relative path.
+
+    The root is ``sysconfig.get_paths()["stdlib"]``; ``site-packages``, ``dist-packages`` and
+    ``__pycache__`` are never walked; test-suite directories only with ``include_tests``.
+    Relative paths use ``/`` on every platform.
+    """
+    root = sysconfig.get_paths()["stdlib"]
+    skip = _PYSTDLIB_SKIP_DIRS | (frozenset() if include_tests else _PYSTDLIB_TEST_DIRS)
+    out = []
+    for d, dirs, files in os.walk(root):
+        dirs[:] = [x for x in dirs if x not in skip]
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(d, f)
+                out.append((os.path.relpath(path, root).replace(os.sep, "/"), path))
+    return sorted(out)
+
+
+class PyStdlibSource(Source):
+    """The Python standard library's ``.py`` files as a code corpus (Hernandez et al.'s
+    "fine-tune on Python" data, offline).
+
+    One document per file, in sorted order of the path relative to the stdlib root; the
+    document id is that relative path (``json/decoder.py``) and the text is the whole file.
+    Test suites (``test/``, ``tests/``, ``idle_test/`` directories) are excluded unless
+    ``tests=1``. Files that are not valid UTF-8 are skipped and counted in
+    ``stats["undecodable_files_skipped"]``. The validation split is the usual carve-out.
+    The fingerprint names the Python version and the file list's size, so a store made on
+    another interpreter is recognised as different. Python 3.11.7 without tests: 799 files,
+    12.6 MB. Spec parameters: ``pystdlib:max_docs=500,tests=0``.
+    """
+
+    kind = "pystdlib"
+    PARAMS = {"max_docs": 0, "tests": 0}
+
+    def __init__(self, spec: str, params: dict[str, Any] | None = None, **kw):
+        p = dict(self.PARAMS, **(params or {}))
+        if p["max_docs"] < 0 or p["tests"] not in (0, 1):
+            raise SourceError(f"source {spec!r}: max_docs must be >= 0 and tests 0 or 1")
+        if p["max_docs"] and kw.get("max_docs") is None:
+            kw["max_docs"] = p["max_docs"]
+        super().__init__(spec, **kw)
+        self.params = p
+        self.files = pystdlib_files(include_tests=bool(p["tests"]))
+        if not self.files:
+            raise SourceError(
+                f"source {spec!r}: no .py files under {sysconfig.get_paths()['stdlib']!r}"
+            )
+        self.stats["undecodable_files_skipped"] = 0
+
+    def native_splits(self):
+        return ("train",)
+
+    def fingerprint(self):
+        import sys
+
+        return {
+            "kind": self.kind,
+            "python": sys.version,
+            "stdlib": sysconfig.get_paths()["stdlib"],
+            "files": len(self.files),
+            "bytes": sum(os.path.getsize(p) for _, p in self.files),
+            **self.params,
+        }
+
+    def size(self) -> dict[str, int]:
+        """``{"files", "bytes"}`` of the whole corpus on disk (before any cap or carve-out)."""
+        return {"files": len(self.files), "bytes": sum(os.path.getsize(p) for _, p in self.files)}
+
+    def _iter_native(self, split):
+        self.stats["undecodable_files_skipped"] = 0
+        for rel, path in self.files:
+            with open(path, "rb") as f:
+                data = f.read()
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                self.stats["undecodable_files_skipped"] += 1
+                continue
+            yield rel, text
+
+
+# --------------------------------------------------------------------------------------
 # synthetic toy language
 # --------------------------------------------------------------------------------------
 
@@ -631,7 +746,7 @@ def parse_source(
     if not isinstance(spec, str) or not spec.strip():
         raise SourceError(
             "source spec is empty; expected json:GLOB, text:GLOB, tfds:NAME:VERSION, "
-            "tfds_dir:PATH, builtin or synthetic"
+            "tfds_dir:PATH, builtin, pystdlib or synthetic"
         )
     kind, _, rest = spec.partition(":")
     common = {"validation_docs": validation_docs, "max_docs": max_docs}
@@ -653,16 +768,14 @@ def parse_source(
     if kind == "builtin" and not rest:
         return BuiltinSource(spec, **common)
     if kind == "synthetic":
-        params = {}
-        for item in filter(None, rest.split(",")):
-            k, eq, v = item.partition("=")
-            if not eq:
-                raise SourceError(
-                    f"source {spec!r}: synthetic parameters must be key=value, got {item!r}"
-                )
-            params[k.strip()] = v.strip()
-        return SyntheticSource(spec, params, **common)
+        return SyntheticSource(
+            spec, _parse_params(spec, rest, SyntheticSource.PARAMS, kind), **common
+        )
+    if kind == "pystdlib":
+        return PyStdlibSource(
+            spec, _parse_params(spec, rest, PyStdlibSource.PARAMS, kind), **common
+        )
     raise SourceError(
         f"unknown source {spec!r}; expected json:GLOB, text:GLOB, tfds:NAME:VERSION, "
-        "tfds_dir:PATH, builtin or synthetic[:k=v,...]"
+        "tfds_dir:PATH, builtin, pystdlib[:k=v,...] or synthetic[:k=v,...]"
     )
