@@ -7,7 +7,11 @@ A run directory (DESIGN.md, "Workdir layout") holds:
   repeated fraction and epochs, token totals);
 - ``eval/results.jsonl``: one JSON object per evaluated checkpoint (``step``,
   ``tokens_seen``, ``test_loss``, probe scores, ...);
-- ``train/metrics.jsonl``: one JSON object per logged training step.
+- ``train/metrics.jsonl``: one JSON object per logged training step;
+- ``init_from.json`` (fine-tuned runs only): where the run's parameters came from
+  (``path`` of the source workdir, ``kind`` "run" or "huggingface", ``step``,
+  ``model`` and ``source_config``: the source run's config ``data`` block); the same
+  object may instead sit under ``config.json`` ``derived.init_from``.
 
 Nothing here is fatal: a missing file, a corrupt JSON line or a non-numeric metric is
 recorded as a problem on the run (a one-line message naming the file and line) and the
@@ -111,6 +115,7 @@ class Run:
     metrics: list[dict] = dataclasses.field(default_factory=list)
     problems: list[str] = dataclasses.field(default_factory=list)
     param_key: str = "non_embedding"
+    init_from: dict | None = None  # init_from.json of a fine-tuned run, else None
 
     # ----- identity -------------------------------------------------------------------
     @property
@@ -236,6 +241,58 @@ class Run:
         f = self.repeated_fraction
         return "unique" if f == 0 else f"f={f:g} E={self.repeated_epochs:g}"
 
+    # ----- fine-tuning ----------------------------------------------------------------
+    @property
+    def data_key(self) -> str:
+        """The training data's identity: ``data.store`` (normalised), else ``data.source``."""
+        data = self._section("data")
+        store = data.get("store")
+        if isinstance(store, str) and store:
+            return os.path.normpath(store)
+        return str(data.get("source") or "unknown")
+
+    @property
+    def source_path(self) -> str | None:
+        """Workdir (or Hugging Face directory) a fine-tuned run started from."""
+        path = (self.init_from or {}).get("path")
+        return str(path) if path else None
+
+    @property
+    def source_step(self) -> int | None:
+        step = _finite((self.init_from or {}).get("step"))
+        return int(step) if step is not None else None
+
+    def _source_data(self, key: str) -> float | None:
+        block = (self.init_from or {}).get("source_config")
+        return _finite(block.get(key)) if isinstance(block, dict) else None
+
+    @property
+    def pretrain_setting(self) -> str:
+        """Pre-training repetition label of a fine-tuned run (from init_from.json)."""
+        if not self.init_from:
+            return "from scratch"
+        if self.init_from.get("kind") == "huggingface":
+            return f"HF {os.path.basename(os.path.normpath(self.source_path or '?'))}"
+        f = self._source_data("repeated_fraction")
+        if f is None:
+            return "pre-trained (setting unknown)"
+        if f == 0:
+            return "unique"
+        e = self._source_data("repeated_epochs")
+        return f"f={f:g} E={e:g}" if e is not None else f"f={f:g}"
+
+    @property
+    def pretrain_fraction(self) -> float | None:
+        return self._source_data("repeated_fraction") if self.init_from else None
+
+    @property
+    def pretrain_epochs(self) -> float | None:
+        if not self.init_from:
+            return None
+        if self._source_data("repeated_fraction") == 0:
+            return 1.0
+        return self._source_data("repeated_epochs")
+
     # ----- progress -------------------------------------------------------------------
     @property
     def last_step(self) -> int | None:
@@ -305,6 +362,16 @@ class Run:
         return max(ys) if higher_is_better else min(ys)
 
 
+def _read_init_from(path: str, config: dict, problems: list[str]) -> dict | None:
+    """A fine-tuned run's init_from.json, else config.json derived.init_from, else None."""
+    file = os.path.join(path, "init_from.json")
+    if os.path.exists(file):
+        return _read_json(file, problems)
+    derived = config.get("derived")
+    value = derived.get("init_from") if isinstance(derived, dict) else None
+    return value if isinstance(value, dict) and value else None
+
+
 def load_run(path: str, param_key: str = "non_embedding") -> Run:
     """Load one run directory; never raises for missing or corrupt files."""
     if param_key not in PARAM_KEYS:
@@ -319,6 +386,7 @@ def load_run(path: str, param_key: str = "non_embedding") -> Run:
     plan_problems: list[str] = []
     run.data_plan = _read_json(os.path.join(path, "data_plan.json"), plan_problems)
     run.problems.extend(plan_problems)
+    run.init_from = _read_init_from(path, run.config, run.problems)
     results_path = os.path.join(path, "eval", "results.jsonl")
     if not os.path.exists(results_path):
         run.problems.append(f"{results_path}: file missing (not evaluated yet)")
