@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from repeat_scaling import workdir_io
 from repeat_scaling.train import state as state_lib
 
 PARAMS = "params"
@@ -34,7 +35,8 @@ class CheckpointError(RuntimeError):
 
 
 def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
-    return pathlib.Path(workdir).absolute() / "checkpoints"
+    """``workdir/checkpoints`` (absolute local path, or an epath for a gs:// workdir)."""
+    return workdir_io.workdir_path(workdir) / "checkpoints"
 
 
 class Checkpointer:
@@ -158,7 +160,7 @@ def restore_params(
     """
     from repeat_scaling import sharding
 
-    workdir = pathlib.Path(workdir)
+    workdir = workdir_io.workdir_path(workdir)
     rules = sharding.DEFAULT_RULES if rules is None else rules
     cfg = model_config if model_config is not None else _read_model_config(workdir)
     if mesh is None:
