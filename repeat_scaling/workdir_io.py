@@ -1,0 +1,313 @@
+"""Workdir paths: a local directory or a ``gs://bucket/path`` URL, one small API.
+
+Every file the trainer, evaluator, launcher and status tool keep in a run's workdir
+(``config.json``, ``data_plan.json``, ``train/metrics.jsonl``, ``tensorboard/``,
+``eval/results.jsonl`` and its lock, orbax checkpoints) goes through this module, so a
+workdir may live on the local file system or directly in Google Cloud Storage.
+
+* :func:`workdir_path` turns a string into a path object: a ``pathlib.Path`` (made
+  absolute) for local paths, an ``etils.epath.Path`` for ``gs://`` URLs. Both have the
+  pathlib API (``/``, ``read_text``, ``write_text``, ``exists``, ``is_dir``, ``iterdir``,
+  ``mkdir``, ``name``), and orbax takes either as a checkpoint directory.
+* gs:// goes through fsspec + gcsfs (``pip install gcsfs``), never TensorFlow: this
+  module sets ``EPATH_USE_TF=false`` (etils would otherwise pick ``tf.io.gfile`` whenever
+  TensorFlow is installed) and turns off gcsfs's directory-listing cache, so a process
+  polling a workdir (the evaluator, ``launch/status.py``) sees objects that other
+  processes wrote. Credentials: the usual Google application-default credentials (a TPU
+  VM's service account, ``gcloud auth application-default login``); tensorstore (orbax's
+  array storage) uses the same.
+* Atomic writes (:func:`write_text_atomic`): locally a temporary file renamed over the
+  target; on GCS a single object upload, which is atomic per object.
+* JSONL appends (:class:`JsonlAppender`): object stores cannot append, so on GCS the
+  appender keeps the file's lines in memory and re-uploads the whole object on
+  ``flush()`` (at most every ``flush_seconds``, and on ``close()``). A killed process
+  loses at most the lines since the last flush; they are re-logged after resume.
+  Locally each line is appended and flushed at once, as before.
+* Token stores are memory-mapped and must be local: :func:`require_local` gives the
+  one-line error for a URL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import threading
+import time
+from typing import Any, Union
+
+GCS_PREFIX = "gs://"
+
+#: A workdir path: ``pathlib.Path`` for local paths, ``etils.epath.Path`` for gs:// URLs.
+WPath = Union[pathlib.Path, Any]  # noqa: UP007  (epath.Path is imported lazily)
+
+
+class WorkdirError(ValueError):
+    """A workdir (or other path) that cannot be used; one-line message."""
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """True for ``scheme://...`` strings (and gs:// epath objects)."""
+    return "://" in str(path)
+
+
+def is_gcs(path: str | os.PathLike) -> bool:
+    return str(path).startswith(GCS_PREFIX)
+
+
+_configured = False
+
+
+def configure_gcs() -> None:
+    """Route gs:// through fsspec/gcsfs without TensorFlow and without stale listings.
+
+    Idempotent; call before the first gs:// access of the process (``workdir_path`` does).
+    """
+    global _configured
+    if _configured:
+        return
+    os.environ.setdefault("EPATH_USE_TF", "false")
+    try:
+        from etils.epath import gpath
+
+        gpath._is_tf_installed.cache_clear()  # re-read EPATH_USE_TF
+    except (ImportError, AttributeError):
+        pass
+    try:
+        import fsspec.config
+    except ImportError as e:
+        raise WorkdirError(
+            "gs:// workdirs need fsspec and gcsfs; install them with `pip install gcsfs`"
+        ) from e
+    gs = fsspec.config.conf.setdefault("gs", {})
+    gs.setdefault("use_listings_cache", False)
+    _configured = True
+
+
+def workdir_path(path: str | os.PathLike, *, what: str = "--workdir") -> WPath:
+    """``path`` as a path object: absolute ``pathlib.Path`` or ``epath.Path`` for gs://.
+
+    Other URL schemes are refused with a one-line :class:`WorkdirError` naming ``what``.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        return path  # already an epath.Path
+    text = os.fspath(path)
+    if is_gcs(text):
+        if len(text.rstrip("/")) <= len(GCS_PREFIX):
+            raise WorkdirError(f"{what}={text!r}: expected gs://BUCKET/PATH")
+        configure_gcs()
+        from etils import epath
+
+        return epath.Path(text.rstrip("/"))
+    if is_url(text):
+        raise WorkdirError(
+            f"{what}={text!r}: unsupported URL scheme; expected a local path or gs://BUCKET/PATH"
+        )
+    return pathlib.Path(text).absolute()
+
+
+def require_local(path: str | os.PathLike, what: str) -> pathlib.Path:
+    """``path`` as a local ``pathlib.Path``; a URL is a one-line :class:`WorkdirError`."""
+    if is_url(path):
+        raise WorkdirError(
+            f"{what}={str(path)!r} is a URL; expected a local directory "
+            "(token stores are memory-mapped: copy the store to local disk first)"
+        )
+    return pathlib.Path(path)
+
+
+def join(root: str, *parts: str) -> str:
+    """``root/part/...`` as a string, for local paths and URLs alike."""
+    return "/".join([str(root).rstrip("/"), *parts])
+
+
+# ----------------------------------------------------------------------------------
+# Whole-file reads and writes
+# ----------------------------------------------------------------------------------
+def write_text_atomic(path: WPath, text: str) -> None:
+    """Replace ``path`` with ``text`` so readers see the old or the new file, never half.
+
+    Local: write ``<name>.tmp`` then rename. GCS: one object upload (atomic per object).
+    Parent directories are created locally.
+    """
+    if isinstance(path, pathlib.Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    else:
+        path.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: WPath, obj: Any, *, default: Any = None) -> None:
+    """``obj`` as indented, key-sorted JSON (plus newline), written atomically."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=default) + "\n")
+
+
+def read_text(path: WPath, default: str | None = None) -> str | None:
+    """The file's text, or ``default`` when it does not exist."""
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except (FileNotFoundError, NotADirectoryError):
+        return default
+
+
+def mkdirs(path: WPath) -> None:
+    """``mkdir -p`` locally; nothing on GCS (objects need no directories)."""
+    if isinstance(path, pathlib.Path):
+        path.mkdir(parents=True, exist_ok=True)
+
+
+# ----------------------------------------------------------------------------------
+# JSONL appends
+# ----------------------------------------------------------------------------------
+class JsonlAppender:
+    """Appends lines to a text file; on GCS by re-uploading the whole object on flush.
+
+    Args:
+      path: the file (local or gs://).
+      flush_seconds: on GCS, ``write_line`` uploads when this long has passed since the
+        last upload (0 = upload on every line). Locally every line is flushed at once.
+    """
+
+    def __init__(self, path: WPath, *, flush_seconds: float = 30.0):
+        self.path = path
+        self.local = isinstance(path, pathlib.Path)
+        self.flush_seconds = float(flush_seconds)
+        self._file = None
+        self._lines: list[str] = []
+        self._dirty = False
+        self._last_flush = time.monotonic()
+        if self.local:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        else:
+            text = read_text(path, "")
+            self._lines = [s + "\n" for s in text.splitlines() if s.strip()]
+
+    def write_line(self, line: str) -> None:
+        """Append one line (a newline is added)."""
+        line = line.rstrip("\n") + "\n"
+        if self._file is not None:
+            self._file.write(line)
+            return
+        self._lines.append(line)
+        self._dirty = True
+        if time.monotonic() - self._last_flush >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+        elif self._dirty:
+            self.path.write_text("".join(self._lines), encoding="utf-8")
+            self._dirty = False
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        else:
+            self.flush()
+
+
+def append_line(path: WPath, line: str) -> None:
+    """Append one line now (on GCS: read, extend, re-upload the object)."""
+    appender = JsonlAppender(path, flush_seconds=0.0)
+    appender.write_line(line)
+    appender.close()
+
+
+# ----------------------------------------------------------------------------------
+# A writer lock on GCS
+# ----------------------------------------------------------------------------------
+class GcsLockError(RuntimeError):
+    """Another live process holds the lock object."""
+
+
+class GcsLock:
+    """Best-effort exclusive lock: an object ``{"owner", "heartbeat"}`` at ``path``.
+
+    ``acquire`` creates the object with the precondition ``ifGenerationMatch=0`` (GCS
+    rejects the upload if the object exists, so two processes racing for a free lock
+    cannot both win). A daemon thread rewrites the heartbeat every ``heartbeat_s``; a lock
+    whose heartbeat is older than ``stale_s`` (the holder was killed without releasing
+    it), or whose owner is a dead process on this host, is taken over. ``release``
+    deletes the object. Best effort: clock skew between hosts beyond ``stale_s`` or a
+    paused holder can let two writers overlap; the results writer still never
+    duplicates a step within one process.
+    """
+
+    def __init__(self, path: WPath, *, heartbeat_s: float = 60.0, stale_s: float = 300.0):
+        self.path = path
+        self.heartbeat_s = heartbeat_s
+        self.stale_s = stale_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _fs_path(self) -> tuple[Any, str]:
+        import fsspec
+
+        text = str(self.path)
+        return fsspec.filesystem("gs"), text[len(GCS_PREFIX) :]
+
+    def _record(self) -> bytes:
+        return json.dumps({"owner": self.owner, "heartbeat": time.time()}).encode()
+
+    def _holder_alive(self, record: dict[str, Any]) -> bool:
+        owner = str(record.get("owner", ""))
+        host, _, pid = owner.rpartition(":")
+        if host == socket.gethostname() and pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True
+        beat = record.get("heartbeat")
+        return isinstance(beat, (int, float)) and time.time() - beat < self.stale_s
+
+    def acquire(self) -> None:
+        fs, key = self._fs_path()
+        try:
+            record = json.loads(fs.cat_file(key))
+        except FileNotFoundError:
+            record = None
+        except ValueError:
+            record = {}
+        if record is not None:
+            if self._holder_alive(record):
+                raise GcsLockError(
+                    f"lock {self.path} is held by {record.get('owner', '?')} "
+                    f"(heartbeat {time.time() - float(record.get('heartbeat', 0)):.0f} s ago)"
+                )
+            fs.rm_file(key)
+        try:
+            fs.pipe_file(key, self._record(), mode="create")
+        except (FileExistsError, OSError) as e:
+            raise GcsLockError(f"lock {self.path} was taken by another process ({e})") from None
+        self._thread = threading.Thread(target=self._beat, name="gcs-lock", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        fs, key = self._fs_path()
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                fs.pipe_file(key, self._record())
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._thread = None
+        fs, key = self._fs_path()
+        try:
+            fs.rm_file(key)
+        except FileNotFoundError:
+            pass
