@@ -304,6 +304,78 @@ def span_corrupt_batch(
     return np.concatenate(parts, axis=1), np.concatenate([targets, eos], axis=1)
 
 
+# --------------------------------------------------------------------------- layout
+def layout_examples(
+    ins: np.ndarray,
+    li: np.ndarray,
+    tgs: np.ndarray,
+    lt: np.ndarray,
+    *,
+    arch: str,
+    inputs_length: int | None,
+    targets_length: int | None,
+    length: int | None,
+    pack: bool,
+) -> dict[str, np.ndarray]:
+    """Features of one (inputs, targets) example per row, vectorised.
+
+    Row ``r`` holds ``ins[r, :li[r]]`` and ``tgs[r, :lt[r]]`` (each ending with EOS).
+    encoder_decoder: T5X features at ``inputs_length`` / ``targets_length`` (decoder inputs
+    = targets shifted right from 0; segment ids and positions when ``pack``). decoder_only
+    (T5X prefix LM): one sequence ``inputs ++ targets`` of ``length``, loss on the targets,
+    ``decoder_causal_attention`` = 1 on the inputs and one position to their right.
+    """
+    n = ins.shape[0]
+    if arch == "encoder_decoder":
+        n_in, n_tg = inputs_length, targets_length
+        enc = np.zeros((n, n_in), np.int32)
+        enc[:, : min(n_in, ins.shape[1])] = ins[:, :n_in]
+        dec_t = np.zeros((n, n_tg), np.int32)
+        dec_t[:, : min(n_tg, tgs.shape[1])] = tgs[:, :n_tg]
+        dec_i = np.zeros_like(dec_t)
+        dec_i[:, 1:] = dec_t[:, :-1]
+        out = {
+            "encoder_input_tokens": enc,
+            "decoder_input_tokens": dec_i,
+            "decoder_target_tokens": dec_t,
+            "decoder_loss_weights": (dec_t != 0).astype(np.float32),
+        }
+        if pack:
+            ar_i, ar_t = np.arange(n_in), np.arange(n_tg)
+            es = (ar_i < li[:, None]).astype(np.int32)
+            ds = (ar_t < lt[:, None]).astype(np.int32)
+            out.update(
+                encoder_segment_ids=es,
+                encoder_positions=(ar_i * es).astype(np.int32),
+                decoder_segment_ids=ds,
+                decoder_positions=(ar_t * ds).astype(np.int32),
+            )
+        return out
+    S = length
+    ar = np.arange(S)
+    total = li + lt
+    in_part = ar < li[:, None]
+    t_idx = np.clip(ar[None, :] - li[:, None], 0, tgs.shape[1] - 1)
+    seq = np.where(
+        in_part,
+        ins[:, np.clip(ar, 0, ins.shape[1] - 1)],
+        np.take_along_axis(tgs, t_idx, axis=1),
+    )
+    valid = ar < total[:, None]
+    seq = np.where(valid, seq, 0).astype(np.int32)
+    dec_i = np.zeros_like(seq)
+    dec_i[:, 1:] = seq[:, :-1]
+    seg = valid.astype(np.int32)
+    return {
+        "decoder_input_tokens": dec_i,
+        "decoder_target_tokens": seq,
+        "decoder_loss_weights": (valid & ~in_part).astype(np.float32),
+        "decoder_segment_ids": seg,
+        "decoder_positions": (ar * seg).astype(np.int32),
+        "decoder_causal_attention": ((ar <= li[:, None]) & valid).astype(np.int32),
+    }
+
+
 # --------------------------------------------------------------------------- the objective
 class Objective:
     """A configured objective; see the module docstring. Build with :func:`make_objective`.
@@ -631,55 +703,17 @@ class Objective:
 
     def _layout(self, ins, li, tgs, lt) -> dict[str, np.ndarray]:
         """Vectorised layout of one example per row (lengths ``li``/``lt`` per row)."""
-        n = ins.shape[0]
-        if self.arch == "encoder_decoder":
-            n_in, n_tg = self.inputs_length, self.targets_length
-            enc = np.zeros((n, n_in), np.int32)
-            enc[:, : min(n_in, ins.shape[1])] = ins[:, :n_in]
-            dec_t = np.zeros((n, n_tg), np.int32)
-            dec_t[:, : min(n_tg, tgs.shape[1])] = tgs[:, :n_tg]
-            dec_i = np.zeros_like(dec_t)
-            dec_i[:, 1:] = dec_t[:, :-1]
-            out = {
-                "encoder_input_tokens": enc,
-                "decoder_input_tokens": dec_i,
-                "decoder_target_tokens": dec_t,
-                "decoder_loss_weights": (dec_t != 0).astype(np.float32),
-            }
-            if self.pack:
-                ar_i, ar_t = np.arange(n_in), np.arange(n_tg)
-                es = (ar_i < li[:, None]).astype(np.int32)
-                ds = (ar_t < lt[:, None]).astype(np.int32)
-                out.update(
-                    encoder_segment_ids=es,
-                    encoder_positions=(ar_i * es).astype(np.int32),
-                    decoder_segment_ids=ds,
-                    decoder_positions=(ar_t * ds).astype(np.int32),
-                )
-            return out
-        S = self.length
-        ar = np.arange(S)
-        total = li + lt
-        in_part = ar < li[:, None]
-        t_idx = np.clip(ar[None, :] - li[:, None], 0, tgs.shape[1] - 1)
-        seq = np.where(
-            in_part,
-            ins[:, np.clip(ar, 0, ins.shape[1] - 1)],
-            np.take_along_axis(tgs, t_idx, axis=1),
+        return layout_examples(
+            ins,
+            li,
+            tgs,
+            lt,
+            arch=self.arch,
+            inputs_length=self.inputs_length,
+            targets_length=self.targets_length,
+            length=self.length,
+            pack=self.pack,
         )
-        valid = ar < total[:, None]
-        seq = np.where(valid, seq, 0).astype(np.int32)
-        dec_i = np.zeros_like(seq)
-        dec_i[:, 1:] = seq[:, :-1]
-        seg = valid.astype(np.int32)
-        return {
-            "decoder_input_tokens": dec_i,
-            "decoder_target_tokens": seq,
-            "decoder_loss_weights": (valid & ~in_part).astype(np.float32),
-            "decoder_segment_ids": seg,
-            "decoder_positions": (ar * seg).astype(np.int32),
-            "decoder_causal_attention": ((ar <= li[:, None]) & valid).astype(np.int32),
-        }
 
     # ------------------------------------------------------------------ packed
     def _packed(self, chunks: np.ndarray, slots: np.ndarray, seed: int):
@@ -777,12 +811,18 @@ def make_objective(name: str, vocab: VocabInfo, arch: str, **options: Any) -> Ob
     """Build an :class:`Objective`; unknown options are an error naming them.
 
     ``icl`` (fixed-length in-context-learning sequences, :mod:`repeat_scaling.data.icl_tasks`)
-    takes its own options.
+    takes its own options; so does ``supervised`` (the (inputs, targets) examples of a
+    downstream task's pairs store, :mod:`repeat_scaling.data.supervised`), which needs
+    ``store_manifest``.
     """
     if name == "icl":
         from repeat_scaling.data.icl_tasks import make_icl_objective
 
         return make_icl_objective(vocab, arch, **options)
+    if name == "supervised":
+        from repeat_scaling.data.supervised import make_supervised_objective
+
+        return make_supervised_objective(vocab, arch, **options)
     allowed = {
         "inputs_length",
         "targets_length",
