@@ -5,6 +5,12 @@
   are dropped (they belong to the lost part of the interrupted run), so the file always
   describes one consistent run.
 * ``workdir/tensorboard/``: a tensorboardX event writer with the same scalars.
+
+The workdir may be a gs:// URL (:mod:`repeat_scaling.workdir_io`): the JSONL files are
+then re-uploaded whole at most every ``flush_seconds`` (object stores cannot append) and
+on close; tensorboardX writes gs:// event files itself through google-cloud-storage
+(re-uploading the event file on each of its flushes, every 120 s); without that package
+TensorBoard output is skipped with one log line.
 * Progress: a tqdm bar with ETA when stderr is a terminal, plain log lines otherwise.
 
 Throughput: ``tokens_per_s`` counts all processed tokens (encoder + decoder for
@@ -17,11 +23,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
 import sys
 import time
 from typing import Any
+
+from repeat_scaling import workdir_io
 
 FIELDS = (
     "step",
@@ -85,20 +92,19 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def truncate_jsonl(path: pathlib.Path, max_step: int) -> None:
+def truncate_jsonl(path: workdir_io.WPath, max_step: int) -> None:
     """Drop lines with ``step > max_step`` (and unreadable lines), atomically."""
-    if not path.is_file():
+    text = workdir_io.read_text(path)
+    if text is None:
         return
     keep = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             if json.loads(line)["step"] <= max_step:
                 keep.append(line)
         except (ValueError, KeyError, TypeError):
             continue
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(k + "\n" for k in keep))
-    os.replace(tmp, path)
+    workdir_io.write_text_atomic(path, "".join(k + "\n" for k in keep))
 
 
 class MetricsWriter:
@@ -112,21 +118,20 @@ class MetricsWriter:
         start_step: int,
         is_primary: bool = True,
         progress_bar: str = "auto",
+        flush_seconds: float = 30.0,
     ):
-        self.workdir = pathlib.Path(workdir)
+        self.workdir = workdir_io.workdir_path(workdir)
         self.is_primary = is_primary
         self.total_steps = total_steps
         self.path = self.workdir / "train" / "metrics.jsonl"
         self._tb = None
         self._file = None
         if is_primary:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            workdir_io.mkdirs(self.path.parent)
             truncate_jsonl(self.path, start_step)
             truncate_jsonl(self.workdir / "train" / "eval.jsonl", start_step)
-            self._file = open(self.path, "a", buffering=1)  # noqa: SIM115
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+            self._file = workdir_io.JsonlAppender(self.path, flush_seconds=flush_seconds)
+            self._tb = _summary_writer(self.workdir / "tensorboard")
         use_bar = {"on": True, "off": False}.get(progress_bar, sys.stderr.isatty())
         self._bar = None
         if use_bar and is_primary:
@@ -139,7 +144,7 @@ class MetricsWriter:
         record = {k: _clean(v) for k, v in record.items()}
         step = int(record["step"])
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
+            self._file.write_line(json.dumps(record))
         if self._tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, int | float) and v is not None:
@@ -169,8 +174,14 @@ class MetricsWriter:
                 self._tb.add_scalar(f"eval/{k}", v, step)
         if self.is_primary:
             path = self.workdir / "train" / "eval.jsonl"
-            with open(path, "a") as f:
-                f.write(json.dumps({"step": step, **values}) + "\n")
+            workdir_io.append_line(path, json.dumps({"step": step, **values}))
+
+    def flush(self) -> None:
+        """Push buffered lines (on GCS: re-upload ``metrics.jsonl``) and TB events."""
+        if self._file is not None:
+            self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
 
     def close(self) -> None:
         if self._bar is not None:
@@ -179,3 +190,14 @@ class MetricsWriter:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _summary_writer(logdir: workdir_io.WPath) -> Any:
+    """A tensorboardX writer for ``logdir`` (local or gs://), or None with one log line."""
+    from tensorboardX import SummaryWriter
+
+    try:
+        return SummaryWriter(str(logdir))
+    except ImportError as e:  # gs:// without google-cloud-storage
+        print(f"tensorboard: skipped ({e})", file=sys.stderr, flush=True)
+        return None
