@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from repeat_scaling import sharding
+from repeat_scaling import sharding, workdir_io
 from repeat_scaling.train import checkpointing, distributed, metrics, optimizers
 from repeat_scaling.train import config as config_lib
 from repeat_scaling.train import state as state_lib
@@ -79,7 +79,7 @@ def open_store(data: Any):
     """Open ``data.store``; prepare it from ``data.source``/``data.vocab`` if missing."""
     from repeat_scaling.data.store import TokenStore
 
-    path = pathlib.Path(data.store)
+    path = workdir_io.require_local(data.store, "data.store")
     if not (path / "manifest.json").is_file():
         if not data.source:
             raise config_lib.ConfigError(
@@ -183,10 +183,9 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
-def write_json(path: pathlib.Path, obj: Any) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
-    tmp.replace(path)
+def write_json(path: workdir_io.WPath, obj: Any) -> None:
+    """Atomic JSON write (local temp + rename; one object upload on gs://)."""
+    workdir_io.write_json_atomic(path, obj, default=_json_default)
 
 
 def resolved_config(config: Any, model_cfg: Any, derived: dict[str, Any]) -> dict[str, Any]:
@@ -249,7 +248,7 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
 
     Returns a summary dict (``final_step``, ``last_metrics``, ``resumed_from``).
     """
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = workdir_io.workdir_path(workdir)  # absolute local path or gs:// epath
     model_cfg = config_lib.validate(
         config, num_devices=jax.device_count(), process_count=jax.process_count()
     )
@@ -258,7 +257,7 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     derived = derived_facts(config, model_cfg, objective)
     primary = jax.process_index() == 0
     if primary:
-        workdir.mkdir(parents=True, exist_ok=True)
+        workdir_io.mkdirs(workdir)
         write_json(workdir / "config.json", resolved_config(config, model_cfg, derived))
         summary = dict(plan.summary())
         tpe = int(objective.tokens_per_example)
