@@ -17,7 +17,6 @@ work (everything that can fail on bad input fails before anything is compiled):
 
 from __future__ import annotations
 
-import json
 import pathlib
 import signal
 import subprocess
