@@ -35,11 +35,12 @@ def main(argv: list[str]) -> None:
         _fail("--config is required (e.g. --config=configs/demo.py)")
     if not FLAGS.workdir:
         _fail("--workdir is required (the run directory)")
-    if "://" in FLAGS.workdir:
-        _fail(
-            f"--workdir={FLAGS.workdir!r} is a URL; expected a file-system path "
-            "(mount a bucket with gcsfuse and pass the mount path)"
-        )
+    from repeat_scaling import workdir_io
+
+    try:  # a local path or gs://BUCKET/PATH; other URL schemes are refused here
+        workdir_io.workdir_path(FLAGS.workdir)
+    except workdir_io.WorkdirError as e:
+        _fail(str(e))
     # Imports after flag parsing: jax must not start a backend before distributed init.
     from repeat_scaling.train import distributed
 
@@ -54,7 +55,13 @@ def main(argv: list[str]) -> None:
 
     try:
         summary = loop.train(FLAGS.config, FLAGS.workdir)
-    except (ConfigError, StoreError, checkpointing.CheckpointError, loop.NonFiniteLossError) as e:
+    except (
+        ConfigError,
+        StoreError,
+        workdir_io.WorkdirError,
+        checkpointing.CheckpointError,
+        loop.NonFiniteLossError,
+    ) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except loop.Preempted as e:
         print(str(e), file=sys.stderr, flush=True)
