@@ -4,7 +4,10 @@
 loaded runs in, ``report.md`` + ``*.png`` + ``*.csv`` out. The Markdown embeds each
 figure with its caption and CSV, tabulates the power-law and data-constrained fits, and
 lists what is missing (runs not started or still training, empty sweep cells, corrupt
-or absent files, figures that could not be drawn and why).
+or absent files, figures that could not be drawn and why). Fine-tuned runs (with
+``init_from.json``) and their from-scratch companions are split off first
+(``finetune.split_runs``) and get their own section; the pre-training analyses see only
+the other runs.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import os
 from collections.abc import Sequence
 
 from repeat_scaling.report import data_constrained as dc
-from repeat_scaling.report import figures
+from repeat_scaling.report import figures, finetune
 from repeat_scaling.report import fits as fits_lib
 from repeat_scaling.report import runs as runs_lib
 
@@ -114,7 +117,9 @@ def write_report(
 ) -> ReportSummary:
     """Write report.md, every figure (PNG) and every CSV into ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
-    runs = list(runs)
+    all_runs = list(runs)
+    ft = finetune.analyse(all_runs, out_dir, all_runs[0].param_key if all_runs else "non_embedding")
+    runs = ft.pretrain_runs
     effective, baselines = fits_lib.effective_size_rows(runs)
     rows = figures.run_rows(runs, effective)
     points = data_constrained_points(runs)
@@ -155,12 +160,12 @@ def write_report(
 
     # ----- what is missing -------------------------------------------------------------
     missing: list[str] = list(load_problems)
-    for r in runs:
+    for r in all_runs:
         if not r.finished:
             missing.append(f"run {r.name}: {r.progress()}")
     # Cells of the inferred grid (model sizes x repetition settings per family).
     missing += [f"sweep cell {cell}" for cell in runs_lib.missing_grid_cells(runs)]
-    for r in runs:
+    for r in all_runs:
         missing += [f"run {r.name}: {p}" for p in r.problems if "file missing" not in p]
     for fig in figs:
         missing += [f"figure {fig.name}: {note}" for note in fig.notes]
@@ -180,19 +185,20 @@ def write_report(
         missing.append("effective sizes: no finished unique-data (f = 0) baseline runs")
     if refit_failure:
         missing.append(f"data-constrained refit: {refit_failure}")
+    missing += ft.missing
     # Files absent in otherwise existing runs (e.g. a run without data_plan.json).
-    for r in runs:
+    for r in all_runs:
         if r.config is not None:
             missing += [f"run {r.name}: {p}" for p in r.problems if "file missing" in p]
 
-    n_finished = sum(r.finished for r in runs)
+    n_finished = sum(r.finished for r in all_runs)
     lines = [f"# {title}", ""]
     lines.append(
         f"Generated {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')} "
-        f"from {len(runs)} run directories: {n_finished} finished, "
-        f"{sum(r.status == runs_lib.STATUS_TRAINING for r in runs)} still training, "
-        f"{sum(r.status == runs_lib.STATUS_NOT_EVALUATED for r in runs)} not evaluated, "
-        f"{sum(r.status == runs_lib.STATUS_MISSING for r in runs)} missing. "
+        f"from {len(all_runs)} run directories: {n_finished} finished, "
+        f"{sum(r.status == runs_lib.STATUS_TRAINING for r in all_runs)} still training, "
+        f"{sum(r.status == runs_lib.STATUS_NOT_EVALUATED for r in all_runs)} not evaluated, "
+        f"{sum(r.status == runs_lib.STATUS_MISSING for r in all_runs)} missing. "
         "Final metrics come only from finished runs; unfinished runs appear in the "
         "curves (dashed)."
     )
@@ -301,6 +307,9 @@ def write_report(
     if refit_failure:
         lines += ["", f"Refit not done: {refit_failure}."]
 
+    if ft.groups:
+        lines += ["", *finetune_lines(ft)]
+
     lines += ["", "## Figures", ""]
     for fig in figs:
         lines += [f"### {fig.title}", "", fig.caption, ""]
@@ -314,4 +323,121 @@ def write_report(
 
     with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
-    return ReportSummary(out_dir, figs, missing, len(runs), n_finished)
+    return ReportSummary(out_dir, figs + ft.figures, missing, len(all_runs), n_finished)
+
+
+def _figure_lines(fig: figures.Figure) -> list[str]:
+    lines = [fig.caption, ""]
+    if fig.png:
+        lines += [f"![{fig.title}]({fig.png})", ""]
+    for note in fig.notes:
+        lines += [f"*Not drawn: {note}.*", ""]
+    lines += ["Data: " + ", ".join(f"[{c}]({c})" for c in fig.csvs) + ".", ""]
+    return lines
+
+
+def finetune_lines(ft: finetune.FinetuneReport) -> list[str]:
+    """The Markdown section on fine-tuned runs (Hernandez and Xue comparisons)."""
+    lines = ["## Fine-tuning after repeated pre-training", ""]
+    lines.append(
+        "Runs started from another run's checkpoint (`--config.init_from`, recorded in "
+        "`init_from.json`) on new data, next to runs trained from scratch on the same data. "
+        "Fine-tuning tokens and losses are the fine-tuning run's own (its held-out split)."
+    )
+    lines.append("")
+    rows = []
+    for g in ft.groups:
+        for r in sorted(g.members, key=finetune._order):
+            source = os.path.basename(os.path.normpath(r.source_path)) if r.source_path else "—"
+            init = f"{source} @ {r.source_step}" if r.source_step is not None else source
+            rows.append(
+                (g.label, r.name, r.model, r.params, r.pretrain_setting, init, r.status)
+                + (r.final("test_loss"), r.best("test_loss"))
+            )
+    lines += _table(
+        ["data", "run", "model", "N", "pre-training", "init from (step)", "status"]
+        + ["final test loss", "best test loss"],
+        rows,
+    )
+    for fig in ft.figures:
+        lines += ["", f"### {fig.title}", ""] + _figure_lines(fig)[:-1]
+
+    lines += ["", "### Effective model size after fine-tuning", ""]
+    lines.append(
+        "Final test loss of each finished fine-tuned run as a ratio to the from-scratch run "
+        "of the same model and to the same model fine-tuned from its unique-data (f = 0) "
+        "pre-training (> 1: worse). N_eff / N inverts the power law L(N) of `fits.py` "
+        "fitted on the final losses of the from-scratch runs (or of the runs fine-tuned from "
+        "f = 0) against parameters: the size of such a run that reaches the same loss "
+        "(Hernandez et al.: pre-training at the degradation peak leaves fewer effective "
+        "parameters than training from scratch). It needs >= 2 model sizes of a baseline; "
+        "with one size only the ratios are given."
+    )
+    lines.append("")
+    if ft.effective:
+        lines += _table(
+            ["data", "run", "pre-training", "final loss", "/ scratch", "/ f=0 FT"]
+            + ["N_eff/N (scratch)", "N_eff/N (f=0 FT)"],
+            [
+                (
+                    os.path.basename(row["data"]),
+                    row["run"],
+                    row["pretrain_setting"],
+                    row["final_test_loss"],
+                    row["ratio_vs_scratch"],
+                    row["ratio_vs_unique_ft"],
+                    row["scratch_multiplier"],
+                    row["unique_ft_multiplier"],
+                )
+                for row in ft.effective
+            ],
+        )
+    else:
+        lines.append("No fine-tuned run yet.")
+    sizes = {(row["data"], row["params"]) for row in ft.effective if row["params"]}
+    if ft.effective and len(sizes) <= len({row["data"] for row in ft.effective}):
+        lines += ["", "*A single model size per fine-tuning data set: no N_eff / N, "
+                  "loss ratios only.*"]  # fmt: skip
+    lines += ["", "Data: [finetune_effective.csv](finetune_effective.csv).", ""]
+
+    lines += ["### Downstream results vs pre-training repetition (Xue et al. layout)", ""]
+    lines.append(
+        "Rows: the pre-training data of each fine-tuned run (f, E and distinct tokens of "
+        "the source run; *from scratch* = no pre-training). *Held-out acc.* is the "
+        "pre-training run's held-out token accuracy (C4 validation for C4 pre-training) "
+        "at the checkpoint fine-tuning started from (else its last evaluated one). "
+        "Downstream exact match / F1 (fractions) of the fine-tuned run at its *final* "
+        "checkpoint, and at its *best* checkpoint (highest EM, step given)."
+    )
+    lines.append("")
+    has_downstream = any(
+        row[k] is not None for row in ft.downstream for k in ("final_em", "best_em")
+    )
+    lines += _table(
+        ["run", "pre-training", "f", "E", "unique tokens", "held-out acc. (step)"]
+        + ["final EM", "final F1", "best EM (step)", "best F1"],
+        [
+            (
+                row["run"],
+                row["pretrain_run"],
+                row["pretrain_fraction"],
+                row["pretrain_epochs"],
+                row["pretrain_unique_tokens"],
+                _with_step(row["pretrain_test_accuracy"], row["pretrain_step"]),
+                row["final_em"],
+                row["final_f1"],
+                _with_step(row["best_em"], row["best_step"]),
+                row["best_f1"],
+            )
+            for row in ft.downstream
+        ],
+    )
+    if not has_downstream:
+        lines += ["", "*No downstream_em / downstream_f1 in any result: the fine-tuning "
+                  "data is not a downstream task store, or it is not evaluated yet.*"]  # fmt: skip
+    lines += ["", "Data: [xue_downstream.csv](xue_downstream.csv)."]
+    return lines
+
+
+def _with_step(value: float | None, step: int | None) -> str:
+    return "—" if value is None else f"{_fmt(value)} ({step})"
