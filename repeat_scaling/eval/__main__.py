@@ -9,6 +9,16 @@ Flags:
   --num_devices    devices of the evaluator's data-parallel mesh (0 = all local devices).
   --poll_seconds   --watch polling interval; --watch_timeout_seconds gives up (0 = never).
 
+Downstream (runs on a text-to-text "pairs" store, see repeat_scaling/eval/downstream.py):
+  --downstream_examples          first N validation examples decoded and scored
+                                 (default 256; 0 = skip downstream evaluation).
+  --downstream_batch_size        rows per greedy-decoding batch (default 32).
+  --downstream_max_decode_length generated tokens (0 = the store's targets_length).
+  --downstream_split             the store split scored (default validation).
+  --downstream_use_cache         KV-cache decoding (default true; false = reference path).
+The same keys (``downstream_examples=64``) are also accepted in --eval_config; a flag
+given on the command line wins.
+
 Appends one line per checkpoint to ``DIR/eval/results.jsonl`` and skips steps already
 there. Exit status 0 on success; 1 with a one-line ``error: ...`` on bad input (no
 workdir, no checkpoint, a checkpoint of another model config, bad --eval_config).
@@ -29,6 +39,19 @@ flags.DEFINE_string("eval_config", "", "JSON file / JSON object / key=value,... 
 flags.DEFINE_integer("num_devices", 0, "Devices of the evaluation mesh (0 = all).")
 flags.DEFINE_float("poll_seconds", 10.0, "Polling interval of --watch (seconds).")
 flags.DEFINE_float("watch_timeout_seconds", 0.0, "Give up --watch after this long (0 = never).")
+flags.DEFINE_integer("downstream_examples", 256, "Downstream examples scored (0 = skip).")
+flags.DEFINE_integer("downstream_batch_size", 32, "Rows per greedy-decoding batch.")
+flags.DEFINE_integer("downstream_max_decode_length", 0, "Generated tokens (0 = targets_length).")
+flags.DEFINE_string("downstream_split", "validation", "Store split of the downstream examples.")
+flags.DEFINE_bool("downstream_use_cache", True, "KV-cache greedy decoding.")
+
+DOWNSTREAM_FLAGS = (
+    "downstream_examples",
+    "downstream_batch_size",
+    "downstream_max_decode_length",
+    "downstream_split",
+    "downstream_use_cache",
+)
 
 
 def parse_eval_config(text: str) -> dict:
@@ -61,6 +84,12 @@ def parse_eval_config(text: str) -> dict:
     return d
 
 
+def split_settings(d: dict) -> tuple[dict, dict]:
+    """``--eval_config`` keys -> (EvalSettings overrides, DownstreamSettings overrides)."""
+    down = {k: v for k, v in d.items() if k.startswith("downstream_")}
+    return {k: v for k, v in d.items() if k not in down}, down
+
+
 def _fail(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(1)
@@ -78,16 +107,24 @@ def main(argv: list[str]) -> None:
         )
     from repeat_scaling.data.repetition import RepetitionPlanError
     from repeat_scaling.data.store import StoreError
-    from repeat_scaling.eval import evaluator, metrics, probes
+    from repeat_scaling.eval import downstream, evaluator, metrics, probes
     from repeat_scaling.eval.results import ResultsLockedError
     from repeat_scaling.train.checkpointing import CheckpointError
 
     try:
-        settings = metrics.EvalSettings.from_overrides(parse_eval_config(FLAGS.eval_config))
+        overrides, down = split_settings(parse_eval_config(FLAGS.eval_config))
+        settings = metrics.EvalSettings.from_overrides(overrides)
+        for name in DOWNSTREAM_FLAGS:
+            if FLAGS[name].present or name not in down:
+                down[name] = FLAGS[name].value
+        down_settings = downstream.DownstreamSettings.from_overrides(down)
         if FLAGS.watch:  # a live run may not have written its config yet
             evaluator.wait_for_run(FLAGS.workdir, FLAGS.poll_seconds, FLAGS.watch_timeout_seconds)
         ev = evaluator.Evaluator(
-            FLAGS.workdir, settings, mesh=evaluator.eval_mesh(FLAGS.num_devices)
+            FLAGS.workdir,
+            settings,
+            mesh=evaluator.eval_mesh(FLAGS.num_devices),
+            downstream_settings=down_settings,
         )
         records = ev.run_all(
             watch=FLAGS.watch,

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import re
 import string
 from collections.abc import Sequence
@@ -249,13 +250,11 @@ def load_split_references(
     preparation). Where the store has no references file, the detokenised stored targets
     are the single answer.
     """
-    refs: dict[int, dict[str, Any]] = {}
-    try:
-        from repeat_scaling.data.downstream import load_references
+    from repeat_scaling.data.downstream import load_references, references_path
 
+    refs: dict[int, dict[str, Any]] = {}
+    if os.path.isfile(references_path(store_dir, split_name)):
         refs = {int(r["index"]): r for r in load_references(store_dir, split_name)}
-    except FileNotFoundError:
-        refs = {}
     out = []
     for i, row in enumerate(targets):
         r = refs.get(i)

@@ -19,6 +19,22 @@ Token accounting per record (units):
   ``objective.raw_length``) of the unique / repeated pool consumed by the first
   ``step * batch_size`` slots, from the repetition plan (the sum of the trainer's
   ``Batcher.accounting``).
+
+Stores with a task (the store manifest says which):
+
+- ``"pairs"`` (a text-to-text task, ``prepare --task=...``): every record gains
+  ``downstream_em`` / ``downstream_f1`` / ``downstream_accuracy`` / ``downstream_examples``
+  (and ``downstream_samples``) from greedy-decoded answers of the first
+  ``DownstreamSettings.examples`` examples of the validation split
+  (:mod:`repeat_scaling.eval.downstream`). The metrics defined on plain running text
+  (:data:`PLAIN_TEXT_METRICS`: the k-copies loss on document openings, loss by position
+  and the ICL score over a full context) are null for such stores: their "documents"
+  are prompt + answer + padding, not text.
+- ``"icl_task"`` (the in-context-learning lab's synthetic sequences, vocabulary kind
+  ``tokens``): every metric above is recorded as usual (the probes use random token ids
+  of the store's own vocabulary, no text form needed) and the keys of
+  ``repeat_scaling.eval.icl.icl_metrics(model, model_cfg, store, settings)`` are merged
+  into the record.
 """
 
 from __future__ import annotations
@@ -38,7 +54,7 @@ from absl import logging
 from repeat_scaling import sharding
 from repeat_scaling.data import pipeline
 from repeat_scaling.data.store import TokenStore
-from repeat_scaling.eval import metrics, probes
+from repeat_scaling.eval import downstream, metrics, probes
 from repeat_scaling.eval.results import ResultsWriter
 from repeat_scaling.models.config import ModelConfig
 from repeat_scaling.train import checkpointing
@@ -46,6 +62,17 @@ from repeat_scaling.train import checkpointing
 
 class EvalError(ValueError):
     """A workdir or evaluation setting that cannot be used (one-line message)."""
+
+
+# Record keys that need plain running text; null for a pairs (text-to-text task) store.
+PLAIN_TEXT_METRICS = (
+    "copy_loss",
+    "copy_repeats_used",
+    "copy_passage_length",
+    "loss_by_position",
+    "icl_score",
+    "icl_positions",
+)
 
 
 def committed_steps(workdir: str | pathlib.Path) -> list[int]:
@@ -96,11 +123,11 @@ class Run:
             store_path = workdir / store_path
         store = TokenStore(str(store_path))
         cd = ml_collections.ConfigDict(config)
+        options = loop.objective_options(cd, model_cfg.arch)
+        if data["objective"] in loop.MANIFEST_OBJECTIVES:  # as the trainer's build_data
+            options["store_manifest"] = store.manifest
         objective = pipeline.make_objective(
-            data["objective"],
-            store.vocab,
-            model_cfg.arch,
-            **loop.objective_options(cd, model_cfg.arch),
+            data["objective"], store.vocab, model_cfg.arch, **options
         )
         plan = pipeline.build_plan(
             store.split("train"),
@@ -172,14 +199,23 @@ class Evaluator:
         settings: metrics.EvalSettings | None = None,
         mesh: jax.sharding.Mesh | None = None,
         warn: Callable[[str], None] | None = None,
+        downstream_settings: downstream.DownstreamSettings | None = None,
     ):
         self.warn = warn or logging.warning
         self.settings = settings or metrics.EvalSettings()
+        self.downstream_settings = downstream_settings or downstream.DownstreamSettings()
         self.run = Run.load(workdir)
+        manifest = self.run.store.manifest
+        try:
+            self.pairs = downstream.PairsLayout.of(manifest)
+        except downstream.DownstreamError as e:
+            raise EvalError(str(e)) from None
+        self.icl_task = manifest.get("icl_task")
         self.mesh = mesh if mesh is not None else eval_mesh(0)
         self.writer = ResultsWriter(workdir, warn=self.warn)
         self._data: dict[str, Any] | None = None
         self._runner: metrics.ModelRunner | None = None
+        self._generator: downstream.Generator | None = None
 
     # -- data shared by every checkpoint ------------------------------------------------
     def data(self) -> dict[str, Any]:
@@ -204,7 +240,16 @@ class Evaluator:
         n_batches = max(1, min(s.test_batches, available // bs))
         test = pipeline.heldout_batches(heldout, run.objective, bs, n_batches, s.seed)
         rep = run.plan.repeated_chunks()
+        task = None
+        if self.pairs is not None and self.downstream_settings.examples > 0:
+            try:
+                task = downstream.DownstreamTask(
+                    run.store, self.downstream_settings, encoder_length=run.lengths.encoder
+                )
+            except downstream.DownstreamError as e:
+                raise EvalError(str(e)) from None
         self._data = {
+            "downstream": task,
             "train": train,
             "heldout": heldout,
             "candidates": candidates,
@@ -277,6 +322,7 @@ class Evaluator:
                 vocab_size=run.store.vocab.vocab_size,
             )
         )
+        rec.update(self.task_metrics(model))
         rec.update(
             {
                 "model": run.model_cfg.name,
@@ -295,6 +341,28 @@ class Evaluator:
             rec["eval_time_s"],
         )
         return rec
+
+    def task_metrics(self, model) -> dict[str, Any]:
+        """The store's task metrics of the current checkpoint (module docstring)."""
+        out: dict[str, Any] = {}
+        d = self.data()
+        if self.pairs is not None:
+            out.update(dict.fromkeys(PLAIN_TEXT_METRICS))
+            task = d["downstream"]
+            if task is None:  # downstream_examples=0
+                out.update(dict.fromkeys(downstream.RECORD_KEYS))
+            else:
+                if self._generator is None:
+                    self._generator = downstream.Generator(
+                        self._runner, eos_id=self.run.store.vocab.eos_id
+                    )
+                prefix_lm = "decoder_causal_attention" in d["test_batches"][0]
+                out.update(task.evaluate(self._generator, prefix_lm=prefix_lm))
+        if self.icl_task is not None:
+            from repeat_scaling.eval.icl import icl_metrics
+
+            out.update(icl_metrics(model, self.run.model_cfg, self.run.store, self.settings))
+        return out
 
     # -- the loop -------------------------------------------------------------------------
     def pending(self) -> list[int]:
