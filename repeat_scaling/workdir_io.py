@@ -148,7 +148,7 @@ def write_json_atomic(path: WPath, obj: Any, *, default: Any = None) -> None:
 def read_text(path: WPath, default: str | None = None) -> str | None:
     """The file's text, or ``default`` when it does not exist."""
     try:
-        return path.read_text(encoding="utf-8", errors="replace")
+        return path.read_bytes().decode("utf-8", errors="replace")
     except (FileNotFoundError, NotADirectoryError):
         return default
 

@@ -11,6 +11,13 @@ Only one writer per results file at a time: the writer holds an exclusive ``floc
 ``eval/results.lock`` (released by the kernel when the process exits, even on kill -9);
 a second evaluator on the same workdir fails with a clear error instead of racing.
 
+On a gs:// workdir (:mod:`repeat_scaling.workdir_io`) an object cannot be appended to:
+each ``append`` re-uploads the whole results object (one upload per evaluated step; the
+upload is atomic, so readers see the old or the new file). The lock is then the
+best-effort :class:`~repeat_scaling.workdir_io.GcsLock` object ``eval/results.lock``
+(created with ``ifGenerationMatch=0``, heartbeat every 60 s, taken over when its holder
+is a dead process on this host or its heartbeat is older than 5 minutes).
+
 Reading: a line that is not a JSON object with an integer ``step`` is reported (a warning
 naming the file and line number) and skipped, never fatal. When the same step appears
 twice (only possible by hand-editing), the first record wins.
@@ -28,6 +35,8 @@ from typing import Any
 
 from absl import logging
 
+from repeat_scaling import workdir_io
+
 RESULTS_NAME = "results.jsonl"
 LOCK_NAME = "results.lock"
 
@@ -36,9 +45,14 @@ class ResultsLockedError(RuntimeError):
     """Another evaluator is writing the same results file."""
 
 
-def results_path(workdir: str | os.PathLike) -> pathlib.Path:
-    """``workdir/eval/results.jsonl``."""
-    return pathlib.Path(workdir) / "eval" / RESULTS_NAME
+def _as_path(path: str | os.PathLike) -> workdir_io.WPath:
+    """A local ``pathlib.Path`` (as given) or an epath for gs:// URLs."""
+    return workdir_io.workdir_path(path) if workdir_io.is_url(path) else pathlib.Path(path)
+
+
+def results_path(workdir: str | os.PathLike) -> workdir_io.WPath:
+    """``workdir/eval/results.jsonl`` (local path, or an epath for a gs:// workdir)."""
+    return _as_path(workdir) / "eval" / RESULTS_NAME
 
 
 def _jsonable(value: Any) -> Any:
@@ -61,31 +75,31 @@ def read_results(
 
     Corrupt lines are reported through ``warn`` (default: absl warning) and skipped.
     """
-    path = pathlib.Path(path)
+    path = _as_path(path)
     warn = warn or logging.warning
-    if not path.exists():
+    content = workdir_io.read_text(path)
+    if content is None:
         return []
     records: list[dict[str, Any]] = []
     seen: set[int] = set()
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            text = raw.decode("utf-8", errors="replace").strip()
-            if not text:
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                warn(f"{path}:{lineno}: corrupt results line skipped ({e.msg})")
-                continue
-            step = record.get("step") if isinstance(record, dict) else None
-            if not isinstance(step, int) or isinstance(step, bool):
-                warn(f"{path}:{lineno}: results line without an integer 'step' skipped")
-                continue
-            if step in seen:
-                warn(f"{path}:{lineno}: duplicate record for step {step} skipped")
-                continue
-            seen.add(step)
-            records.append(record)
+    for lineno, raw in enumerate(content.split("\n"), start=1):
+        text = raw.strip()
+        if not text:
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            warn(f"{path}:{lineno}: corrupt results line skipped ({e.msg})")
+            continue
+        step = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool):
+            warn(f"{path}:{lineno}: results line without an integer 'step' skipped")
+            continue
+        if step in seen:
+            warn(f"{path}:{lineno}: duplicate record for step {step} skipped")
+            continue
+        seen.add(step)
+        records.append(record)
     return records
 
 
@@ -98,22 +112,38 @@ class ResultsWriter:
 
     def __init__(self, workdir: str | os.PathLike, warn: Callable[[str], None] | None = None):
         self.path = results_path(workdir)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.path.parent / LOCK_NAME, "a+")  # held open while writing
-        try:
-            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            raise ResultsLockedError(
-                f"another evaluator is writing {self.path} (lock {self.path.parent / LOCK_NAME})"
-            ) from None
+        self._gcs_lock: workdir_io.GcsLock | None = None
+        self._lock = None
+        if isinstance(self.path, pathlib.Path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = open(self.path.parent / LOCK_NAME, "a+")  # held open while writing
+            try:
+                fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._lock.close()
+                raise ResultsLockedError(
+                    f"another evaluator is writing {self.path} "
+                    f"(lock {self.path.parent / LOCK_NAME})"
+                ) from None
+        else:
+            lock = workdir_io.GcsLock(self.path.parent / LOCK_NAME)
+            try:
+                lock.acquire()
+            except workdir_io.GcsLockError as e:
+                raise ResultsLockedError(
+                    f"another evaluator is writing {self.path} ({e})"
+                ) from None
+            self._gcs_lock = lock
         self._warn = warn or logging.warning
         self.records = read_results(self.path, warn=self._warn)
         self._done = {r["step"] for r in self.records}
 
     def close(self) -> None:
         """Release the writer lock (also released when the process exits)."""
-        if not self._lock.closed:
+        if self._gcs_lock is not None:
+            self._gcs_lock.release()
+            self._gcs_lock = None
+        if self._lock is not None and not self._lock.closed:
             fcntl.flock(self._lock.fileno(), fcntl.LOCK_UN)
             self._lock.close()
 
@@ -132,6 +162,8 @@ class ResultsWriter:
 
     def _terminate_partial_tail(self) -> None:
         """If a kill left a final line without newline, end it so appends stay separate."""
+        if not isinstance(self.path, pathlib.Path):
+            return  # GCS objects are replaced whole, never left half-written
         if not self.path.exists() or self.path.stat().st_size == 0:
             return
         with open(self.path, "rb") as f:
@@ -151,11 +183,17 @@ class ResultsWriter:
         if step in self._done:
             return False
         line = json.dumps(_jsonable(record), allow_nan=False, separators=(",", ":")) + "\n"
-        self._terminate_partial_tail()
-        with open(self.path, "ab") as f:
-            f.write(line.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
+        if isinstance(self.path, pathlib.Path):
+            self._terminate_partial_tail()
+            with open(self.path, "ab") as f:
+                f.write(line.encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+        else:  # no appends on object stores: re-upload the whole (small) object
+            text = workdir_io.read_text(self.path, "")
+            if text and not text.endswith("\n"):
+                text += "\n"
+            workdir_io.write_text_atomic(self.path, text + line)
         self._done.add(step)
         self.records.append(record)
         return True
