@@ -51,7 +51,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from repeat_scaling import sharding
+from repeat_scaling import sharding, workdir_io
 from repeat_scaling.data import pipeline
 from repeat_scaling.data.store import TokenStore
 from repeat_scaling.eval import downstream, metrics, probes
@@ -108,7 +108,7 @@ class Run:
     def load(cls, workdir: str | pathlib.Path) -> Run:
         from repeat_scaling.train import loop
 
-        workdir = pathlib.Path(workdir)
+        workdir = _workdir(workdir)
         path = workdir / "config.json"
         if not path.is_file():
             raise EvalError(f"{path} not found: --workdir={workdir} is not a training workdir")
@@ -118,6 +118,11 @@ class Run:
             data, train = config["data"], config["train"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise EvalError(f"{path} is not a resolved training config ({e})") from None
+        if workdir_io.is_url(data["store"]):
+            raise EvalError(
+                f"data.store={data['store']!r} in {path} is a URL; expected a local token "
+                "store directory (stores are memory-mapped)"
+            )
         store_path = pathlib.Path(data["store"])
         if not store_path.is_absolute() and not (store_path / "manifest.json").is_file():
             store_path = workdir / store_path
@@ -167,12 +172,17 @@ class Run:
         }
 
 
+def _workdir(workdir: str | pathlib.Path) -> Any:
+    """A local workdir as given, or an epath for gs:// (:mod:`repeat_scaling.workdir_io`)."""
+    return workdir_io.workdir_path(workdir) if workdir_io.is_url(workdir) else pathlib.Path(workdir)
+
+
 def wait_for_run(
     workdir: str | pathlib.Path, poll_seconds: float = 10.0, timeout_seconds: float = 0.0
 ) -> None:
     """Block until ``workdir/config.json`` exists (the trainer writes it once its data is
     ready); ``timeout_seconds`` > 0 bounds the wait (EvalError)."""
-    path = pathlib.Path(workdir) / "config.json"
+    path = _workdir(workdir) / "config.json"
     start = time.monotonic()
     while not path.is_file():
         if timeout_seconds and time.monotonic() - start > timeout_seconds:
