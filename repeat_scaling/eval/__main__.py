@@ -100,11 +100,12 @@ def main(argv: list[str]) -> None:
         _fail(f"unexpected arguments {argv[1:]}")
     if not FLAGS.workdir:
         _fail("--workdir is required (a training run directory)")
-    if "://" in FLAGS.workdir:
-        _fail(
-            f"--workdir={FLAGS.workdir!r} is a URL; expected a file-system path "
-            "(mount a bucket with gcsfuse and pass the mount path)"
-        )
+    from repeat_scaling import workdir_io
+
+    try:  # a local path or gs://BUCKET/PATH; other URL schemes are refused here
+        workdir_io.workdir_path(FLAGS.workdir)
+    except workdir_io.WorkdirError as e:
+        _fail(str(e))
     from repeat_scaling.data.repetition import RepetitionPlanError
     from repeat_scaling.data.store import StoreError
     from repeat_scaling.eval import downstream, evaluator, metrics, probes
