@@ -17,6 +17,25 @@ Scales (`:arg`):
   512 x 1024 tokens); main runs f = 10% with E from 3 to 10^4 (half decades), scans at
   f in {3, 20, 50, 90}%; 287 runs. Optimiser settings are unconfirmed (the paper does
   not list them): AdamW, peak lr 2e-4 (1e-3 below 100M parameters), 1% warmup, cosine.
+
+Fine-tuning stages (`:finetune_demo`, `:finetune_small`, `:finetune_paper`): the same
+models fine-tuned on Python code (the built-in `pystdlib` corpus: the standard library's
+own source, no download) with the causal LM objective, each started from a pre-training
+run of the same scale (`init_from="{root}/<pre-training run name>"`, resolved by
+`launch/sweeps.py` to the same `--root`), plus one from-scratch run per model on the same
+code. Run the pre-training stage first, then:
+
+    python launch/submit.py --config=configs/hernandez2022.py:finetune_demo --root=demo_out/hernandez
+
+- `finetune_demo`: every demo run fine-tuned (5) + 1 from scratch; 200 steps of 16 x 128
+  byte tokens (410k tokens) on `pystdlib` (12.6 MB of code).
+- `finetune_small`: every small run (21) + 3 from scratch; 1,000 steps of 16 x 512 on
+  `pystdlib:tests=1` (the library and its test suites), T5 SentencePiece vocabulary.
+- `finetune_paper`: the f = 0 and f = 10% runs of every size (63) + 7 from scratch; 1,000
+  steps of 8 x 1024. Hernandez et al. fine-tune on a large Python corpus: for their scale
+  replace `data.source` by one (e.g. `json:PATH/*.jsonl.gz`) and raise `train.steps`.
+Fine-tuning optimiser (this suite's choice, unconfirmed): AdamW, peak lr 1e-3 (demo),
+3e-4 (1e-4 for d300m and d800m), 5% warmup, cosine.
 """
 
 import sys
@@ -24,9 +43,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from _base import adamw, default_config, model_fields  # noqa: E402
 
 SCALES = ("demo", "small", "paper")
+STAGES = tuple(f"finetune_{s}" for s in SCALES)
+PYTHON_SOURCE = {"demo": "pystdlib", "small": "pystdlib:tests=1", "paper": "pystdlib:tests=1"}
 C4 = "tfds:c4/en:3.1.0"
 T5_VOCAB = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
 
@@ -45,9 +68,50 @@ def _grid(models, fractions, epochs, seeds=(0,)):
     return sweep
 
 
+def finetune_config(scale: str):
+    """The fine-tuning stage of ``scale``: see the module docstring."""
+    from launch import sweeps
+
+    c = get_config(scale)
+    sources = sweeps.expand(c, sweeps.ROOT_TEMPLATE)
+    if scale == "paper":  # the main runs (f = 10%) and the baselines
+        sources = [r for r in sources if r.config.data.repeated_fraction in (0.0, 0.1)]
+    c.data.source = PYTHON_SOURCE[scale]
+    c.data.store = {
+        "demo": "demo_out/stores/pystdlib-byte",
+        "small": "data/stores/pystdlib-tests-t5spm",
+        "paper": "data/stores/pystdlib-tests-t5spm",
+    }[scale]
+    c.data.repeated_fraction, c.data.repeated_epochs = 0.0, 1
+    steps, batch, length = {"demo": (200, 16, 128), "small": (1000, 16, 512),
+                            "paper": (1000, 8, 1024)}[scale]  # fmt: skip
+    c.train.steps, c.train.batch_size, c.data.length = steps, batch, length
+    c.train.checkpoint_every = steps // 4
+    c.train.keep, c.train.keep_period = 4, 0
+    wd = c.train.optimizer.weight_decay
+    adamw(c, lr=1e-3 if scale == "demo" else 3e-4, warmup=steps // 20, schedule="cosine", wd=wd)
+
+    def entry(run, **extra):
+        e = {"model.name": run.config.model.name, "data.source": c.data.source, "seed": 0}
+        if "train.optimizer.learning_rate" in run.overrides:  # d300m, d800m
+            e["train.optimizer.learning_rate"] = 1e-4
+        return {**e, **extra}
+
+    first = {}  # one from-scratch run per model
+    for r in sources:
+        first.setdefault(r.config.model.name, r)
+    sweep = [entry(r) for r in first.values()]
+    # init_from "{root}/<pre-training run name>": launch/sweeps.py fills in the root.
+    sweep += [entry(r, seed=r.config.seed, init_from=r.workdir) for r in sources]
+    c.sweep = sweep
+    return c
+
+
 def get_config(arg: str = "demo"):
+    if arg in STAGES:
+        return finetune_config(arg.removeprefix("finetune_"))
     if arg not in SCALES:
-        raise ValueError(f"configs/hernandez2022.py:{arg}; expected one of {SCALES}")
+        raise ValueError(f"configs/hernandez2022.py:{arg}; expected one of {SCALES + STAGES}")
     c = default_config()
     c.data.objective = "causal_lm"
     c.train.log_every = 10 if arg == "demo" else 100

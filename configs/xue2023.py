@@ -22,6 +22,28 @@ Scales (`:arg`):
 UL2 needs an explicit targets length: 512 at `small`/`paper`, 128 at `demo` (the
 R/X/S mixture of REFERENCE.md section 3; the length is this suite's choice, not the
 paper's: unconfirmed).
+
+Fine-tuning stages (`:finetune_demo`, `:finetune_small`, `:finetune_paper`): the
+pre-trained T5s fine-tuned text-to-text with the `supervised` objective on a downstream
+"pairs" store, each started from a pre-training run of the same scale
+(`init_from="{root}/<pre-training run name>"`, resolved by `launch/sweeps.py` to the same
+`--root`), plus one from-scratch run per model; the evaluator adds downstream EM / F1 and
+the report's Xue table puts them next to the pre-training data and its C4 accuracy.
+Prepare the task store once, then run the pre-training stage, then the fine-tuning one:
+
+    python -m repeat_scaling.prepare --task=builtin_task:copy_word --vocab=byte \
+        --out=demo_out/stores/copy_word-byte --inputs_length=32 --targets_length=16
+    python launch/submit.py --config=configs/xue2023.py:finetune_demo --root=demo_out/xue
+
+- `finetune_demo`: every demo run (5) + 1 from scratch on `builtin_task:copy_word` (about
+  4,400 training words, offline), 250 steps of 16 examples (one epoch, f = 0).
+- `finetune_small`: the MLM `t5_small` runs (E = 1, 4, 16, 64) + 1 from scratch on SQuAD
+  v1.1 (`--task=squad --inputs_length=512 --targets_length=32`, 87,599 training
+  examples): 2,720 steps of 32 (one epoch).
+- `finetune_paper`: the MLM `t5_base` runs (E = 1 ... 256) + 1 from scratch on SQuAD:
+  3 epochs (f = 1, E = 3 over 87,040 examples: 2,040 steps of 128).
+Fine-tuning optimiser: the T5 recipe (Adafactor, constant lr 1e-3) at small/paper, AdamW
+1e-3 constant at demo (this suite's choice; Xue et al. do not list theirs: unconfirmed).
 """
 
 import sys
@@ -29,9 +51,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from _base import adafactor_t5, adamw, default_config, model_fields  # noqa: E402
 
 SCALES = ("demo", "small", "paper")
+STAGES = tuple(f"finetune_{s}" for s in SCALES)
+TASK_STORES = {  # (store, task spec, inputs_length, targets_length)
+    "demo": ("demo_out/stores/copy_word-byte", "builtin_task:copy_word", 32, 16),
+    "small": ("data/stores/squad-t5spm-512-32", "squad", 512, 32),
+    "paper": ("data/stores/squad-t5spm-512-32", "squad", 512, 32),
+}
 C4 = "tfds:c4/en:3.1.0"
 T5_VOCAB = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
 
@@ -47,9 +77,52 @@ def _ul2(targets_length):
     return {"data.objective": "ul2", "data.targets_length": targets_length}
 
 
+def finetune_config(scale: str):
+    """The fine-tuning stage of ``scale``: see the module docstring."""
+    from launch import sweeps
+
+    c = get_config(scale)
+    sources = sweeps.expand(c, sweeps.ROOT_TEMPLATE)
+    if scale != "demo":  # the plain MLM runs of the main model (no UL2, MoE, regulariser)
+        core = set(sweeps.CORE_KEYS)
+        sources = [r for r in sources if set(r.overrides) <= core]
+        sources = [r for r in sources if r.config.model.name == c.model.name]
+    store, _, inputs_length, targets_length = TASK_STORES[scale]
+    c.data.store, c.data.source, c.data.objective = store, "", "supervised"
+    c.data.inputs_length, c.data.targets_length = inputs_length, targets_length
+    c.data.objective_options = {}
+    steps, batch, fraction, epochs = {"demo": (250, 16, 0.0, 1), "small": (2720, 32, 0.0, 1),
+                                      "paper": (2040, 128, 1.0, 3)}[scale]  # fmt: skip
+    c.data.repeated_fraction, c.data.repeated_epochs = fraction, epochs
+    c.train.steps, c.train.batch_size = steps, batch
+    c.train.checkpoint_every = steps // 5
+    c.train.keep, c.train.keep_period = 5, 0
+    if scale == "demo":
+        adamw(c, lr=1e-3, warmup=0, schedule="constant")
+    else:
+        adafactor_t5(c)
+        c.train.optimizer.learning_rate, c.train.optimizer.schedule = 1e-3, "constant"
+        c.train.optimizer.warmup_steps = 0
+
+    def entry(run, **extra):
+        return {"model.name": run.config.model.name, "data.objective": "supervised",
+                "seed": 0, **extra}  # fmt: skip
+
+    first = {}  # one from-scratch run per model
+    for r in sources:
+        first.setdefault(r.config.model.name, r)
+    sweep = [entry(r) for r in first.values()]
+    # init_from "{root}/<pre-training run name>": launch/sweeps.py fills in the root.
+    sweep += [entry(r, seed=r.config.seed, init_from=r.workdir) for r in sources]
+    c.sweep = sweep
+    return c
+
+
 def get_config(arg: str = "demo"):
+    if arg in STAGES:
+        return finetune_config(arg.removeprefix("finetune_"))
     if arg not in SCALES:
-        raise ValueError(f"configs/xue2023.py:{arg}; expected one of {SCALES}")
+        raise ValueError(f"configs/xue2023.py:{arg}; expected one of {SCALES + STAGES}")
     c = default_config()
     c.data.objective = "span_corruption"
     c.train.log_every = 10 if arg == "demo" else 100

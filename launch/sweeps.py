@@ -14,6 +14,10 @@ so adding points to a sweep never renames existing runs):
 
 e.g. `d25m_f10_e100_s0`, `t5_base_f100_e256_s0_ul2`, `d25m_f0_e1_s0_do0p1` (the model
 name keeps its underscores; other components use none).
+Fine-tuning stages (`init_from`, see the trainer) name the run they start from:
+`init_from="{root}/d25m_f10_e100_s0"` becomes the tag `ft_d25m_f10_e100_s0`, and
+`{root}` in any string value is replaced by this sweep's root, so a stage's entries
+point at the pre-training runs of the same root.
 Decimal points become `p` (`f0p5` = 0.5 %), so names are safe as directory names,
 GCS paths and (after `_` -> `-`) Cloud TPU node names. Other swept keys get a short tag
 (`TAGS`, else the key's last component without underscores). Two entries that would
@@ -53,7 +57,12 @@ TAGS = {
     "train.weight_decay": "wd",
     "train.steps": "steps",
     "train.batch_size": "b",
+    "data.source": "",
+    "init_step": "at",
 }
+# `init_from` (a path) is tagged by the last component of the path: `ft_<run name>`.
+INIT_FROM_KEY = "init_from"
+ROOT_TEMPLATE = "{root}"
 UNNAMED = {"data.targets_length", "model.vocab_size"}
 
 
@@ -127,6 +136,12 @@ def _format_value(value: Any) -> str:
 
 def tag_for(key: str, value: Any) -> str:
     """The name component of one non-core swept key, e.g. ('model.dropout_rate', 0.1)."""
+    if key == INIT_FROM_KEY and isinstance(value, str) and value:
+        source = posixpath.basename(value.rstrip("/"))
+        text = re.sub(r"[^a-z0-9_]+", "", source.lower())
+        if not text:
+            raise SweepError(f"init_from={value!r} gives an empty name component")
+        return f"ft_{text}"
     prefix = TAGS.get(key)
     if prefix is None:
         prefix = key.rsplit(".", 1)[-1].replace("_", "")
@@ -287,6 +302,7 @@ def expand(
     runs: list[Run] = []
     seen: dict[str, int] = {}
     for i, entry in enumerate(sweep_entries(config)):
+        entry = {k: resolve_root(v, root) for k, v in entry.items()}
         flags = expand_model_name(config, entry, model_fields)
         resolved = apply_overrides(config, flags, where=f"sweep entry {i}")
         name = run_name(resolved, entry)
@@ -304,6 +320,13 @@ def expand(
         if not runs:
             raise SweepError(f"--only={','.join(globs)!r} matches no run of this sweep")
     return runs
+
+
+def resolve_root(value: Any, root: str) -> Any:
+    """``value`` with ``{root}`` replaced by the sweep root (strings only)."""
+    if isinstance(value, str) and ROOT_TEMPLATE in value:
+        return value.replace(ROOT_TEMPLATE, root.rstrip("/") or "/")
+    return value
 
 
 def _globs(only: str | Iterable[str]) -> list[str]:
