@@ -192,3 +192,46 @@ def test_pystdlib_skips_undecodable_files(monkeypatch, tmp_path):
     src = parse_source("pystdlib", validation_docs=1)
     assert [d for d, _ in src._iter_native("train")] == ["good.py"]
     assert src.stats["undecodable_files_skipped"] == 1
+
+
+def test_pystdlib_and_pairs_stores_with_sentencepiece(tmp_path):
+    import numpy as np
+
+    from repeat_scaling.data.downstream import load_references
+    from repeat_scaling.data.vocab import Encoder
+    from repeat_scaling.prepare import prepare_store, prepare_task_store
+    from repeat_scaling.train_vocab import train_vocab
+
+    quiet = {"log": lambda m: None}
+    vocab = train_vocab("pystdlib:max_docs=40", 400, tmp_path / "py.model", max_docs=40)
+    store = prepare_store(
+        "pystdlib:max_docs=40", vocab.path, tmp_path / "sp", progress=False, **quiet
+    )
+    byte = prepare_store("pystdlib:max_docs=40", "byte", tmp_path / "b", progress=False, **quiet)
+    src = parse_source("pystdlib:max_docs=40")
+    enc = Encoder(vocab.path)
+    for split in ("train", "validation"):
+        texts = [t for _, t in src.documents(split)]
+        sp = store.split(split)
+        assert sp.num_documents == byte.split(split).num_documents == len(texts)
+        stored = {tuple(sp.document(i)[:-1].tolist()) for i in range(sp.num_documents)}
+        assert stored == {tuple(ids) for ids in enc.encode_batch(texts)}
+        assert byte.split(split).num_tokens == sum(len(t.encode()) + 1 for t in texts)
+    assert store.split("train").num_tokens < byte.split("train").num_tokens / 2  # it compresses
+    assert (
+        store.manifest["source"]["fingerprint"]["python"]
+        == byte.manifest["source"]["fingerprint"]["python"]
+    )
+
+    pairs = prepare_task_store(
+        "builtin_task:copy_word:max_words=100", vocab.path, tmp_path / "pairs",
+        inputs_length=12, targets_length=8, **quiet,
+    )  # fmt: skip
+    p = pairs.manifest["pairs"]
+    refs = load_references(pairs.path, "train")
+    for r in refs:
+        row = pairs.split("train").document(r["index"])
+        ins, tgs = row[: p["inputs_length"]], row[p["inputs_length"] : -1]
+        want = enc.encode(r["targets"]).tolist()[: p["targets_length"] - 1]
+        assert tgs[: int(np.argmax(tgs == 1))].tolist() == want
+        assert ins[int(np.argmax(ins == 1)) :].tolist().count(1) == 1  # EOS then padding
