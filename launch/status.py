@@ -15,6 +15,9 @@ non-zero; see `logs/`), `trained` (final checkpoint written, evaluation missing)
 (`eval/results.jsonl`) and the launcher's (`launch.json`). ETA comes from the
 trainer's logged per-step time (`step_time_s`, seconds) or, failing that, from the
 wall-clock timestamps of the logged steps.
+
+ROOT may be a gs://BUCKET/PATH URL (read through `repeat_scaling.workdir_io`, gcsfs);
+there a checkpoint counts once orbax has written its `commit_success.txt` marker.
 """
 
 from __future__ import annotations
@@ -92,6 +95,16 @@ def format_eta(seconds: float | None) -> str:
     return f"{seconds}s"
 
 
+def as_path(path: str | os.PathLike, what: str = "--root") -> Any:
+    """A local `pathlib.Path`, or an `epath.Path` for a gs:// URL (one-line ValueError
+    for other URL schemes)."""
+    if "://" in str(path):
+        from repeat_scaling import workdir_io
+
+        return workdir_io.workdir_path(path, what=what)
+    return pathlib.Path(path)
+
+
 def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
     """The JSON objects of a JSONL file; a torn or corrupt line is skipped."""
     try:
@@ -126,7 +139,10 @@ def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
     directory = workdir / CHECKPOINT_DIR
     if not directory.is_dir():
         return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+    steps = [p for p in directory.iterdir() if p.name.isdigit() and p.is_dir()]
+    if not isinstance(directory, pathlib.Path):  # object store: no atomic rename
+        steps = [p for p in steps if (p / "commit_success.txt").exists()]
+    return sorted(int(p.name) for p in steps)
 
 
 def pid_alive(pid: Any) -> bool:
@@ -173,7 +189,7 @@ def _eta(metrics: list[dict[str, Any]], total: int | None) -> float | None:
 
 def run_status(workdir: str | os.PathLike, total_steps: int | None = None) -> RunStatus:
     """Reads one run's workdir. `total_steps` overrides what the files say."""
-    workdir = pathlib.Path(workdir)
+    workdir = as_path(workdir, "workdir")
     launch = read_json(workdir / LAUNCH_FILE)
     total = total_steps if total_steps is not None else _total_steps(workdir, launch)
     metrics = [m for m in read_jsonl(workdir / METRICS_FILE) if isinstance(m.get("step"), int)]
@@ -221,7 +237,7 @@ def is_run_dir(path: pathlib.Path) -> bool:
 
 def root_status(root: str | os.PathLike) -> list[RunStatus]:
     """Status of every run directory directly under `root`, sorted by name."""
-    root = pathlib.Path(root)
+    root = as_path(root)
     if not root.is_dir():
         raise ValueError(f"--root={str(root)!r} is not a directory")
     return [run_status(p) for p in sorted(root.iterdir()) if is_run_dir(p)]
