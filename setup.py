@@ -27,6 +27,9 @@ setup(
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
         "tqdm>=4.66",
+        # gs:// workdirs (repeat_scaling/workdir_io.py; brings google-cloud-storage, which
+        # tensorboardX uses for gs:// event files).
+        "gcsfs>=2024.2",
         # Data preparation only (imported lazily, never by train/eval).
         "sentencepiece>=0.2",
         "seqio>=0.0.19",
@@ -41,6 +44,8 @@ setup(
             "torch>=2.4",
             "transformers>=4.45",
             "safetensors>=0.4",
+            # Local GCS emulator for the gs:// workdir tests (tests/test_workdir_gcs.py).
+            "gcp-storage-emulator>=2024.8",
         ],
     },
     entry_points={
