@@ -11,9 +11,9 @@ apply to every run (before the run's own overrides). Backends:
 - `local`: subprocesses on this machine (`--parallel` runs at a time); Ctrl-C stops
   them cleanly (the trainers checkpoint); re-submitting skips finished runs and
   resumes unfinished ones.
-- `tpu`: Cloud TPU VMs / pods via the gcloud CLI (`--tpu_*` flags; ROOT is a path
-  every worker shares, e.g. a gcsfuse mount of a bucket; gs:// URLs are refused
-  until the trainer and evaluator read object stores).
+- `tpu`: Cloud TPU VMs / pods via the gcloud CLI (`--tpu_*` flags; ROOT is a
+  gs://BUCKET/PATH URL, which the trainer and evaluator read and write directly, or
+  a path every worker shares).
 - `slurm`: one sbatch script per run, submitted with sbatch (`--slurm_*` flags; ROOT
   on a shared file system).
 
@@ -41,7 +41,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "experiment config file, `configs/x.py:arg`", lock_config=False
 )
 flags.DEFINE_enum("backend", "local", ["local", "tpu", "slurm"], "where the runs execute")
-flags.DEFINE_string("root", None, "directory holding one workdir per run")
+flags.DEFINE_string("root", None, "directory (or gs:// URL, tpu) holding one workdir per run")
 flags.DEFINE_bool("dry_run", False, "print the commands instead of running them")
 flags.DEFINE_string("only", "", "comma-separated globs over run names (default: all runs)")
 flags.DEFINE_integer("parallel", 1, "runs at once (local and tpu backends)")
@@ -150,12 +150,14 @@ def submit() -> int:
     if _CONFIG.value is None:
         raise LaunchError("--config is required, e.g. --config=configs/hernandez2022.py:demo")
     if not FLAGS.root:
-        raise LaunchError("--root is required: the directory for the runs")
+        raise LaunchError("--root is required: the directory (or gs:// URL) for the runs")
     root = FLAGS.root
-    if "://" in root:
+    if "://" in root and not root.startswith("gs://"):
+        raise LaunchError(f"--root={root!r}: expected a path or a gs://BUCKET/PATH URL")
+    if root.startswith("gs://") and FLAGS.backend != "tpu":
         raise LaunchError(
-            f"--root={root!r}: the trainer and evaluator read workdirs through the file "
-            "system; expected a path (for GCS, a gcsfuse mount of the bucket on every host)"
+            f"--root={root!r}: the {FLAGS.backend} backend needs a local or shared "
+            "file-system path (gs:// roots are for --backend=tpu)"
         )
     if FLAGS.backend == "tpu" and not (root.startswith("gs://") or os.path.isabs(root)):
         raise LaunchError(
