@@ -11,11 +11,11 @@ Per run (TPU node `<prefix>-<run name>` with `_` -> `-`), in order:
    `tpu-vm ssh --worker=all` to unpack it and `pip install` it with `jax[tpu]`.
 3. train: `tpu-vm ssh --worker=all --command='cd ~/repeat_scaling && python3 -m
    repeat_scaling.train ...'` on every worker at once (jax.distributed detects the pod
-   itself); the workdir is `ROOT/NAME`, where ROOT is a path every worker shares (e.g.
-   a gcsfuse mount of a bucket at the same path on every worker, set up in `setup`).
-   `launch/submit.py` refuses gs:// roots for now: the trainer and evaluator read
-   workdirs through the file system (the gs:// code paths here are kept for when they
-   read object stores).
+   itself); the workdir is `ROOT/NAME`. ROOT is normally a gs://BUCKET/PATH URL, passed
+   straight to the trainer and evaluator, which read and write it through gcsfs and
+   orbax/tensorstore (`repeat_scaling/workdir_io.py`; the VMs' service account needs
+   read/write access to the bucket; no gcsfuse). An absolute path that every worker
+   shares (e.g. a gcsfuse or NFS mount set up in `setup`) works too.
 4. evaluate, beside the trainer (`eval_mode=watch`) or after it (`after`): on worker 0
    on its CPU (`eval_on=worker0`; the trainer holds the TPU chips) or on a separate
    small TPU VM `NODE-eval` (`eval_on=vm`), created, set up and deleted like the
