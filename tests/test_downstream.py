@@ -173,7 +173,7 @@ def test_builtin_word_tasks():
     copy = downstream.parse_task("builtin_task:copy_word")
     rev = downstream.parse_task("builtin_task:reverse_word:max_words=300,validation_words=20")
     train, val = list(copy.examples("train")), list(copy.examples("validation"))
-    assert len(train) > 2000 and len(val) >= 50
+    assert len(train) > 1500 and len(val) >= 50
     assert not {e.targets for e in train} & {e.targets for e in val}  # unseen words
     assert all(e.inputs == f"copy: {e.targets}" and 3 <= len(e.targets) <= 8 for e in train)
     rtrain, rval = list(rev.examples("train")), list(rev.examples("validation"))
@@ -191,11 +191,13 @@ def test_cli_task(tmp_path):
             capture_output=True, text=True,
         )  # fmt: skip
 
-    out = tmp_path / "copy"
-    args = ["--task=builtin_task:copy_word:max_words=200", "--vocab=byte", f"--out={out}"]
-    r = cli(*args, "--inputs_length=16", "--targets_length=10")
+    with open(tmp_path / "qa.jsonl", "w") as f:
+        f.writelines(json.dumps({"inputs": f"q{i}", "targets": f"a{i}"}) + "\n" for i in range(40))
+    out = tmp_path / "qa"
+    args = [f"--task=pairs_jsonl:{tmp_path}/qa.jsonl", "--vocab=byte", f"--out={out}"]
+    r = cli(*args, "--inputs_length=16", "--targets_length=10", "--validation_docs=10")
     assert r.returncode == 0, r.stderr
-    assert "train: 190 examples" in r.stderr and "validation: 10 examples" in r.stderr
+    assert "train: 30 examples" in r.stderr and "validation: 10 examples" in r.stderr
     assert len(downstream.load_references(out, "validation")) == 10
     r = cli(*args, "--inputs_length=1", "--targets_length=10")
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [

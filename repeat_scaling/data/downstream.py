@@ -26,8 +26,9 @@ Task specs (what ``--task`` accepts):
   ``validation`` / ``valid`` is the validation split, as for the ``json:`` source, else
   the usual deterministic carve-out (``validation_docs``, default 5%) makes one.
 - ``builtin_task:NAME[:k=v,...]``: small learnable tasks built from the distinct lowercase
-  words (``min_len``..``max_len`` letters, default 3..8) of the ``builtin`` corpus (the
-  interpreter's own documentation), so they need no download: ``copy_word``
+  words (``min_len``..``max_len`` letters, default 3..8; 1883 words on Python 3.11) of the
+  ``builtin`` corpus's pydoc topics (the interpreter's own language reference), so they
+  need no download: ``copy_word``
   (``"copy: word"`` -> ``"word"``), ``reverse_word`` (``"reverse: word"`` -> ``"drow"``)
   and ``upper_word`` (``"upper: word"`` -> ``"WORD"``). Parameters ``min_len``,
   ``max_len``, ``max_words`` (0 = all) and ``validation_words`` (default 5% of the words,
@@ -303,10 +304,15 @@ BUILTIN_TASKS: dict[str, tuple[str, Callable[[str], str]]] = {
 
 @functools.lru_cache(maxsize=4)
 def builtin_words(min_len: int = 3, max_len: int = 8) -> tuple[str, ...]:
-    """Distinct lowercase ASCII words of the ``builtin`` corpus, sorted."""
-    docs, _ = sources_lib._builtin_documents()
+    """Distinct lowercase ASCII words of the ``builtin`` corpus's pydoc topics, sorted.
+
+    The topics (the interpreter's language reference) load in milliseconds, unlike the
+    corpus's stdlib docstrings; Python 3.11 has 1883 such words of 3-8 letters.
+    """
+    from pydoc_data.topics import topics
+
     pattern = re.compile(rf"\b[a-z]{{{min_len},{max_len}}}\b")
-    return tuple(sorted({w for _, text in docs for w in pattern.findall(text)}))
+    return tuple(sorted({w for name in topics for w in pattern.findall(topics[name])}))
 
 
 class BuiltinWordTask(Task):
