@@ -128,6 +128,19 @@ class Checkpointer:
         }
 
 
+def committed_steps(workdir: str | pathlib.Path) -> list[int]:
+    """Committed checkpoint steps of ``workdir`` (sorted; [] when none), creating nothing."""
+    directory = checkpoint_dir(workdir)
+    if not directory.is_dir():
+        return []
+    with ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+        item_names=(PARAMS, TRAIN),
+    ) as manager:
+        return sorted(manager.all_steps())
+
+
 def _read_model_config(workdir: pathlib.Path):
     from repeat_scaling.models.config import ModelConfig
 

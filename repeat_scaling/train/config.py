@@ -20,6 +20,14 @@ Units and conventions:
   parameters stay float32.
 * ``mesh.ici`` / ``mesh.dcn``: sizes of the mesh axes data/fsdp/tensor/expert within a
   slice and across slices; -1 fills the remaining devices.
+* ``init_from`` (fine-tuning): a training workdir (its committed checkpoint
+  ``init_step``, -1 = the latest) or a Hugging Face T5 directory whose parameters start
+  this run; the optimizer state, schedule and step start fresh ("" = random init).
+* ``interventions``: a tuple of clamp specs (dicts, see
+  :mod:`repeat_scaling.models.interventions`), e.g. ``({"kind": "previous_token",
+  "layer": 0, "head": 1, "start_step": 0, "end_step": 500},)``, applied inside the
+  compiled train step while ``start_step <= step < end_step`` (-1: forever). On the
+  command line: ``--config.interventions="({'kind': 'ablate', 'layer': 0, 'head': 1},)"``.
 """
 
 from __future__ import annotations
@@ -69,6 +77,9 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.model = ml_collections.ConfigDict()  # filled by configs via model_fields(name)
+    c.init_from = ""  # fine-tune from a run workdir or a Hugging Face T5 directory
+    c.init_step = -1  # checkpoint step of init_from (a run workdir); -1: latest committed
+    c.interventions = ()  # attention clamps during training (tuple of dicts)
 
     c.data = ml_collections.ConfigDict()
     c.data.store = ""  # prepared token store directory
@@ -157,7 +168,7 @@ def _to_dict(c: Any) -> Any:
     return c.to_dict() if isinstance(c, ml_collections.ConfigDict) else dict(c)
 
 
-FREE_FORM = {"data.prepare_options", "data.objective_options"}
+FREE_FORM = {"data.prepare_options", "data.objective_options", "interventions"}
 
 
 def _check_keys(got: dict, schema: dict, prefix: str) -> None:
@@ -212,6 +223,16 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
 
     if not isinstance(d["seed"], int) or d["seed"] < 0:
         bad("seed", d["seed"], "a non-negative int")
+    init_from, init_step = d.get("init_from", ""), d.get("init_step", -1)
+    if not isinstance(init_from, str):
+        bad("init_from", init_from, "a directory path (or '' for a random init)")
+    if "://" in init_from:
+        bad("init_from", init_from, "a file-system path (mount buckets with gcsfuse)")
+    if not isinstance(init_step, int) or init_step < -1:
+        bad("init_step", init_step, "a checkpoint step >= 0, or -1 for the latest")
+    if init_step != -1 and not init_from:
+        bad("init_step", init_step, "-1 when no init_from is given")
+    interventions(config, cfg)
     # -- data -------------------------------------------------------------------------
     if not data["store"]:
         bad("data.store", data["store"], "the directory of a prepared token store")
@@ -300,6 +321,28 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
                 f"(mesh data*fsdp*expert = {sizes['data']}*{sizes['fsdp']}*{sizes['expert']})"
             )
     return cfg
+
+
+def interventions(config: Any, model_cfg: Any) -> tuple:
+    """The parsed attention clamps of ``config.interventions`` (ConfigError, one line).
+
+    Parsing is :func:`repeat_scaling.models.interventions.parse`; ``()`` when none.
+    """
+    specs = _to_dict(config).get("interventions") or ()
+    if isinstance(specs, dict) or not isinstance(specs, (list, tuple)):
+        raise ConfigError(
+            f"interventions={specs!r}; expected a tuple of dicts like "
+            "({'kind': 'ablate', 'layer': 0, 'head': 1},)"
+        )
+    if not specs:
+        return ()
+    from repeat_scaling.models import interventions as interventions_lib
+
+    specs = [_to_dict(s) if isinstance(s, ml_collections.ConfigDict) else s for s in specs]
+    try:
+        return tuple(interventions_lib.parse(specs, model_cfg))
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
 
 def mesh_shape(ici: dict, dcn: dict, num_devices: int) -> dict[str, int]:

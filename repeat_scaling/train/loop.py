@@ -6,17 +6,26 @@ work (everything that can fail on bad input fails before anything is compiled):
 1. validate the config (:mod:`repeat_scaling.train.config`) against the devices;
 2. open the token store (preparing it first when ``data.source`` is given and the store
    does not exist), build the objective and the repetition plan;
-3. write ``config.json`` (resolved config + ``derived``) and ``data_plan.json``;
-4. create the state sharded, or restore the latest committed checkpoint (the data
-   position is the step number, so nothing else is needed to resume exactly);
-5. loop: batch(step) -> ``make_array_from_process_local_data`` -> step -> metrics;
+3. check ``init_from`` (fine-tuning, :mod:`repeat_scaling.train.init_from`) unless the
+   workdir already has checkpoints (then it resumes, and a different ``init_from`` than
+   the recorded one is an error);
+4. write ``config.json`` (resolved config + ``derived``), ``data_plan.json`` and, for a
+   new fine-tuning run, ``init_from.json``;
+5. create the state sharded, restore the latest committed checkpoint (the data
+   position is the step number, so nothing else is needed to resume exactly), or, for a
+   new fine-tuning run, restore the source parameters with a fresh optimizer state;
+6. loop: batch(step) -> ``make_array_from_process_local_data`` -> step -> metrics;
    checkpoint every ``train.checkpoint_every`` steps, on SIGTERM and at the end;
    stop with :class:`NonFiniteLossError` on a NaN/Inf loss or gradient, without saving
    the bad state (the last good checkpoint stays the latest).
+
+Attention clamps (``config.interventions``) act inside the compiled train step, keyed by
+the traced step counter; the in-loop held-out eval runs the model without them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import signal
 import subprocess
@@ -31,6 +40,7 @@ import numpy as np
 from repeat_scaling import sharding, workdir_io
 from repeat_scaling.train import checkpointing, distributed, metrics, optimizers
 from repeat_scaling.train import config as config_lib
+from repeat_scaling.train import init_from as init_from_lib
 from repeat_scaling.train import state as state_lib
 from repeat_scaling.train import step as step_lib
 
@@ -95,6 +105,10 @@ def open_store(data: Any):
     return TokenStore(str(path))
 
 
+#: Objectives whose factory reads the store's manifest (pairs layout / ICL task).
+MANIFEST_OBJECTIVES = ("supervised", "icl")
+
+
 def objective_options(config: Any, arch: str) -> dict[str, Any]:
     """Keyword options for ``pipeline.make_objective`` from ``config.data``."""
     d = config.data
@@ -123,13 +137,11 @@ def build_data(config: Any, model_cfg: Any):
             f"model.vocab_size={model_cfg.vocab_size} is smaller than the store's vocabulary "
             f"({vocab.vocab_size} ids in {config.data.store})"
         )
+    options = objective_options(config, model_cfg.arch)
+    if config.data.objective in MANIFEST_OBJECTIVES:
+        options["store_manifest"] = store.manifest
     try:
-        objective = pipeline.make_objective(
-            config.data.objective,
-            vocab,
-            model_cfg.arch,
-            **objective_options(config, model_cfg.arch),
-        )
+        objective = pipeline.make_objective(config.data.objective, vocab, model_cfg.arch, **options)
         plan = pipeline.build_plan(
             store.split("train"),
             objective,
@@ -252,11 +264,28 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
         config, num_devices=jax.device_count(), process_count=jax.process_count()
     )
     tc = config.train
+    clamps = config_lib.interventions(config, model_cfg)
     store, objective, plan = build_data(config, model_cfg)
+    # Fine-tuning source: checked before anything is written to the workdir.
+    source = None
+    init_from, init_step = str(config.get("init_from", "")), int(config.get("init_step", -1))
+    if checkpointing.committed_steps(workdir):
+        init_record = init_from_lib.check_resume(workdir, init_from, init_step)
+    elif init_from:
+        source = init_from_lib.resolve(init_from, init_step, model_cfg, store.vocab)
+        init_record = source.record()
+    else:
+        init_record = None
     derived = derived_facts(config, model_cfg, objective)
+    derived["init_from"] = init_record
+    derived["interventions"] = [
+        dataclasses.asdict(c) if dataclasses.is_dataclass(c) else c for c in clamps
+    ]
     primary = jax.process_index() == 0
     if primary:
         workdir_io.mkdirs(workdir)
+        if source is not None:
+            write_json(workdir / init_from_lib.RECORD, init_record)
         write_json(workdir / "config.json", resolved_config(config, model_cfg, derived))
         summary = dict(plan.summary())
         tpe = int(objective.tokens_per_example)
@@ -283,6 +312,9 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     latest = ckpt.latest_step()
     if latest is not None:
         state = ckpt.restore(latest, info.abstract)
+    elif source is not None:
+        params = source.load_params(model_cfg, info.abstract["params"], mesh, rules)
+        state = state_lib.state_from_params(model_cfg, tx, info, params, int(config.seed), rules)
     else:
         state, _ = state_lib.create_train_state(model_cfg, tx, mesh, int(config.seed), rules)
     start = int(jax.device_get(state["step"]))
@@ -297,6 +329,7 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
         label_smoothing=float(tc.label_smoothing),
         dropout_start_step=int(tc.dropout_start_step),
         rules=rules,
+        interventions=clamps,
     )
     eval_step = None
     heldout = []

@@ -134,6 +134,41 @@ def create_train_state(
     return state, info
 
 
+def state_from_params(
+    cfg: ModelConfig,
+    tx: optax.GradientTransformation,
+    info: StateInfo,
+    params: Any,
+    seed: int,
+    rules: Any = sharding.DEFAULT_RULES,
+) -> Any:
+    """A fresh train state (step 0, ``tx.init``) around given, already placed, ``params``.
+
+    Used for fine-tuning: only the parameters come from elsewhere; the optimizer state
+    and non-parameter variables are created as for a new run, directly sharded. (The
+    module is rebuilt inside ``jit`` only for its non-parameter variables; XLA drops the
+    unused parameter initialisers.)
+    """
+
+    def create(key, params):
+        model = models.build(cfg, nnx.Rngs(key))
+        _, _, extra = _split(model)
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "opt_state": tx.init(params),
+            "extra": nnx.to_pure_dict(extra),
+        }
+
+    with sharding.use_mesh(info.mesh, rules):
+        return jax.jit(
+            create,
+            in_shardings=(None, info.shardings["params"]),
+            out_shardings=info.shardings,
+            donate_argnums=(1,),
+        )(init_key(seed), params)
+
+
 def abstract_state(
     cfg: ModelConfig,
     tx: optax.GradientTransformation,

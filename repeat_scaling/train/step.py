@@ -16,6 +16,10 @@ bit for bit:
   and divided by the batch's total loss weight, + the model's auxiliary losses (MoE
   load balancing, router z-loss; already scaled by their coefficients).
 
+Attention clamps (``interventions``, :mod:`repeat_scaling.models.interventions`) are
+passed to ``models.forward`` with the traced step counter, so one compilation serves the
+steps inside and outside every clamp's window. The eval step never clamps.
+
 Metrics (float32 scalars): ``loss`` (cross-entropy per target token, without z-loss),
 ``z_loss``, ``aux_loss``, ``total_loss`` (what is differentiated), ``accuracy``,
 ``grad_norm`` (global norm before clipping), ``learning_rate`` (used by this update),
@@ -88,10 +92,15 @@ def make_loss_fn(
     z_loss: float,
     label_smoothing: float,
     deterministic: bool,
+    interventions: tuple = (),
 ) -> Callable:
-    """``loss_fn(params, extra, batch, rng, dropout_scale, norm, aux_scale) -> (loss, stats)``."""
+    """``loss_fn(params, extra, batch, rng, dropout_scale, norm, aux_scale, step)``.
 
-    def loss_fn(params, extra, batch, rng, dropout_scale, norm, aux_scale):
+    Returns ``(loss, stats)``; ``step`` (traced int32) only matters with ``interventions``.
+    """
+    clamp = {"interventions": tuple(interventions)} if interventions else None
+
+    def loss_fn(params, extra, batch, rng, dropout_scale, norm, aux_scale, step=None):
         model = state_lib.merge(graphdef, params, extra)
         logits, aux = models.forward(
             model,
@@ -99,6 +108,7 @@ def make_loss_fn(
             deterministic=deterministic,
             dropout_rng=None if deterministic else rng,
             dropout_scale=dropout_scale,
+            **({**clamp, "step": step} if clamp else {}),
         )
         targets = batch[TARGETS]
         weights = batch[WEIGHTS].astype(jnp.float32)
@@ -133,8 +143,12 @@ def make_train_step(
     dropout_start_step: int = 0,
     rules: Any = sharding.DEFAULT_RULES,
     jit: bool = True,
+    interventions: tuple = (),
 ) -> Callable:
-    """Build the train step; with ``jit`` it is compiled with explicit shardings."""
+    """Build the train step; with ``jit`` it is compiled with explicit shardings.
+
+    ``interventions``: parsed attention clamps applied while their window holds the step.
+    """
     mesh: Mesh = info.mesh
     deterministic = not uses_dropout(cfg)
     loss_fn = make_loss_fn(
@@ -143,6 +157,7 @@ def make_train_step(
         z_loss=z_loss,
         label_smoothing=label_smoothing,
         deterministic=deterministic,
+        interventions=interventions,
     )
     grad_fn = jax.grad(loss_fn, has_aux=True)
     base_key = state_lib.dropout_base_key(seed)
@@ -157,7 +172,7 @@ def make_train_step(
         rng = jax.random.fold_in(base_key, step)
         if k == 1:
             grads, stats = grad_fn(
-                params, extra, batch, jax.random.fold_in(rng, 0), dropout_scale, norm, 1.0
+                params, extra, batch, jax.random.fold_in(rng, 0), dropout_scale, norm, 1.0, step
             )
         else:
 
@@ -173,7 +188,14 @@ def make_train_step(
             def body(carry, xs):
                 i, mb = xs
                 g, st = grad_fn(
-                    params, extra, mb, jax.random.fold_in(rng, i), dropout_scale, norm, 1.0 / k
+                    params,
+                    extra,
+                    mb,
+                    jax.random.fold_in(rng, i),
+                    dropout_scale,
+                    norm,
+                    1.0 / k,
+                    step,
                 )
                 g_acc, st_acc = carry
                 return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, st_acc, st)), None

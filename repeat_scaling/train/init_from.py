@@ -1,0 +1,300 @@
+"""Fine-tuning: start a new run from the parameters of another run or a Hugging Face T5.
+
+``--config.init_from=DIR [--config.init_step=N]`` where DIR is either
+
+* a training workdir (``config.json`` + ``checkpoints/``): its committed checkpoint
+  ``N`` (``-1``: the latest committed one) — kind ``"run"``; or
+* a Hugging Face T5 v1.1 directory (``config.json`` with ``model_type: "t5"`` plus
+  ``model.safetensors`` / ``pytorch_model.bin``), imported through
+  :mod:`repeat_scaling.models.convert` — kind ``"huggingface"`` (``init_step`` must stay -1).
+
+Only the parameters are taken. The new run gets a fresh optimizer state, its own
+learning-rate schedule starting at step 0, and the data source / objective of its own
+config. Parameters are restored directly onto the new run's mesh (a run checkpoint is
+read shard by shard by orbax; a Hugging Face import is read on the host and then placed).
+
+Every check runs before anything is written to the new workdir (:func:`resolve`):
+a missing directory, a workdir without a committed checkpoint, an unknown step, another
+vocabulary, or a model whose parameters differ are each a one-line
+:class:`~repeat_scaling.train.config.ConfigError`; for a model mismatch the message
+names the FIRST differing parameter path (in sorted path order) and both shapes.
+
+The new workdir records where it started in ``init_from.json`` (and the same dict under
+``config.json`` ``derived["init_from"]``)::
+
+    {"path": absolute DIR, "kind": "run" | "huggingface", "step": N (run) or null,
+     "model": the source ModelConfig dict,
+     "source_config": the source run's config.json "data" block (run) or null}
+
+The report links a fine-tuned run to its pre-training run through ``path``/``step``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from repeat_scaling.models.config import ModelConfig
+from repeat_scaling.train import checkpointing
+from repeat_scaling.train.config import ConfigError
+
+RECORD = "init_from.json"
+RUN = "run"
+HUGGINGFACE = "huggingface"
+
+#: ModelConfig fields that change how parameters are laid out or computed but not what
+#: they are; a Hugging Face import takes them from the new run's model.
+_LAYOUT_FIELDS = (
+    "scan_layers",
+    "remat_policy",
+    "dtype",
+    "param_dtype",
+    "float32_logits",
+    "attention_impl",
+    "dropout_rate",
+    "attention_dropout_rate",
+    "droppath_rate",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class InitSource:
+    """A checked fine-tuning source (see :func:`resolve`)."""
+
+    path: str  # absolute directory
+    kind: str  # RUN | HUGGINGFACE
+    step: int | None  # the run checkpoint's step (None for huggingface)
+    model: ModelConfig  # the source's model
+    source_config: dict[str, Any] | None  # the source run's config.json "data" block
+
+    def describe(self) -> str:
+        if self.kind == RUN:
+            return f"init_from={self.path} step {self.step}"
+        return f"init_from={self.path} (Hugging Face T5)"
+
+    def record(self) -> dict[str, Any]:
+        """The ``init_from.json`` dict."""
+        return {
+            "path": self.path,
+            "kind": self.kind,
+            "step": self.step,
+            "model": self.model.to_dict(),
+            "source_config": self.source_config,
+        }
+
+    def load_params(self, model_cfg: ModelConfig, abstract_params: Any, mesh, rules) -> Any:
+        """The source parameters as a pure-dict pytree placed like ``abstract_params``."""
+        if self.kind == RUN:
+            _, params, _ = checkpointing.restore_params(
+                self.path, self.step, mesh, model_config=model_cfg, rules=rules
+            )
+            return params
+        from repeat_scaling.models import convert
+
+        layout = {f: getattr(model_cfg, f) for f in _LAYOUT_FIELDS}
+        try:
+            _, model = convert.load_hf_t5(self.path, **layout)
+        except (convert.ConversionError, OSError) as e:
+            raise ConfigError(f"{self.describe()}: {str(e).splitlines()[0]}") from None
+        flat = _flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+        def place(kp, a):
+            return jax.device_put(np.asarray(flat[_path(kp)], a.dtype), a.sharding)
+
+        return jax.tree_util.tree_map_with_path(place, abstract_params)
+
+
+# ----------------------------------------------------------------------------------
+# Parameter shapes
+# ----------------------------------------------------------------------------------
+def _path(kp) -> str:
+    parts = []
+    for k in kp:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+    return "/".join(parts)
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    return {_path(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """``{"decoder/layers/mlp/wi/kernel": shape, ...}`` of ``cfg``'s model (nothing allocated)."""
+    from repeat_scaling import models
+
+    abstract = nnx.eval_shape(lambda: models.build(cfg, nnx.Rngs(0)))
+    pure = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    return {k: tuple(v.shape) for k, v in _flat(pure).items()}
+
+
+def first_mismatch(there: dict[str, tuple], here: dict[str, tuple]) -> str | None:
+    """Describe the first (sorted) parameter path whose presence or shape differs."""
+    for path in sorted(set(there) | set(here)):
+        a, b = there.get(path), here.get(path)
+        if a == b:
+            continue
+        if a is None:
+            return f"parameter {path} with shape {b} in this model does not exist there"
+        if b is None:
+            return f"parameter {path} with shape {a} there does not exist in this model"
+        return f"parameter {path} has shape {a} there but {b} in this model"
+    return None
+
+
+# ----------------------------------------------------------------------------------
+# Resolving a source
+# ----------------------------------------------------------------------------------
+def _read_json(path: pathlib.Path, what: str) -> dict[str, Any]:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{what}: {path} is unreadable ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{what}: {path} is not a JSON object")
+    return d
+
+
+def resolve(init_from: str, init_step: int, model_cfg: ModelConfig, store_vocab=None) -> InitSource:
+    """Check ``init_from`` against the new run's model (and vocabulary); ConfigError if unfit.
+
+    ``store_vocab`` (the new run's :class:`VocabInfo`) is compared with the source run's
+    store vocabulary when that store is still readable.
+    """
+    path = pathlib.Path(init_from).expanduser().absolute()
+    what = f"init_from={path}"
+    if not path.is_dir():
+        raise ConfigError(f"{what} does not exist; expected a run workdir or a Hugging Face T5 dir")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ConfigError(
+            f"{what} has no config.json; expected a run workdir (config.json + checkpoints/) "
+            "or a Hugging Face T5 directory"
+        )
+    d = _read_json(cfg_path, what)
+    if d.get("model_type") == "t5":
+        source = _resolve_hf(path, d, init_step, model_cfg)
+    elif isinstance(d.get("model"), dict):
+        source = _resolve_run(path, d, init_step, model_cfg, store_vocab)
+    else:
+        raise ConfigError(
+            f"{what}: config.json is neither a training run's (no 'model' block) nor a "
+            f"Hugging Face T5 config (model_type={d.get('model_type')!r}, expected 't5')"
+        )
+    mismatch = first_mismatch(param_shapes(source.model), param_shapes(model_cfg))
+    if mismatch:
+        raise ConfigError(f"{source.describe()}: {mismatch}")
+    return source
+
+
+def _resolve_run(path, d, init_step, model_cfg, store_vocab) -> InitSource:
+    what = f"init_from={path}"
+    try:
+        src_model = ModelConfig.from_dict(d["model"])
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{what}: config.json has a bad model block ({e})") from None
+    steps = checkpointing.committed_steps(path)
+    if not steps:
+        raise ConfigError(f"{what} has no committed checkpoint (in {path / 'checkpoints'})")
+    if init_step == -1:
+        step = steps[-1]
+    elif init_step in steps:
+        step = init_step
+    else:
+        raise ConfigError(f"init_step={init_step} is not a committed checkpoint of {path}: {steps}")
+    if src_model.scan_layers != model_cfg.scan_layers:
+        raise ConfigError(
+            f"{what} step {step} stores layers with model.scan_layers={src_model.scan_layers}, "
+            f"this model has {model_cfg.scan_layers}; set --config.model.scan_layers="
+            f"{src_model.scan_layers}"
+        )
+    data = d.get("data") if isinstance(d.get("data"), dict) else None
+    if store_vocab is not None and data and data.get("store"):
+        _check_vocab(path, step, pathlib.Path(data["store"]), store_vocab)
+    return InitSource(str(path), RUN, int(step), src_model, data)
+
+
+def _check_vocab(path, step, store_path: pathlib.Path, vocab) -> None:
+    """Refuse a source run whose (still readable) store used another vocabulary."""
+    from repeat_scaling.data.store import StoreError, TokenStore
+
+    if not (store_path / "manifest.json").is_file():
+        return  # the source store is gone or was relative to another cwd: cannot check
+    try:
+        src_vocab = TokenStore(store_path).vocab
+    except (StoreError, KeyError, ValueError):
+        return
+    if not src_vocab.same_vocabulary(vocab):
+        raise ConfigError(
+            f"init_from={path} step {step} was trained with vocabulary {src_vocab.describe()}, "
+            f"but this run's store uses {vocab.describe()}"
+        )
+
+
+def _resolve_hf(path, d, init_step, model_cfg) -> InitSource:
+    from repeat_scaling.models import convert
+
+    what = f"init_from={path} (Hugging Face T5)"
+    if init_step != -1:
+        raise ConfigError(f"init_step={init_step}; expected -1 for a Hugging Face directory {path}")
+    if not any((path / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
+        raise ConfigError(f"{what} holds neither model.safetensors nor pytorch_model.bin")
+    try:
+        src = convert.config_from_hf(d, name=path.name or "hf_t5")
+        layout = {f: getattr(model_cfg, f) for f in _LAYOUT_FIELDS}
+        src = src.replace(**layout)
+    except (convert.ConversionError, KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"{what}: {str(e).splitlines()[0]}") from None
+    return InitSource(str(path), HUGGINGFACE, None, src, None)
+
+
+# ----------------------------------------------------------------------------------
+# The workdir's record
+# ----------------------------------------------------------------------------------
+def read_record(workdir: Any) -> dict[str, Any] | None:
+    """The ``init_from.json`` of a workdir (local or gs://; None when it did not fine-tune)."""
+    from repeat_scaling import workdir_io
+
+    text = workdir_io.read_text(workdir_io.workdir_path(workdir) / RECORD)
+    if text is None:
+        return None
+    try:
+        d = json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"workdir {workdir}: {RECORD} is unreadable ({e})") from None
+    return d if isinstance(d, dict) else None
+
+
+def check_resume(workdir: Any, init_from: str, init_step: int) -> dict[str, Any] | None:
+    """A workdir with its own checkpoints resumes; refuse a different ``init_from``.
+
+    Returns the recorded ``init_from.json`` dict (None if the run did not fine-tune).
+    """
+    recorded = read_record(workdir)
+    if not init_from:
+        return recorded
+    want = str(pathlib.Path(init_from).expanduser().absolute())
+    if recorded is None:
+        raise ConfigError(
+            f"init_from={want} but workdir {workdir} already holds checkpoints of a run that "
+            "did not start from it; use a new --workdir"
+        )
+    if recorded.get("path") != want:
+        raise ConfigError(
+            f"init_from={want} differs from {recorded.get('path')}, which workdir {workdir} "
+            "started from; use a new --workdir (or the recorded init_from to resume)"
+        )
+    if init_step != -1 and recorded.get("step") != init_step:
+        raise ConfigError(
+            f"init_step={init_step} differs from step {recorded.get('step')}, which workdir "
+            f"{workdir} started from; use a new --workdir"
+        )
+    return recorded
