@@ -107,6 +107,31 @@ def workdir_path(path: str | os.PathLike, *, what: str = "--workdir") -> WPath:
     return pathlib.Path(text).absolute()
 
 
+def check_workdir(path: str | os.PathLike, *, what: str = "--workdir") -> WPath:
+    r""":func:`workdir_path` plus, for gs://, one listing of the bucket to fail early.
+
+    A missing bucket, missing credentials or an unreachable GCS become one-line
+    :class:`WorkdirError`\ s here instead of a traceback deep inside a run.
+    """
+    p = workdir_path(path, what=what)
+    if isinstance(p, pathlib.Path):
+        return p
+    bucket = str(p)[len(GCS_PREFIX) :].split("/")[0]
+    import fsspec
+
+    try:
+        fsspec.filesystem("gs").ls(bucket)
+    except FileNotFoundError:
+        raise WorkdirError(f"{what}={str(path)!r}: bucket gs://{bucket} does not exist") from None
+    except Exception as e:  # auth, network: gcsfs/aiohttp/google-auth error classes vary
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise WorkdirError(
+            f"{what}={str(path)!r}: cannot list gs://{bucket} ({type(e).__name__}: {first}); "
+            "check network access and credentials (gcloud auth application-default login)"
+        ) from None
+    return p
+
+
 def require_local(path: str | os.PathLike, what: str) -> pathlib.Path:
     """``path`` as a local ``pathlib.Path``; a URL is a one-line :class:`WorkdirError`."""
     if is_url(path):
