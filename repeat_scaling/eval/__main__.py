@@ -103,7 +103,7 @@ def main(argv: list[str]) -> None:
     from repeat_scaling import workdir_io
 
     try:  # a local path or gs://BUCKET/PATH; other URL schemes are refused here
-        workdir_io.workdir_path(FLAGS.workdir)
+        workdir_io.check_workdir(FLAGS.workdir)
     except workdir_io.WorkdirError as e:
         _fail(str(e))
     from repeat_scaling.data.repetition import RepetitionPlanError
