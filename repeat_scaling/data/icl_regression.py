@@ -167,7 +167,6 @@ TOKEN_DEFAULTS: dict[str, Any] = {
     "y_max": 0.0,  # 0: sqrt(3 d), i.e. 3 standard deviations of y
     "train": 20_000,  # training sequences
     "validation": 2_000,  # validation sequences (fresh tasks, never in the train pool)
-    "loss": "all",  # "all": every y-token is a target; "query": only the query's
     "num_tasks": 0,  # 0: a fresh w per training sequence; else a pool of this many w
 }
 
@@ -197,8 +196,6 @@ def _parse_token_params(params: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"icl_regression: y_max={out['y_max']} must be >= 0 (0: automatic)")
     if out["y_max"] == 0:
         out["y_max"] = math.sqrt(3.0 * out["d"])
-    if out["loss"] not in ("all", "query"):
-        raise ValueError(f"icl_regression: loss={out['loss']!r}; expected 'all' or 'query'")
     return out
 
 
@@ -269,9 +266,10 @@ def token_task(params: dict[str, Any], seed: int) -> tuple[dict[str, np.ndarray]
     ``[-y_max, y_max]`` and quantised into ``y_bins`` uniform bins (ids ``3 + x_bins ..``).
     The x and y ids are disjoint, so a token says which slot it fills. A sequence is
     ``x_1 (d tokens), y_1, ..., x_n, y_n, x_q, y_q``: length ``L = (n + 1)(d + 1)``, no
-    BOS/EOS. ``loss_positions`` are the positions of the y-tokens (``loss="all"``: every pair,
-    so the model is also scored with shorter contexts) or of ``y_q`` alone (``"query"``);
-    the causal-LM target at position p is token p, predicted from tokens < p.
+    BOS/EOS. ``loss_positions`` is ``[L - 1]`` (the query's y-token) and ``label_positions``
+    all y-token positions (the ``icl`` objective's ``all_labels=True`` trains on every pair,
+    i.e. also with shorter contexts); the causal-LM target at position p is token p,
+    predicted from tokens < p (repeat_scaling/data/icl_tasks.py, ``IclObjective``).
 
     Args:
       params: the ``icl_regression:k=v,...`` parameters (strings or numbers; see
@@ -282,8 +280,9 @@ def token_task(params: dict[str, Any], seed: int) -> tuple[dict[str, np.ndarray]
     Returns:
       ``(splits, vocab_size, task)``: ``{"train": [train, L], "validation": [validation, L]}``
       int32, the vocabulary size (ids 0..2 reserved), and the task description for the
-      store manifest (``name``, the parsed parameters, ``sequence_length``,
-      ``loss_positions``, ``query_position`` and the token id ranges).
+      store manifest (``name``, the parsed parameters, ``seed``, ``sequence_length``,
+      ``loss_positions``, ``label_positions``, ``query_position`` and the x / y token id
+      ranges ``[first, last]``).
     """
     p = _parse_token_params(dict(params))
     q = ValueQuantiser(p["x_bins"], p["y_bins"], p["y_max"])
@@ -306,7 +305,8 @@ def token_task(params: dict[str, Any], seed: int) -> tuple[dict[str, np.ndarray]
         **p,
         "seed": int(seed),
         "sequence_length": length,
-        "loss_positions": y_positions if p["loss"] == "all" else [length - 1],
+        "loss_positions": [length - 1],
+        "label_positions": y_positions,
         "query_position": length - 1,
         "x_token_ids": [FIRST_VALUE_ID, FIRST_VALUE_ID + p["x_bins"] - 1],
         "y_token_ids": [q.y_first_id, q.vocab_size - 1],
