@@ -110,9 +110,12 @@ def test_finetune_from_run_starts_from_source_params(source_run, c4_byte_store, 
     derived = json.loads((work / "config.json").read_text())["derived"]
     assert derived["init_from"] == rec
 
-    # Rerun with more steps: resumes from its own checkpoint (init_from ignored) ...
+    # Rerun with more steps: resumes from its own checkpoint (init_from ignored; the
+    # checkpoint directory RUN/checkpoints/4 names the same source) ...
     c.train.steps = 3
+    c.init_from = str(source_run / "checkpoints" / "4")
     assert loop.train(c, work)["resumed_from"] == 2
+    c.init_from = str(source_run)
     # ... but a different source than the recorded one is a one-line error.
     c.train.steps = 4
     c.init_step = 2
@@ -170,6 +173,12 @@ def test_bad_sources(source_run, store_dir, tmp_path):
         loop.train(c, work)
     (empty / "config.json").write_text((source_run / "config.json").read_text())
     with pytest.raises(config_lib.ConfigError, match="has no committed checkpoint"):
+        loop.train(c, work)
+    c.init_from = str(source_run / "checkpoints" / "3")
+    with pytest.raises(config_lib.ConfigError, match=r"init_step=3 is not a committed checkpoint"):
+        loop.train(c, work)
+    c.init_from, c.init_step = str(source_run / "checkpoints" / "2"), 4
+    with pytest.raises(config_lib.ConfigError, match=r"init_step=4 contradicts init_from=\S+/2"):
         loop.train(c, work)
     c.init_from, c.init_step = "", 4
     with pytest.raises(config_lib.ConfigError, match="init_step=4; expected -1 when no"):

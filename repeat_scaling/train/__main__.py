@@ -4,6 +4,12 @@ Overrides: ``--config.train.steps=100 --config.model.dropout_rate=0.1`` (any key
 config; see ``repeat_scaling/train/config.py`` for the schema). Rerunning with the same
 workdir resumes from the latest committed checkpoint.
 
+Fine-tuning: ``--config.init_from=RUN_WORKDIR [--config.init_step=N]`` or
+``--config.init_from=HF_T5_DIR`` starts a new run in ``--workdir`` from those parameters
+(fresh optimizer and schedule; see ``repeat_scaling/train/init_from.py``).
+Attention clamps: ``--config.interventions="({'kind': 'previous_token', 'layer': 0,
+'head': 1, 'start_step': 0, 'end_step': 500},)"``.
+
 Multi-host: ``--coordinator_address=host:port --num_processes=N --process_id=i`` on each
 process (TPU pods and SLURM are detected without flags).
 

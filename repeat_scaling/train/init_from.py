@@ -3,7 +3,8 @@
 ``--config.init_from=DIR [--config.init_step=N]`` where DIR is either
 
 * a training workdir (``config.json`` + ``checkpoints/``): its committed checkpoint
-  ``N`` (``-1``: the latest committed one) — kind ``"run"``; or
+  ``N`` (``-1``: the latest committed one) — kind ``"run"``; a checkpoint directory
+  ``WORKDIR/checkpoints/N`` is accepted too (the same as ``WORKDIR`` with step N); or
 * a Hugging Face T5 v1.1 directory (``config.json`` with ``model_type: "t5"`` plus
   ``model.safetensors`` / ``pytorch_model.bin``), imported through
   :mod:`repeat_scaling.models.convert` — kind ``"huggingface"`` (``init_step`` must stay -1).
@@ -163,13 +164,28 @@ def _read_json(path: pathlib.Path, what: str) -> dict[str, Any]:
     return d
 
 
+def normalize(init_from: str, init_step: int) -> tuple[pathlib.Path, int]:
+    """``(absolute directory, step)``; ``RUN/checkpoints/N`` becomes ``(RUN, N)``."""
+    path = pathlib.Path(init_from).expanduser().absolute()
+    if (
+        path.name.isdigit()
+        and path.parent.name == "checkpoints"
+        and (path.parent.parent / "config.json").is_file()
+    ):
+        step = int(path.name)
+        if init_step not in (-1, step):
+            raise ConfigError(f"init_step={init_step} contradicts init_from={path} (step {step})")
+        return path.parent.parent, step
+    return path, init_step
+
+
 def resolve(init_from: str, init_step: int, model_cfg: ModelConfig, store_vocab=None) -> InitSource:
     """Check ``init_from`` against the new run's model (and vocabulary); ConfigError if unfit.
 
     ``store_vocab`` (the new run's :class:`VocabInfo`) is compared with the source run's
     store vocabulary when that store is still readable.
     """
-    path = pathlib.Path(init_from).expanduser().absolute()
+    path, init_step = normalize(init_from, init_step)
     what = f"init_from={path}"
     if not path.is_dir():
         raise ConfigError(f"{what} does not exist; expected a run workdir or a Hugging Face T5 dir")
@@ -281,7 +297,8 @@ def check_resume(workdir: Any, init_from: str, init_step: int) -> dict[str, Any]
     recorded = read_record(workdir)
     if not init_from:
         return recorded
-    want = str(pathlib.Path(init_from).expanduser().absolute())
+    want_path, init_step = normalize(init_from, init_step)
+    want = str(want_path)
     if recorded is None:
         raise ConfigError(
             f"init_from={want} but workdir {workdir} already holds checkpoints of a run that "
