@@ -62,12 +62,16 @@ def forward(
     deterministic: bool = True,
     dropout_rng: jax.Array | None = None,
     dropout_scale=1.0,
+    interventions: tuple = (),
+    step=None,
 ):
     """Run ``model`` on a T5X feature dict; returns (logits float32, aux dict).
 
     Encoder-decoder needs ``encoder_input_tokens`` and ``decoder_input_tokens``;
     decoder-only needs ``decoder_input_tokens``. ``decoder_target_tokens`` (padding mask),
     segment ids, positions and ``decoder_causal_attention`` are used when present.
+    ``interventions`` (from :func:`interventions.parse`) clamp attention heads; ``step``
+    (python int or traced int32 scalar; None = every clamp active) selects which act.
     """
     cfg: ModelConfig = model.cfg
     need = (
@@ -80,7 +84,13 @@ def forward(
         raise ValueError(
             f"features lack {missing} needed by a {cfg.arch} model; got {sorted(features)}"
         )
-    common = dict(deterministic=deterministic, dropout_rng=dropout_rng, dropout_scale=dropout_scale)
+    common = dict(
+        deterministic=deterministic,
+        dropout_rng=dropout_rng,
+        dropout_scale=dropout_scale,
+        interventions=tuple(interventions),
+        step=step,
+    )
     targets = features.get("decoder_target_tokens")
     if cfg.arch == "encoder_decoder":
         extra = {k: features[k] for k in _ENC_DEC_FEATURES if k in features}

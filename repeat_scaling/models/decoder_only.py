@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from repeat_scaling.models import interventions as I
 from repeat_scaling.models import layers as L
 from repeat_scaling.models.config import ModelConfig
 
@@ -44,17 +45,38 @@ class DecoderStack(nnx.Module):
         positions: Array | None,
         drop: L.DropoutCtx,
         return_attention: bool,
+        clamps=None,
     ):
         cfg = self.cfg
         x = L.dropout(x, cfg.dropout_rate, drop.sub(_SITE_EMB).key, drop.scale)
         bias = self.relpos_bias(x.shape[1], x.shape[1]) if cfg.position == "relative" else None
         inp = L.LayerInputs(
-            mask=mask, bias=bias, positions=positions, return_attention=return_attention
+            mask=mask,
+            bias=bias,
+            positions=positions,
+            return_attention=return_attention,
+            clamps=clamps,
         )
         x, aux, attn = self.layers(x, inp, drop.sub(_SITE_STACK))
         x = self.decoder_norm(x)
         x = L.dropout(x, cfg.dropout_rate, drop.sub(_SITE_FINAL).key, drop.scale)
         return self.logits_dense(x), aux, attn
+
+    def decode(self, x: Array, mask: Array, positions: Array, cache, cache_index: Array):
+        """Incremental step: x [B, q, embed] at absolute ``positions`` [B, q] (cache rows
+        ``cache_index + 0..q-1``), mask [B, 1, q, T]. Returns (logits, aux, new cache)."""
+        cfg = self.cfg
+        bias = None
+        if cfg.position == "relative":
+            bias = self.relpos_bias.rows(positions, mask.shape[-1])
+        inp = L.LayerInputs(
+            mask=mask,
+            bias=bias,
+            positions=positions if cfg.position == "rope" else None,
+            cache_index=cache_index,
+        )
+        x, aux, _, cache = self.layers(x, inp, L.DropoutCtx(), cache)
+        return self.logits_dense(self.decoder_norm(x)), aux, cache
 
 
 class DecoderOnly(nnx.Module):
@@ -79,8 +101,12 @@ class DecoderOnly(nnx.Module):
         dropout_rng: Array | None = None,
         dropout_scale=1.0,
         return_attention: bool = False,
+        interventions: tuple = (),
+        step=None,
     ):
-        """Returns (logits [B, L, V] float32, aux [2] raw MoE losses, attention list)."""
+        """Returns (logits [B, L, V] float32, aux [2] raw MoE losses, attention list).
+
+        ``interventions``: :class:`interventions.Clamp` tuple, active at ``step``."""
         tok = jnp.asarray(decoder_input_tokens)
         b, n = tok.shape
         c = self.cfg
@@ -101,10 +127,33 @@ class DecoderOnly(nnx.Module):
                 if decoder_positions is not None
                 else jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
             )
+        clamps = None
+        if interventions:
+            clamps = I.stack_clamps(
+                interventions,
+                "decoder",
+                c,
+                step,
+                mask=mask,
+                tokens=tok,
+                unembed=self.decoder.logits_dense.kernel[...],
+            )
         logits, aux, attn = self.decoder(
-            self.token_embedder(tok), mask, positions, drop, return_attention
+            self.token_embedder(tok), mask, positions, drop, return_attention, clamps
         )
         return logits, aux, [a[0] for a in attn]
+
+    def init_cache(self, batch: int, length: int):
+        """Zero K/V cache of every decoder layer for ``length`` positions."""
+        return self.decoder.layers.init_cache(batch, length)
+
+    def decode_step(self, tokens: Array, positions: Array, mask: Array, cache):
+        """Feed ``tokens`` [B, q] at absolute ``positions`` [B, q] (row b's cache rows
+        positions[b, 0] + 0..q-1) attending over the cache under ``mask`` [B, 1, q, T].
+        Returns (logits [B, q, V] float32, new cache)."""
+        x = self.token_embedder(jnp.asarray(tokens))
+        logits, _, cache = self.decoder.decode(x, mask, positions, cache, positions[:, 0])
+        return logits, cache
 
     def __call__(
         self,

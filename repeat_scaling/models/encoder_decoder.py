@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from repeat_scaling.models import interventions as I
 from repeat_scaling.models import layers as L
 from repeat_scaling.models.config import ModelConfig
 
@@ -38,11 +39,13 @@ class Encoder(nnx.Module):
         self.layers = L.LayerStack(cfg, cfg.num_encoder_layers, rngs, cross_attention=False)
         self.encoder_norm = L.RMSNorm(cfg.d_model, cfg, rngs)
 
-    def __call__(self, x: Array, mask: Array, drop: L.DropoutCtx, return_attention: bool):
+    def __call__(
+        self, x: Array, mask: Array, drop: L.DropoutCtx, return_attention: bool, clamps=None
+    ):
         cfg = self.cfg
         x = L.dropout(x, cfg.dropout_rate, drop.sub(_SITE_EMB).key, drop.scale)
         bias = self.relpos_bias(x.shape[1], x.shape[1])
-        inp = L.LayerInputs(mask=mask, bias=bias, return_attention=return_attention)
+        inp = L.LayerInputs(mask=mask, bias=bias, return_attention=return_attention, clamps=clamps)
         x, aux, attn = self.layers(x, inp, drop.sub(_SITE_STACK))
         x = self.encoder_norm(x)
         x = L.dropout(x, cfg.dropout_rate, drop.sub(_SITE_FINAL).key, drop.scale)
@@ -65,6 +68,7 @@ class Decoder(nnx.Module):
         cross_mask: Array,
         drop: L.DropoutCtx,
         return_attention: bool,
+        clamps=None,
     ):
         cfg = self.cfg
         x = L.dropout(x, cfg.dropout_rate, drop.sub(_SITE_EMB).key, drop.scale)
@@ -75,11 +79,25 @@ class Decoder(nnx.Module):
             encoded=encoded,
             cross_mask=cross_mask,
             return_attention=return_attention,
+            clamps=clamps,
         )
         x, aux, attn = self.layers(x, inp, drop.sub(_SITE_STACK))
         x = self.decoder_norm(x)
         x = L.dropout(x, cfg.dropout_rate, drop.sub(_SITE_FINAL).key, drop.scale)
         return self.logits_dense(x), aux, attn
+
+    def decode(self, x, encoded, mask, cross_mask, positions, cache, cache_index):
+        """Incremental step: x [B, q, embed] at absolute ``positions`` [B, q], self mask
+        [B, 1, q, T], cross mask [B, 1, q, Li]. Returns (logits, new cache)."""
+        inp = L.LayerInputs(
+            mask=mask,
+            bias=self.relpos_bias.rows(positions, mask.shape[-1]),
+            encoded=encoded,
+            cross_mask=cross_mask,
+            cache_index=cache_index,
+        )
+        x, _, _, cache = self.layers(x, inp, L.DropoutCtx(), cache)
+        return self.logits_dense(self.decoder_norm(x)), cache
 
 
 class EncoderDecoder(nnx.Module):
@@ -107,8 +125,13 @@ class EncoderDecoder(nnx.Module):
         dropout_rng: Array | None = None,
         dropout_scale=1.0,
         return_attention: bool = False,
+        interventions: tuple = (),
+        step=None,
     ):
-        """Returns (logits [B, Lt, V] float32, aux [2] raw MoE losses, attention dict)."""
+        """Returns (logits [B, Lt, V] float32, aux [2] raw MoE losses, attention dict).
+
+        ``interventions``: :class:`interventions.Clamp` tuple (encoder or decoder
+        self-attention), active at ``step``."""
         del encoder_positions, decoder_positions  # relative bias is translation invariant
         enc_tok = jnp.asarray(encoder_input_tokens)
         dec_tok = jnp.asarray(decoder_input_tokens)
@@ -133,8 +156,24 @@ class EncoderDecoder(nnx.Module):
         if encoder_segment_ids is not None and decoder_segment_ids is not None:
             cross_mask = cross_mask & L.segment_mask(decoder_segment_ids, encoder_segment_ids)
 
+        clamps = {"encoder": None, "decoder": None}
+        if interventions:
+            for name, m, t in (("encoder", enc_mask, enc_tok), ("decoder", dec_mask, dec_tok)):
+                clamps[name] = I.stack_clamps(
+                    interventions,
+                    name,
+                    self.cfg,
+                    step,
+                    mask=m,
+                    tokens=t,
+                    unembed=self.decoder.logits_dense.kernel[...],
+                )
         encoded, aux_e, attn_e = self.encoder(
-            self.token_embedder(enc_tok), enc_mask, drop.sub(_SITE_ENC), return_attention
+            self.token_embedder(enc_tok),
+            enc_mask,
+            drop.sub(_SITE_ENC),
+            return_attention,
+            clamps["encoder"],
         )
         logits, aux_d, attn_d = self.decoder(
             self.token_embedder(dec_tok),
@@ -143,6 +182,7 @@ class EncoderDecoder(nnx.Module):
             cross_mask,
             drop.sub(_SITE_DEC),
             return_attention,
+            clamps["decoder"],
         )
         attn = {}
         if return_attention:
@@ -152,6 +192,35 @@ class EncoderDecoder(nnx.Module):
                 "decoder_cross": [a[1] for a in attn_d],
             }
         return logits, aux_e + aux_d, attn
+
+    def encode(self, encoder_input_tokens: Array) -> Array:
+        """Encoder output [B, Li, embed] (deterministic; id 0 = padding)."""
+        tok = jnp.asarray(encoder_input_tokens)
+        valid = tok > 0
+        encoded, _, _ = self.encoder(
+            self.token_embedder(tok), L.attention_mask(valid, valid), L.DropoutCtx(), False
+        )
+        return encoded
+
+    def init_cache(self, batch: int, length: int):
+        """Zero K/V cache of every decoder self-attention layer for ``length`` positions."""
+        return self.decoder.layers.init_cache(batch, length)
+
+    def decode_step(self, tokens, positions, mask, cache, encoded, encoder_input_tokens):
+        """Feed decoder ``tokens`` [B, q] at ``positions`` [B, q] over the cache (self mask
+        [B, 1, q, T]) and ``encoded``; returns (logits [B, q, V] float32, new cache)."""
+        enc_valid = jnp.asarray(encoder_input_tokens) > 0
+        q_valid = jnp.ones(positions.shape, bool)
+        x = self.token_embedder(jnp.asarray(tokens))
+        return self.decoder.decode(
+            x,
+            encoded,
+            mask,
+            L.attention_mask(q_valid, enc_valid),
+            positions,
+            cache,
+            positions[:, 0],
+        )
 
     def _needs_rng(self) -> bool:
         c = self.cfg

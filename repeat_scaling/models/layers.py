@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from repeat_scaling.models import interventions
 from repeat_scaling.models.config import ModelConfig
 from repeat_scaling.sharding import with_logical_constraint
 
@@ -252,6 +253,17 @@ class RelativePositionBias(nnx.Module):
         z = jnp.tile(v, (1, q_len))[:, q_len - 1 : q_len - 1 + q_len * (p - 1)]
         return z.reshape(-1, q_len, p - 1)[:, :, :k_len][None]
 
+    def rows(self, q_positions: Array, k_len: int) -> Array:
+        """Bias rows for queries at absolute ``q_positions`` [B, q] (< k_len) over keys
+        0..k_len-1: [B, H, q, k_len] float32 (incremental decoding)."""
+        rel = np.arange(-(k_len - 1), k_len)  # k - q for q, k in [0, k_len)
+        buckets = relative_position_bucket(
+            rel, self.bidirectional, self.num_buckets, self.max_distance
+        )
+        v = jnp.take(self.rel_embedding[...].astype(jnp.float32), jnp.asarray(buckets), axis=1)
+        idx = jnp.arange(k_len)[None, None, :] - q_positions[..., None] + (k_len - 1)
+        return jnp.moveaxis(jnp.take(v, idx, axis=1), 0, 1)  # [H, B, q, k] -> [B, H, q, k]
+
 
 def apply_rope(x: Array, positions: Array, theta: float) -> Array:
     """Rotary embedding (rotate-half convention) on x [B, L, H, D] at positions [B, L]."""
@@ -338,7 +350,19 @@ class Attention(nnx.Module):
         q_positions: Array | None = None,
         k_positions: Array | None = None,
         return_attention: bool = False,
+        cache: dict[str, Array] | None = None,
+        cache_index: Array | None = None,
+        clamp: Any = None,
     ):
+        """Returns (out [B, q, embed], weights [B, H, q, k] or None, new cache or None).
+
+        ``cache`` ({"k", "v"}: [B, T, H, kv]) switches to incremental decoding: the keys and
+        values of the ``q`` new positions are written at ``cache_index[b] + 0..q-1`` (after
+        rotary embedding) and the queries attend over the whole cache; ``mask`` / ``bias``
+        are then [B | 1, 1 | H, q, T]. ``clamp`` = (StackClamps, per-head codes [H],
+        residual stream [B, q, embed]) applies attention interventions
+        (:mod:`repeat_scaling.models.interventions`); it forces the einsum path.
+        """
         dt = self.dtype
         q = jnp.einsum("bld,dhk->blhk", x_q, self.query[...].astype(dt))
         k = jnp.einsum("bld,dhk->blhk", x_kv, self.key[...].astype(dt))
@@ -349,7 +373,11 @@ class Attention(nnx.Module):
         if self.rope_theta is not None and q_positions is not None:
             q = apply_rope(q, q_positions, self.rope_theta)
             k = apply_rope(k, k_positions, self.rope_theta)
-        if self.impl != "einsum" and not return_attention:
+        new_cache = None
+        if cache is not None:
+            k, v = (_write_cache(cache[n], t, cache_index) for n, t in (("k", k), ("v", v)))
+            new_cache = {"k": k, "v": v}
+        if self.impl != "einsum" and not return_attention and clamp is None:
             # Fused kernel: scale=1 (T5 folds 1/sqrt(d) into the query init).
             ctx = jax.nn.dot_product_attention(
                 q,
@@ -361,18 +389,34 @@ class Attention(nnx.Module):
                 implementation=self.impl,
             )
             out = jnp.einsum("bqhd,hdm->bqm", ctx, self.out[...].astype(dt))
-            return with_logical_constraint(out, ("batch", "length", "act_embed")), None
+            return with_logical_constraint(out, ("batch", "length", "act_embed")), None, new_cache
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         if bias is not None:
             logits = logits + bias
         if mask is not None:
             logits = jnp.where(mask, logits, NEG_INF)
         weights = jax.nn.softmax(logits, axis=-1)
+        if clamp is not None:
+            weights = interventions.clamp_weights(weights, clamp)
         probs = dropout(weights, self.rate, drop.key, drop.scale).astype(dt)
         ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        copied = None
+        if clamp is not None:
+            ctx, copied = interventions.clamp_context(ctx, weights, clamp)
         out = jnp.einsum("bqhd,hdm->bqm", ctx, self.out[...].astype(dt))
+        if copied is not None:
+            out = out + copied.astype(out.dtype)
         out = with_logical_constraint(out, ("batch", "length", "act_embed"))
-        return (out, weights) if return_attention else (out, None)
+        return out, (weights if return_attention else None), new_cache
+
+
+def _write_cache(buf: Array, new: Array, index: Array) -> Array:
+    """Write ``new`` [B, q, ...] into ``buf`` [B, T, ...] at row-wise offsets ``index`` [B]."""
+
+    def one(b, n, i):
+        return jax.lax.dynamic_update_slice_in_dim(b, n.astype(b.dtype), i, axis=0)
+
+    return jax.vmap(one)(buf, new, index)
 
 
 # ----------------------------------------------------------------------------------------
@@ -388,6 +432,10 @@ class LayerInputs:
     encoded: Array | None = None
     cross_mask: Array | None = None
     return_attention: bool = False
+    # Incremental decoding: row offsets [B] at which this call's positions are cached.
+    cache_index: Array | None = None
+    # Attention interventions of this stack (interventions.StackClamps) or None.
+    clamps: Any = None
 
 
 class TransformerLayer(nnx.Module):
@@ -415,12 +463,25 @@ class TransformerLayer(nnx.Module):
             else:
                 self.mlp = Mlp(cfg, rngs)
 
-    def __call__(self, x: Array, inp: LayerInputs, drop: DropoutCtx):
+    def __call__(
+        self,
+        x: Array,
+        inp: LayerInputs,
+        drop: DropoutCtx,
+        layer: Any = 0,
+        cache: dict[str, Array] | None = None,
+    ):
+        """``layer``: this layer's index in its stack (int or traced; selects the clamps);
+        ``cache``: this layer's self-attention K/V cache (decoding) or None.
+        Returns (x, aux, attention tuple, new cache or None)."""
         cfg = self.cfg
         attn = []
         aux = jnp.zeros((2,), jnp.float32)
+        clamp = None
+        if inp.clamps is not None:
+            clamp = (inp.clamps, inp.clamps.codes[layer], x)
         y = self.pre_self_attention_layer_norm(x)
-        y, w = self.self_attention(
+        y, w, cache = self.self_attention(
             y,
             y,
             inp.mask,
@@ -429,13 +490,16 @@ class TransformerLayer(nnx.Module):
             q_positions=inp.positions,
             k_positions=inp.positions,
             return_attention=inp.return_attention,
+            cache=cache,
+            cache_index=inp.cache_index,
+            clamp=clamp,
         )
         attn.append(w)
         y = dropout(y, cfg.dropout_rate, drop.sub(_SITE_ATTN_OUT).key, drop.scale)
         x = x + droppath(y, cfg.droppath_rate, drop.sub(_SITE_DROPPATH_ATTN).key, drop.scale)
         if self.has_cross:
             y = self.pre_cross_attention_layer_norm(x)
-            y, w = self.encoder_decoder_attention(
+            y, w, _ = self.encoder_decoder_attention(
                 y,
                 inp.encoded,
                 inp.cross_mask,
@@ -455,7 +519,7 @@ class TransformerLayer(nnx.Module):
             y = dropout(y, cfg.dropout_rate, drop.sub(_SITE_MLP_OUT).key, drop.scale)
             x = x + droppath(y, cfg.droppath_rate, drop.sub(_SITE_DROPPATH_MLP).key, drop.scale)
         x = with_logical_constraint(x, ("batch", "length", "act_embed"))
-        return x, aux, tuple(attn) if inp.return_attention else ()
+        return x, aux, tuple(attn) if inp.return_attention else (), cache
 
 
 class LayerGroup(nnx.Module):
@@ -470,14 +534,18 @@ class LayerGroup(nnx.Module):
             ]
         )
 
-    def __call__(self, x: Array, inp: LayerInputs, drop: DropoutCtx):
+    def __call__(self, x: Array, inp: LayerInputs, drop: DropoutCtx, layer: Any = 0, cache=None):
         aux = jnp.zeros((2,), jnp.float32)
         attn: tuple = ()
-        for j, layer in enumerate(self.layers):
-            x, a, w = layer(x, inp, drop.sub(100 + j))
+        caches = []
+        for j, sub in enumerate(self.layers):
+            x, a, w, c = sub(
+                x, inp, drop.sub(100 + j), layer + j, None if cache is None else cache[j]
+            )
             aux = aux + a
             attn = attn + (w,)
-        return x, aux, attn
+            caches.append(c)
+        return x, aux, attn, None if cache is None else tuple(caches)
 
 
 def _remat_policy(name: str):
@@ -525,16 +593,19 @@ class LayerStack(nnx.Module):
         else:
             self.layers = nnx.List([make(rngs) for _ in range(self.num_units)])
 
-    def __call__(self, x: Array, inp: LayerInputs, drop: DropoutCtx):
-        """Returns (x, aux [2] summed over layers, list of per-layer attention tuples)."""
+    def __call__(self, x: Array, inp: LayerInputs, drop: DropoutCtx, cache: Any = None):
+        """Returns (x, aux [2] summed over layers, list of per-layer attention tuples), and
+        the updated cache as a 4th element when a ``cache`` (from :meth:`init_cache`) is
+        given (incremental decoding, ``inp.cache_index`` set)."""
         cfg = self.cfg
+        g = self.group
 
-        def body(x, state, graphdef, idx):
+        def body(x, state, graphdef, idx, c):
             unit = nnx.merge(graphdef, state)
             d = DropoutCtx(
                 None if drop.key is None else jax.random.fold_in(drop.key, idx), drop.scale
             )
-            return unit(x, inp, d)
+            return unit(x, inp, d, idx * g, c)
 
         if cfg.remat_policy != "none":
             body = jax.checkpoint(
@@ -546,26 +617,46 @@ class LayerStack(nnx.Module):
 
         aux = jnp.zeros((2,), jnp.float32)
         per_unit: list[tuple] = []
+        new_cache: Any = None
         if self.mode == "list":
+            new_cache = []
             for i, unit in enumerate(self.layers):
                 graphdef, state = nnx.split(unit)
-                x, a, w = body(x, state, graphdef, i)
+                x, a, w, c = body(x, state, graphdef, i, None if cache is None else cache[i])
                 aux, per_unit = aux + a, per_unit + [w]
+                new_cache.append(c)
         else:
             graphdef, state = nnx.split(self.layers)
             shared = self.mode == "shared"
 
             def step(carry, xs):
-                st, idx = (state, xs) if shared else xs
-                y, a, w = body(carry, st, graphdef, idx)
-                return y, (a, w)
+                st, idx, c = xs
+                y, a, w, c = body(carry, state if shared else st, graphdef, idx, c)
+                return y, (a, w, c)
 
             idxs = jnp.arange(self.num_units)
-            x, (a, w) = jax.lax.scan(step, x, idxs if shared else (state, idxs))
+            x, (a, w, new_cache) = jax.lax.scan(step, x, (None if shared else state, idxs, cache))
             aux = aux + a.sum(axis=0)
             per_unit = [jax.tree.map(lambda t, i=i: t[i], w) for i in range(self.num_units)]
         layers_attn: list[tuple] = []
         if inp.return_attention:
             for w in per_unit:
-                layers_attn.extend(w if self.group > 1 else [w])
-        return x, aux, layers_attn
+                layers_attn.extend(w if self.cfg.is_moe else [w])  # MoE unit: a group
+        if cache is None:
+            return x, aux, layers_attn
+        return x, aux, layers_attn, new_cache
+
+    def init_cache(self, batch: int, length: int) -> Any:
+        """Zero self-attention K/V caches ({"k", "v"}: [batch, length, heads, head_dim] per
+        layer, a tuple of those per MoE group): stacked on a leading unit axis (scanned or
+        shared stacks) or a list of per-unit caches (unrolled)."""
+        one = _unit_cache(self.cfg, self.group, batch, length)
+        if self.mode == "list":
+            return [one for _ in range(self.num_units)]
+        return jax.tree.map(lambda z: jnp.zeros((self.num_units,) + z.shape, z.dtype), one)
+
+
+def _unit_cache(cfg: ModelConfig, group: int, batch: int, length: int) -> Any:
+    z = jnp.zeros((batch, length, cfg.num_heads, cfg.head_dim), dtype_of(cfg.dtype))
+    one = {"k": z, "v": z}
+    return tuple(one for _ in range(group)) if cfg.is_moe else one  # MoE units: LayerGroup
