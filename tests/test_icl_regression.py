@@ -119,7 +119,10 @@ def test_trained_lsa_matches_one_gd_step(tmp_path):
     lines = [json.loads(x) for x in (wd / "train" / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["step"] == 300 and lines[-1]["loss"] < lines[0]["loss"]
 
-    from repeat_scaling.train.icl_regression import load_trained
+    from repeat_scaling.train.icl_regression import ConfigError, default_config, load_trained, run
+
+    with pytest.raises(ConfigError, match="already holds a run; choose another --workdir"):
+        run(default_config(), wd)
 
     model, eta, step = load_trained(wd)
     assert step == 300 and eta == pytest.approx(result["eta"], rel=1e-6)
@@ -215,3 +218,19 @@ def test_token_version_trains_with_the_normal_trainer(tmp_path):
     # Loss on the y-tokens falls from near-uniform over the padded vocabulary to below a
     # uniform guess among the 32 y bins.
     assert lines[0]["loss"] > math.log(32) > lines[-1]["loss"], [x["loss"] for x in lines]
+
+
+def test_token_metrics_score_the_query_prediction():
+    splits, vocab, task = R.token_task({"d": 2, "n": 8, "validation": 400}, seed=1)
+    seq = splits["validation"]
+    perfect = np.zeros((len(seq), vocab))
+    perfect[np.arange(len(seq)), seq[:, -1]] = 100.0
+    m = R.token_metrics(task, perfect, seq)
+    assert m["query_accuracy"] == 1.0 and m["query_within_one_bin"] == 1.0
+    assert m["query_mse"] < 1e-12 and m["query_mse_argmax"] == 0.0
+    uniform = R.token_metrics(task, np.zeros((len(seq), vocab)), seq)
+    # Uniform over the symmetric y bins predicts 0 on average: the zero predictor's error.
+    assert uniform["query_mse"] == pytest.approx(uniform["zero_mse"], rel=1e-9)
+    assert uniform["least_squares_mse"] < 0.05 * uniform["zero_mse"]
+    with pytest.raises(ValueError, match="expected 'icl_regression'"):
+        R.token_metrics({"name": "icl_bursty"}, perfect, seq)

@@ -312,3 +312,62 @@ def token_task(params: dict[str, Any], seed: int) -> tuple[dict[str, np.ndarray]
         "y_token_ids": [q.y_first_id, q.vocab_size - 1],
     }
     return {"train": train, "validation": valid}, q.vocab_size, task
+
+
+# --------------------------------------------------------------------------------------
+# Scoring the token version (the task's metric functions, like a seqio Task's metric_fns).
+# --------------------------------------------------------------------------------------
+def quantiser_of(task: dict[str, Any]) -> ValueQuantiser:
+    """The :class:`ValueQuantiser` of a ``token_task`` description (a store's ``icl_task``)."""
+    if task.get("name") != "icl_regression":
+        raise ValueError(f"icl_task name {task.get('name')!r}; expected 'icl_regression'")
+    return ValueQuantiser(int(task["x_bins"]), int(task["y_bins"]), float(task["y_max"]))
+
+
+def decode_sequences(task: dict[str, Any], sequences: np.ndarray) -> RegressionBatch:
+    """Token sequences [B, L] -> the dequantised tasks (bin centres; ``w`` unknown: zeros)."""
+    q = quantiser_of(task)
+    d, n = int(task["d"]), int(task["n"])
+    seq = np.asarray(sequences).reshape(len(sequences), n + 1, d + 1)
+    x = q.x_value(seq[..., :d] - FIRST_VALUE_ID)
+    y = q.y_token_value(seq[..., d])
+    return RegressionBatch(x=x, y=y, w=np.zeros((len(seq), d)))
+
+
+def token_metrics(
+    task: dict[str, Any], query_logits: np.ndarray, sequences: np.ndarray
+) -> dict[str, float]:
+    """Scores of a model's prediction of the query's y-token.
+
+    Args:
+      task: the store's ``icl_task`` (from :func:`token_task`).
+      query_logits: [B, V] logits at the position that predicts the query's y-token (the
+        causal-LM output at ``query_position``); only the y-token ids are considered.
+      sequences: [B, L] the evaluated sequences (their last token is the target).
+
+    Returns:
+      ``query_accuracy`` (exact y bin), ``query_within_one_bin``, ``query_mse`` (squared
+      error of the probability-weighted mean of the y-bin centres, in y units),
+      ``query_mse_argmax`` (of the most likely bin's centre), and the references
+      ``zero_mse`` (predicting 0) and ``least_squares_mse`` (least squares on the
+      dequantised context, then quantised: the task's noise floor).
+    """
+    q = quantiser_of(task)
+    seq = np.asarray(sequences)
+    logits = np.asarray(query_logits, np.float64)[:, q.y_first_id : q.vocab_size]
+    target_bin = seq[:, -1] - q.y_first_id
+    centres = q.y_value(np.arange(q.y_bins))
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    best = logits.argmax(-1)
+    y_true = centres[target_bin]
+    b = decode_sequences(task, seq)
+    ls = q.y_value(q.y_bin(least_squares_predict(b, ridge=1e-6)))
+    return {
+        "query_accuracy": float(np.mean(best == target_bin)),
+        "query_within_one_bin": float(np.mean(np.abs(best - target_bin) <= 1)),
+        "query_mse": float(np.mean((p @ centres - y_true) ** 2)),
+        "query_mse_argmax": float(np.mean((centres[best] - y_true) ** 2)),
+        "zero_mse": float(np.mean(y_true**2)),
+        "least_squares_mse": float(np.mean((ls - y_true) ** 2)),
+    }

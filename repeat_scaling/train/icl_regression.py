@@ -164,6 +164,8 @@ def run(config: Any, workdir: str | pathlib.Path, *, log=None) -> dict[str, Any]
     c = config
     d, n, seed = int(c.task.d), int(c.task.n), int(c.seed)
     workdir = pathlib.Path(workdir).absolute()
+    if (workdir / "checkpoints").is_dir() or (workdir / RESULT_FILE).exists():
+        raise ConfigError(f"workdir {workdir} already holds a run; choose another --workdir")
     (workdir / "train").mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(c.to_dict(), indent=2, sort_keys=True))
     mcfg = _model_cfg(c)
