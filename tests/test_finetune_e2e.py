@@ -8,10 +8,14 @@
   figure has one curve per pre-training setting plus the from-scratch one, all finite.
 """
 
+import contextlib
 import csv
 import importlib.util
+import json
+import math
 import pathlib
 
+import jax
 import pytest
 
 from launch import sweeps
@@ -69,3 +73,136 @@ def test_root_template_and_init_from_tag():
 def _csv(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+# --------------------------------------------------------------------------------------
+# The tiny end-to-end experiment.
+PRETRAIN = {"data.length": 64, "train.steps": 16, "train.batch_size": 8}
+PRETRAIN |= {"train.checkpoint_every": 8, "train.keep": 2, "train.log_every": 4}
+FINETUNE = {"data.length": 64, "train.steps": 8, "train.batch_size": 8}
+FINETUNE |= {"train.checkpoint_every": 4, "train.keep": 2, "train.log_every": 4}
+SETTINGS = {"unique": (0.0, 1), "f=0.5 E=16": (0.5, 16)}
+EVAL = dict(
+    batch_size=8,
+    test_batches=1,
+    memorisation_examples=8,
+    copy_examples=8,
+    random_repeat_examples=8,
+    icl_examples=8,
+    probe_sequences=8,
+    frequency_tokens=100_000,
+)
+
+
+def _tiny(store, overrides, **top):
+    """configs/demo.py:dec (dec_tiny, causal LM, byte vocabulary) with ``overrides``."""
+    c = _config_module("demo").get_config("dec")
+    c.data.store = str(store)
+    for key, value in {**overrides, "train.progress_bar": "off"}.items():
+        group, name = key.split(".")
+        c[group][name] = value
+    c.train.optimizer.warmup_steps = 2
+    for key, value in top.items():
+        c[key] = value
+    return c
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(path):
+    """JAX's persistent compilation cache in ``path`` for the duration (then restored).
+
+    All five runs share every shape, but each ``train``/``Evaluator`` call jits new
+    functions; the cache turns the later ~40 s compilations (busy 2-core CPU) into
+    ~4 s loads.
+    """
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    keys = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    old = {k: getattr(jax.config, k) for k in keys}
+    for key, value in zip(keys, (str(path), 0, 0)):
+        jax.config.update(key, value)
+    cc.reset_cache()
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            jax.config.update(key, value)
+        cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    """Pre-train at two settings, fine-tune each on pystdlib, train one from scratch,
+    evaluate every run with the real evaluator: the sweep root."""
+    tmp = tmp_path_factory.mktemp("finetune")
+    with persistent_compilation_cache(tmp / "jax_cache"):
+        return _experiment(tmp)
+
+
+def _experiment(tmp):
+    from repeat_scaling.eval import evaluator, metrics
+    from repeat_scaling.prepare import prepare_store
+    from repeat_scaling.train import loop
+
+    quiet = dict(progress=False, log=lambda *a: None)
+    text = prepare_store("builtin", "byte", tmp / "stores" / "builtin", **quiet)
+    code = prepare_store("pystdlib:max_docs=40", "byte", tmp / "stores" / "code", **quiet)
+    assert code.manifest["source"]["kind"] == "pystdlib"
+    root = tmp / "runs"
+    workdirs = []
+    for label, (f, e) in SETTINGS.items():
+        pre = root / f"pre_{label.replace(' ', '_')}"
+        over = {**PRETRAIN, "data.repeated_fraction": f, "data.repeated_epochs": e}
+        loop.train(_tiny(text.path, over), pre)
+        ft = root / f"ft_{pre.name}"
+        loop.train(_tiny(code.path, FINETUNE, init_from=str(pre)), ft)
+        workdirs += [pre, ft]
+    scratch = root / "scratch"
+    loop.train(_tiny(code.path, FINETUNE), scratch)
+    workdirs.append(scratch)
+    mesh = evaluator.eval_mesh(1)
+    for work in workdirs:
+        evaluator.Evaluator(work, metrics.EvalSettings(**EVAL), mesh).run_all()
+    return root
+
+
+@pytest.mark.slow
+def test_pretrained_at_two_settings_finetuned_on_python_vs_scratch(experiment, tmp_path):
+    from repeat_scaling.report import markdown
+    from repeat_scaling.report import runs as runs_lib
+
+    record = json.loads((experiment / "ft_pre_f=0.5_E=16" / "init_from.json").read_text())
+    assert record["kind"] == "run" and record["step"] == PRETRAIN["train.steps"]
+    assert record["path"] == str((experiment / "pre_f=0.5_E=16").resolve())
+    assert record["source_config"]["repeated_fraction"] == 0.5
+
+    runs, problems = runs_lib.load_runs([str(experiment / "*")])
+    assert len(runs) == 5 and all(r.finished for r in runs), [r.progress() for r in runs]
+    out = tmp_path / "report"
+    summary = markdown.write_report(runs, problems, str(out))
+    assert "finetune_curves" in [f.name for f in summary.figures if f.png]
+    assert (out / "finetune_curves.png").stat().st_size > 5000
+
+    rows = _csv(out / "finetune_curves.csv")
+    curves = {}
+    for row in rows:
+        curves.setdefault(row["pretrain_setting"], []).append(float(row["test_loss"]))
+    # One curve per pre-training setting plus from scratch, each with both checkpoints.
+    assert sorted(curves) == ["f=0.5 E=16", "from scratch", "unique"]
+    assert all(len(v) == 2 and all(math.isfinite(x) for x in v) for v in curves.values())
+    # Pre-training on English text helps on code at the first fine-tuning checkpoint.
+    assert curves["unique"][0] < curves["from scratch"][0]
+    eff = _csv(out / "finetune_effective.csv")
+    assert len(eff) == 2
+    assert all(math.isfinite(float(r["ratio_vs_scratch"])) for r in eff)
+    md = (out / "report.md").read_text()
+    assert "one model size from scratch, so no effective-size fit" in md
+    # The pre-training runs still make the pre-training figures.
+    assert {r["run"] for r in _csv(out / "double_descent.csv")} == {
+        "pre_unique",
+        "pre_f=0.5_E=16",
+    }
