@@ -203,7 +203,9 @@ def test_pystdlib_and_pairs_stores_with_sentencepiece(tmp_path):
     from repeat_scaling.train_vocab import train_vocab
 
     quiet = {"log": lambda m: None}
-    vocab = train_vocab("pystdlib:max_docs=40", 400, tmp_path / "py.model", max_docs=40)
+    vocab = train_vocab(
+        "pystdlib:max_docs=40", 400, tmp_path / "py.model", max_docs=40, max_sentences=4000
+    )
     store = prepare_store(
         "pystdlib:max_docs=40", vocab.path, tmp_path / "sp", progress=False, **quiet
     )
