@@ -54,6 +54,7 @@ from flax import nnx
 
 from repeat_scaling import sharding
 from repeat_scaling.data.batcher import read_chunks
+from repeat_scaling.data.supervised import PairsLayout
 from repeat_scaling.data.vocab import Encoder
 
 RECORD_KEYS = (
@@ -195,36 +196,18 @@ def _to_bool(key: str, value: Any) -> bool:
     raise DownstreamError(f"{key}={value!r}; expected true or false")
 
 
-@dataclasses.dataclass(frozen=True)
-class PairsLayout:
-    """The example layout of a pairs store (manifest ``"pairs"``)."""
-
-    task: str
-    inputs_length: int
-    targets_length: int
-
-    @property
-    def raw_length(self) -> int:
-        """Store tokens per example (inputs + targets + the store's document EOS)."""
-        return self.inputs_length + self.targets_length + 1
-
-    @classmethod
-    def of(cls, manifest: dict[str, Any]) -> PairsLayout | None:
-        """The layout of a store manifest, or None when it is not a pairs store."""
-        pairs = manifest.get("pairs")
-        if not pairs:
-            return None
-        try:
-            out = cls(
-                str(pairs.get("task", "?")),
-                int(pairs["inputs_length"]),
-                int(pairs["targets_length"]),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise DownstreamError(f"store manifest 'pairs' entry is malformed ({e})") from None
-        if out.inputs_length < 1 or out.targets_length < 1:
-            raise DownstreamError(f"store manifest 'pairs' has bad lengths {pairs}")
-        return out
+def pairs_layout(manifest: dict[str, Any]) -> PairsLayout | None:
+    """The pairs layout of a store manifest (:class:`repeat_scaling.data.supervised.
+    PairsLayout`), or None when the store is not a pairs store."""
+    if not manifest.get("pairs"):
+        return None
+    try:
+        layout = PairsLayout.from_manifest(manifest)
+    except (KeyError, TypeError, ValueError) as e:
+        raise DownstreamError(f"store manifest 'pairs' entry is malformed ({e})") from None
+    if layout.inputs_length < 1 or layout.targets_length < 1:
+        raise DownstreamError(f"store manifest 'pairs' has bad lengths {manifest['pairs']}")
+    return layout
 
 
 def read_examples(split, layout: PairsLayout, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -237,8 +220,11 @@ def read_examples(split, layout: PairsLayout, count: int) -> tuple[np.ndarray, n
             f"pairs split has {split.num_tokens} tokens, fewer than one example "
             f"({layout.raw_length} tokens)"
         )
-    rows = read_chunks(split, np.arange(n), layout.raw_length)
-    return rows[:, : layout.inputs_length], rows[:, layout.inputs_length : -1]
+    try:
+        inputs, _, targets, _ = layout.split(read_chunks(split, np.arange(n), layout.raw_length))
+    except ValueError as e:
+        raise DownstreamError(str(e)) from None
+    return inputs, targets
 
 
 def load_split_references(
@@ -275,14 +261,16 @@ class Generator:
 
     Built on a :class:`repeat_scaling.eval.metrics.ModelRunner` (its graph, current
     parameters, mesh and batch placement), so ``runner.load(model)`` for the next
-    checkpoint reuses the compiled decoder.
+    checkpoint reuses the compiled decoder. ``vocab_size``: the store's real vocabulary
+    size; the argmax never picks the embedding table's padding rows beyond it.
     """
 
-    def __init__(self, runner, *, eos_id: int = 1):
+    def __init__(self, runner, *, eos_id: int = 1, vocab_size: int | None = None):
         from repeat_scaling.models import decoding
 
         self.runner = runner
         self.eos_id = int(eos_id)
+        self.vocab_size = None if vocab_size is None else int(vocab_size)
         self._fns: dict[tuple, Any] = {}
         self._decoding = decoding
 
@@ -290,6 +278,7 @@ class Generator:
         key = (length, use_cache, prefix_lm)
         if key not in self._fns:
             graphdef, decoding, eos = self.runner.graphdef, self._decoding, self.eos_id
+            vocab_size = self.vocab_size
 
             def decode(state, feats):
                 model = nnx.merge(graphdef, state)
@@ -300,6 +289,7 @@ class Generator:
                     eos_id=eos,
                     use_cache=use_cache,
                     prefix_lm=prefix_lm,
+                    vocab_size=vocab_size,
                 )
 
             self._fns[key] = jax.jit(decode)
@@ -335,6 +325,14 @@ class Generator:
         return np.concatenate(out, axis=0)
 
 
+def check_split(store, settings: DownstreamSettings) -> None:
+    """One-line error unless the store has the settings' split."""
+    if settings.split not in store.split_names:
+        raise DownstreamError(
+            f"downstream_split={settings.split!r}; the store has {store.split_names}"
+        )
+
+
 class DownstreamTask:
     """The scored examples of a pairs store (read once) and their evaluation per model.
 
@@ -343,13 +341,10 @@ class DownstreamTask:
     """
 
     def __init__(self, store, settings: DownstreamSettings, encoder_length: int = 0):
-        layout = PairsLayout.of(store.manifest)
+        layout = pairs_layout(store.manifest)
         if layout is None:
             raise DownstreamError(f"store {store.path} has no 'pairs' layout in its manifest")
-        if settings.split not in store.split_names:
-            raise DownstreamError(
-                f"downstream_split={settings.split!r}; the store has {store.split_names}"
-            )
+        check_split(store, settings)
         self.layout, self.settings = layout, settings
         self.encoder = Encoder(store.vocab)
         inputs, targets = read_examples(store.split(settings.split), layout, settings.examples)

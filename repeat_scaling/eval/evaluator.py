@@ -217,7 +217,9 @@ class Evaluator:
         self.run = Run.load(workdir)
         manifest = self.run.store.manifest
         try:
-            self.pairs = downstream.PairsLayout.of(manifest)
+            self.pairs = downstream.pairs_layout(manifest)
+            if self.pairs is not None and self.downstream_settings.examples > 0:
+                downstream.check_split(self.run.store, self.downstream_settings)
         except downstream.DownstreamError as e:
             raise EvalError(str(e)) from None
         self.icl_task = manifest.get("icl_task")
@@ -363,8 +365,9 @@ class Evaluator:
                 out.update(dict.fromkeys(downstream.RECORD_KEYS))
             else:
                 if self._generator is None:
+                    vocab = self.run.store.vocab
                     self._generator = downstream.Generator(
-                        self._runner, eos_id=self.run.store.vocab.eos_id
+                        self._runner, eos_id=vocab.eos_id, vocab_size=vocab.vocab_size
                     )
                 prefix_lm = "decoder_causal_attention" in d["test_batches"][0]
                 out.update(task.evaluate(self._generator, prefix_lm=prefix_lm))
