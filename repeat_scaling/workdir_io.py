@@ -178,6 +178,13 @@ def read_text(path: WPath, default: str | None = None) -> str | None:
         return default
 
 
+def upload_file(local: str | os.PathLike, remote: WPath) -> None:
+    """Copy a local file to ``remote`` (a gs:// epath) as one object upload."""
+    import fsspec
+
+    fsspec.filesystem("gs").put_file(os.fspath(local), str(remote)[len(GCS_PREFIX) :])
+
+
 def mkdirs(path: WPath) -> None:
     """``mkdir -p`` locally; nothing on GCS (objects need no directories)."""
     if isinstance(path, pathlib.Path):

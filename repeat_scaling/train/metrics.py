@@ -8,9 +8,10 @@
 
 The workdir may be a gs:// URL (:mod:`repeat_scaling.workdir_io`): the JSONL files are
 then re-uploaded whole at most every ``flush_seconds`` (object stores cannot append) and
-on close; tensorboardX writes gs:// event files itself through google-cloud-storage
-(re-uploading the event file on each of its flushes, every 120 s); without that package
-TensorBoard output is skipped with one log line.
+on close. TensorBoard events for a gs:// workdir are written to a local temporary
+directory and uploaded to ``workdir/tensorboard/`` (each event file as one object) on
+the same schedule (:class:`SyncedSummaryWriter`; tensorboardX's own gs:// writer keeps
+every event in memory and re-uploads from ``__del__``, so it is not used).
 * Progress: a tqdm bar with ETA when stderr is a terminal, plain log lines otherwise.
 
 Throughput: ``tokens_per_s`` counts all processed tokens (encoder + decoder for
@@ -24,7 +25,9 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -131,7 +134,12 @@ class MetricsWriter:
             truncate_jsonl(self.path, start_step)
             truncate_jsonl(self.workdir / "train" / "eval.jsonl", start_step)
             self._file = workdir_io.JsonlAppender(self.path, flush_seconds=flush_seconds)
-            self._tb = _summary_writer(self.workdir / "tensorboard")
+            if isinstance(self.workdir, pathlib.Path):
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+            else:
+                self._tb = SyncedSummaryWriter(self.workdir / "tensorboard", flush_seconds)
         use_bar = {"on": True, "off": False}.get(progress_bar, sys.stderr.isatty())
         self._bar = None
         if use_bar and is_primary:
@@ -149,6 +157,8 @@ class MetricsWriter:
             for k, v in record.items():
                 if k != "step" and isinstance(v, int | float) and v is not None:
                     self._tb.add_scalar(f"train/{k}", v, step)
+            if isinstance(self._tb, SyncedSummaryWriter):
+                self._tb.maybe_sync()
         if self._bar is not None:
             self._bar.n = step
             self._bar.set_postfix(
@@ -192,12 +202,38 @@ class MetricsWriter:
             self._tb.close()
 
 
-def _summary_writer(logdir: workdir_io.WPath) -> Any:
-    """A tensorboardX writer for ``logdir`` (local or gs://), or None with one log line."""
-    from tensorboardX import SummaryWriter
+class SyncedSummaryWriter:
+    """tensorboardX events written locally and uploaded to a gs:// directory.
 
-    try:
-        return SummaryWriter(str(logdir))
-    except ImportError as e:  # gs:// without google-cloud-storage
-        print(f"tensorboard: skipped ({e})", file=sys.stderr, flush=True)
-        return None
+    ``maybe_sync`` uploads at most every ``sync_seconds``; ``flush``/``close`` always
+    do. Each local event file becomes one object (re-uploaded whole: event files of
+    scalar summaries stay small). The temporary directory is removed on ``close``.
+    """
+
+    def __init__(self, remote: workdir_io.WPath, sync_seconds: float = 30.0):
+        from tensorboardX import SummaryWriter
+
+        self.remote = remote
+        self.sync_seconds = float(sync_seconds)
+        self.local = pathlib.Path(tempfile.mkdtemp(prefix="repeat_scaling_tb_"))
+        self._writer = SummaryWriter(str(self.local))
+        self._last = time.monotonic()
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self._writer.add_scalar(tag, value, step)
+
+    def maybe_sync(self) -> None:
+        if time.monotonic() - self._last >= self.sync_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        self._writer.flush()
+        for f in sorted(self.local.rglob("*")):
+            if f.is_file():
+                workdir_io.upload_file(f, self.remote / f.relative_to(self.local).as_posix())
+        self._last = time.monotonic()
+
+    def close(self) -> None:
+        self._writer.close()
+        self.flush()
+        shutil.rmtree(self.local, ignore_errors=True)
