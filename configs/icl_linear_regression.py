@@ -27,8 +27,11 @@ Two experiments share this file:
            --workdir=runs/icl_regression_tokens
 
    ``tokens``: ``dec_tiny`` (2 layers, d_model 64, with MLPs); ``tokens_attn2``: the 2-layer
-   attention-only ``attn2_tiny``. d = 2, n = 8, 16 x-bins and 32 y-bins (sequence length 27,
-   vocabulary 51), 1000 steps of 32 sequences.
+   attention-only ``attn2_tiny``. d = 1 (in-context slope estimation: the smallest case a
+   tiny model learns on a CPU in minutes), n = 8, 16 x-bins and 32 y-bins (sequence length
+   18, vocabulary 51), 2000 steps of 64 sequences (every training sequence seen once).
+   Larger d: ``--config.data.source=icl_regression:d=2,...`` with ``data.length`` =
+   ``(n + 1)(d + 1)``.
 """
 
 import sys
@@ -44,7 +47,7 @@ LSA_SCALES = ("demo", "paper")
 TOKEN_SCALES = {"tokens": "dec_tiny", "tokens_attn2": "attn2_tiny"}
 
 #: The token task of ``:tokens`` (the ``icl_regression:k=v,...`` spec parameters).
-TOKEN_TASK = {"d": 2, "n": 8, "x_bins": 16, "y_bins": 32, "train": 32_000, "validation": 1024}
+TOKEN_TASK = {"d": 1, "n": 8, "x_bins": 16, "y_bins": 32, "train": 128_000, "validation": 1024}
 
 
 def token_spec(params: dict) -> str:
@@ -88,8 +91,8 @@ def _token_config(scale: str):
     c.data.objective = "icl"
     c.data.length = (TOKEN_TASK["n"] + 1) * (TOKEN_TASK["d"] + 1)
     c.data.objective_options.all_labels = True
-    c.train.steps, c.train.batch_size = 1000, 32
-    c.train.log_every, c.train.checkpoint_every, c.train.keep = 50, 250, 4
+    c.train.steps, c.train.batch_size = 2000, 64  # = TOKEN_TASK["train"] sequences, once
+    c.train.log_every, c.train.checkpoint_every, c.train.keep = 50, 250, 8
     c.train.eval_every, c.train.eval_batches = 250, 4
     adamw(c, lr=3e-3, warmup=50, schedule="cosine")
     return c

@@ -211,7 +211,7 @@ def test_token_version_trains_with_the_normal_trainer(tmp_path):
     summary = loop.train(c, tmp_path / "w")
     store = TokenStore(str(tmp_path / "store"))
     task = store.manifest["icl_task"]
-    assert task["name"] == "icl_regression" and task["sequence_length"] == c.data.length == 27
+    assert task["name"] == "icl_regression" and task["sequence_length"] == c.data.length == 18
     assert store.vocab.spec == "tokens:51" and store.split("train").num_documents == 4000
     lines = [json.loads(x) for x in (tmp_path / "w" / "train" / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
     assert summary["final_step"] == 60 and [x["step"] for x in lines][-1] == 60

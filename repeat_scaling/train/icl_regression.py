@@ -280,6 +280,9 @@ def main(argv: list[str] | None = None) -> None:
     flags.DEFINE_string("workdir", None, "Run directory.")
 
     def _main(args: list[str]) -> None:
+        from absl import logging
+
+        logging.set_verbosity(logging.WARNING)  # orbax's per-file INFO lines drown the log
         if len(args) > 1:
             _fail(f"unexpected arguments {args[1:]}")
         if flags_.config is None:
