@@ -79,23 +79,21 @@ def greedy_decode(
     if tokens.ndim != 2 or tokens.shape[1] == 0:
         raise ValueError(f"features[{key!r}] has shape {tokens.shape}; expected [batch, length>0]")
     graphdef, state = nnx.split(model)
+    # eos_id / prefix_lm / vocab_size are traced: changing them never recompiles.
     return _decode(
         graphdef,
         state,
         tokens,
+        jnp.int32(eos_id),
+        jnp.asarray(bool(prefix_lm)),
+        jnp.int32(cfg.vocab_size if vocab_size is None else vocab_size),
         max_len=max_decode_length,
-        eos_id=int(eos_id),
         use_cache=bool(use_cache),
-        prefix_lm=bool(prefix_lm),
-        vocab_size=vocab_size,
     )
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("graphdef", "max_len", "eos_id", "use_cache", "prefix_lm", "vocab_size"),
-)
-def _decode(graphdef, state, tokens, *, max_len, eos_id, use_cache, prefix_lm, vocab_size):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "use_cache"))
+def _decode(graphdef, state, tokens, eos_id, prefix_lm, vocab_size, *, max_len, use_cache):
     model = nnx.merge(graphdef, state)
     b = tokens.shape[0]
     if model.cfg.arch == "encoder_decoder":
@@ -104,8 +102,7 @@ def _decode(graphdef, state, tokens, *, max_len, eos_id, use_cache, prefix_lm, v
         first, carry0, step = _decoder_only(model, tokens, max_len, use_cache, prefix_lm)
 
     def pick(logits: Array) -> Array:  # [B, V] -> [B]
-        if vocab_size is not None:
-            logits = logits[:, :vocab_size]
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     out = jnp.zeros((b, max_len), jnp.int32)
@@ -171,8 +168,8 @@ def _decoder_only(model, prompt: Array, max_len: int, use_cache: bool, prefix_lm
         # Prefill positions 0..p (row b's real ones are 0..p_b), cache rows 0..p.
         q = jnp.arange(p + 1)
         allowed = ar[None, :] <= q[:, None]  # causal [q, total]
-        if prefix_lm:
-            allowed = allowed | (prefix[:, :, None] & prefix[:, None, :])[:, : p + 1]
+        bidir = prefix & prefix_lm
+        allowed = allowed | (bidir[:, :, None] & bidir[:, None, :])[:, : p + 1]
         mask = allowed & prefix[:, None, :] & prefix[:, : p + 1, None]
         pos = jnp.broadcast_to(q, (b, p + 1))
         logits, cache = model.decode_step(
@@ -196,9 +193,9 @@ def _decoder_only(model, prompt: Array, max_len: int, use_cache: bool, prefix_lm
             "decoder_input_tokens": seq,
             "decoder_segment_ids": seg,
             "decoder_positions": ar[None] * seg,
+            # all zeros (plain causal) unless prefix_lm
+            "decoder_causal_attention": (prefix & (seg > 0) & prefix_lm).astype(jnp.int32),
         }
-        if prefix_lm:
-            feats["decoder_causal_attention"] = (prefix & (seg > 0)).astype(jnp.int32)
         logits, _ = forward(model, feats)
         return logits[rows, pos], seq
 
@@ -221,10 +218,10 @@ def teacher_forced_features(prompt: np.ndarray, generated: np.ndarray, prefix_lm
     dec_in = np.zeros_like(seq)
     dec_in[:, 1:] = seq[:, :-1]
     ar = np.arange(p + n)
+    causal = (ar[None] <= lengths[:, None]) & prefix_lm  # all 0 = plain causal (T5X)
     feats = {
         "decoder_input_tokens": dec_in,
         "decoder_positions": np.broadcast_to(ar, seq.shape).astype(np.int32),
+        "decoder_causal_attention": causal.astype(np.int32),
     }
-    if prefix_lm:
-        feats["decoder_causal_attention"] = (ar[None] <= lengths[:, None]).astype(np.int32)
     return feats, lengths
