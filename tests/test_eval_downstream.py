@@ -133,7 +133,19 @@ def _demo_config(arg: str):
 
 
 @pytest.fixture(scope="module")
-def copy_run(tmp_path_factory):
+def copy_store(tmp_path_factory):
+    """The pairs store of COPY_TASK (byte vocabulary, inputs 16, targets 12 tokens)."""
+    from repeat_scaling.prepare import prepare_task_store
+
+    store = tmp_path_factory.mktemp("copy_store") / "copy_word"
+    prepare_task_store(
+        COPY_TASK, "byte", store, inputs_length=16, targets_length=12, log=lambda m: None
+    )
+    return store
+
+
+@pytest.fixture(scope="module")
+def copy_run(copy_store, tmp_path_factory):
     """A tiny T5 trained for COPY_STEPS steps on 64 copy_word examples: (store, workdir).
 
     f = 1, E = 24: the run sees 53 of the 61 training words, 24 times each, i.e. it
@@ -141,14 +153,9 @@ def copy_run(tmp_path_factory):
     generalisation of a 2-layer model trained for seconds). Measured: EM 0.80 on the 61
     training words (untrained: 0.0); ~40 s of CPU in all, mostly compilation.
     """
-    from repeat_scaling.prepare import prepare_task_store
     from repeat_scaling.train import loop
 
-    root = tmp_path_factory.mktemp("copy")
-    store = root / "copy_word"
-    prepare_task_store(
-        COPY_TASK, "byte", store, inputs_length=16, targets_length=12, log=lambda m: None
-    )
+    store = copy_store
     c = _demo_config("t5")
     c.data.store, c.data.source = str(store), ""
     c.data.objective = "supervised"
@@ -161,7 +168,7 @@ def copy_run(tmp_path_factory):
     c.train.progress_bar = "off"
     c.train.optimizer.learning_rate = 1e-2
     c.train.optimizer.warmup_steps = 10
-    work = root / "run"
+    work = tmp_path_factory.mktemp("copy_run") / "run"
     loop.train(c, work)
     return store, work
 
@@ -220,3 +227,49 @@ def test_evaluate_cli_downstream_flag_errors(copy_run):
         last = p.stderr.strip().splitlines()[-1]
         assert last.startswith("error: ") and message in last, p.stderr[-2000:]
         assert "Traceback" not in p.stderr
+
+
+def test_decoder_only_generation_follows_the_supervised_layout(copy_store):
+    """Greedy answers of a decoder-only prefix LM, written back into a pairs chunk and fed
+    through the ``supervised`` objective's features and ``forward``, are the argmax at
+    every answer position: the generator's prompts match what training teaches."""
+    import numpy as np
+    from flax import nnx
+
+    from repeat_scaling import models
+    from repeat_scaling.data.pipeline import make_objective
+    from repeat_scaling.data.store import TokenStore
+    from repeat_scaling.eval import evaluator, metrics
+    from repeat_scaling.models.config import ModelConfig
+
+    store = TokenStore(str(copy_store))
+    cfg = ModelConfig.from_dict(_demo_config("dec").model.to_dict())
+    model = models.build(cfg, nnx.Rngs(3))
+    runner = metrics.ModelRunner(model, cfg, evaluator.eval_mesh(1))
+    settings = ds.DownstreamSettings(examples=16, batch_size=8, split="validation")
+    task = ds.DownstreamTask(store, settings)
+    gen = ds.Generator(runner, vocab_size=store.vocab.vocab_size)
+    lay = task.layout
+    ids = gen.generate(task.inputs, max_decode_length=lay.targets_length - 1, batch_size=8)
+    chunks = np.zeros((len(ids), lay.raw_length), np.int32)
+    chunks[:, : lay.inputs_length] = task.inputs
+    chunks[:, -1] = 1
+    kept = []
+    for r, row in enumerate(ids):
+        stop = np.flatnonzero((row == 0) | (row == 1))
+        n = int(stop[0]) if stop.size else len(row)
+        kept.append(n)
+        chunks[r, lay.inputs_length : lay.inputs_length + n] = row[:n]
+        chunks[r, lay.inputs_length + n] = 1  # the answer's EOS
+    obj = make_objective("supervised", store.vocab, "decoder_only", store_manifest=store.manifest)
+    feats = obj(chunks, np.arange(len(ids)), 0)
+    assert "decoder_causal_attention" in feats
+    logits, _ = models.forward(model, feats)
+    pred = np.asarray(logits[..., : store.vocab.vocab_size].argmax(-1))  # as the generator
+    w = feats["decoder_loss_weights"]
+    compared = 0
+    for r, n in enumerate(kept):
+        pos = np.flatnonzero(w[r] > 0)[:n]  # the answer's positions, before its EOS
+        np.testing.assert_array_equal(pred[r, pos], ids[r, :n])
+        compared += n
+    assert compared >= 16  # the untrained model's answers are not all empty
