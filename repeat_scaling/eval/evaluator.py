@@ -352,6 +352,15 @@ class Evaluator:
             rec["prefix_matching"],
             rec["eval_time_s"],
         )
+        if rec.get("downstream_examples"):
+            logging.info(
+                "step %d: downstream EM %.4f, F1 %.4f, accuracy %.4f on %d examples",
+                step,
+                rec["downstream_em"],
+                rec["downstream_f1"],
+                rec["downstream_accuracy"],
+                rec["downstream_examples"],
+            )
         return rec
 
     def task_metrics(self, model) -> dict[str, Any]:
