@@ -350,7 +350,8 @@ def token_metrics(
       error of the probability-weighted mean of the y-bin centres, in y units),
       ``query_mse_argmax`` (of the most likely bin's centre), and the references
       ``zero_mse`` (predicting 0) and ``least_squares_mse`` (least squares on the
-      dequantised context, then quantised: the task's noise floor).
+      dequantised context, then quantised: a strong reference, not a bound, since the
+      context's y values carry quantisation error).
     """
     q = quantiser_of(task)
     seq = np.asarray(sequences)
