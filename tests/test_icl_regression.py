@@ -234,3 +234,18 @@ def test_token_metrics_score_the_query_prediction():
     assert uniform["least_squares_mse"] < 0.05 * uniform["zero_mse"]
     with pytest.raises(ValueError, match="expected 'icl_regression'"):
         R.token_metrics({"name": "icl_bursty"}, perfect, seq)
+
+
+def test_config_file_args():
+    sys.path.insert(0, str(REPO / "configs"))
+    import icl_linear_regression as cfg_file
+
+    c = cfg_file.get_config("paper,layers=3,heads=2")
+    assert (c.task.d, c.task.n, c.model.num_layers, c.model.num_heads) == (10, 10, 3, 2)
+    t = cfg_file.get_config("tokens_attn2")
+    assert t.data.objective == "icl" and t.model.attention_only and t.data.length == 18
+    assert t.train.steps * t.train.batch_size <= cfg_file.TOKEN_TASK["train"]
+    with pytest.raises(ValueError, match="unknown arg depth=2"):
+        cfg_file.get_config("demo,depth=2")
+    with pytest.raises(ValueError, match=r"icl_linear_regression.py:big; expected one of"):
+        cfg_file.get_config("big")
