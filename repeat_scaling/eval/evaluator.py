@@ -65,6 +65,8 @@ class EvalError(ValueError):
 
 
 # Record keys that need plain running text; null for a pairs (text-to-text task) store.
+# (metrics.evaluate_model still runs them, on a few rows: one shared code path for every
+# store, at a cost that is small next to decoding the downstream examples.)
 PLAIN_TEXT_METRICS = (
     "copy_loss",
     "copy_repeats_used",
