@@ -19,6 +19,7 @@ then each step feeds one token per row at that row's own position p_b + t, writi
 keys/values (after rotary embedding) into the cache and attending over positions <= it.
 Relative position bias rows are gathered per row. The encoder runs once; cross-attention
 keys/values are recomputed from the encoder output each step (cheap at eval lengths).
+Cached steps of ``attention_impl="cudnn"`` models use the generic XLA kernel.
 
 Reference path (``use_cache=False``): every step runs :func:`repeat_scaling.models.forward`
 on the whole fixed-length buffer with the positions not yet generated marked as padding,

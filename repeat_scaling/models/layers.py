@@ -377,7 +377,10 @@ class Attention(nnx.Module):
         if cache is not None:
             k, v = (_write_cache(cache[n], t, cache_index) for n, t in (("k", k), ("v", v)))
             new_cache = {"k": k, "v": v}
-        if self.impl != "einsum" and not return_attention and clamp is None:
+        impl = self.impl
+        if cache is not None and impl == "cudnn":
+            impl = "xla"  # incremental steps (1 query, cache-length mask): generic kernel
+        if impl != "einsum" and not return_attention and clamp is None:
             # Fused kernel: scale=1 (T5 folds 1/sqrt(d) into the query init).
             ctx = jax.nn.dot_product_attention(
                 q,
@@ -386,7 +389,7 @@ class Attention(nnx.Module):
                 bias=None if bias is None else bias.astype(dt),
                 mask=mask,
                 scale=1.0,
-                implementation=self.impl,
+                implementation=impl,
             )
             out = jnp.einsum("bqhd,hdm->bqm", ctx, self.out[...].astype(dt))
             return with_logical_constraint(out, ("batch", "length", "act_embed")), None, new_cache
