@@ -273,3 +273,62 @@ def test_decoder_only_generation_follows_the_supervised_layout(copy_store):
         np.testing.assert_array_equal(pred[r, pos], ids[r, :n])
         compared += n
     assert compared >= 16  # the untrained model's answers are not all empty
+
+
+# ----------------------------------------------------------------------------------------
+# An ICL-lab store (synthetic token ids, vocabulary kind "tokens", no text form): a
+# clamped run gets the probes like any other, plus the lab's metrics (issue 8).
+# ----------------------------------------------------------------------------------------
+
+ICL_TASK = (
+    "icl_bursty:K=16,N=8,B=4,L=4,p_C=0.5,novel_classes=16,unseen_classes=8,"
+    "train=2048,validation=256,eval=64"
+)
+
+
+def test_evaluator_on_a_clamped_icl_run(tmp_path):
+    import numpy as np
+
+    from repeat_scaling.eval import evaluator, metrics, results
+    from repeat_scaling.train import loop
+
+    sys.path.insert(0, str(REPO / "configs"))
+    try:
+        import icl_bursty
+    finally:
+        sys.path.pop(0)
+    c = icl_bursty.get_config("demo_clamped")
+    assert c.interventions  # previous-token clamp on layer 0, head 0
+    c.data.source = ICL_TASK
+    c.data.store = str(tmp_path / "icl_store")
+    c.model.vocab_size = icl_bursty._vocab_size(ICL_TASK)
+    c.train.steps, c.train.batch_size = 4, 16
+    c.train.checkpoint_every = c.train.log_every = 4
+    loop.train(c, tmp_path / "run")
+
+    ev = evaluator.Evaluator(
+        tmp_path / "run", metrics.EvalSettings(**SMALL), evaluator.eval_mesh(1)
+    )
+    assert ev.run.store.vocab.kind == "tokens" and ev.icl_task is not None
+    (rec,) = ev.run_all()
+    for key in ("test_loss", "copy_loss", "random_repeat_loss", "icl_score"):
+        assert np.isfinite(rec[key]), key
+    for key in ("prefix_matching", "previous_token", "copying_score"):
+        assert 0 <= rec[key] <= 1 or key == "copying_score", key
+        assert len(rec[f"{key}_heads"]) == 2  # two layers
+    assert not any(k.startswith("downstream_") for k in rec)
+    from repeat_scaling.eval.icl import icl_metrics
+
+    model, _ = ev.restore(ev.run.final_step)
+    icl = icl_metrics(
+        model,
+        ev.run.model_cfg,
+        ev.run.store,
+        ev.settings,
+        interventions=c.interventions,
+        step=rec["step"],
+    )
+    assert "icl_accuracy_unclamped" in icl  # evaluated as trained (clamped) and without
+    assert icl and all(rec[k] == pytest.approx(v) for k, v in icl.items())
+    (line,) = results.read_results(results.results_path(tmp_path / "run"))
+    assert set(icl) <= set(line)

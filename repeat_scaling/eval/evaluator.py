@@ -33,8 +33,11 @@ Stores with a task (the store manifest says which):
 - ``"icl_task"`` (the in-context-learning lab's synthetic sequences, vocabulary kind
   ``tokens``): every metric above is recorded as usual (the probes use random token ids
   of the store's own vocabulary, no text form needed) and the keys of
-  ``repeat_scaling.eval.icl.icl_metrics(model, model_cfg, store, settings)`` are merged
-  into the record.
+  ``repeat_scaling.eval.icl.icl_metrics(model, model_cfg, store, settings,
+  interventions=, step=)`` are merged into the record. For a run trained with attention
+  clamps (``config.interventions``) the probes measure the model's own attention (no
+  clamp), while ``icl_metrics`` gets the clamps active at the checkpoint's step and
+  evaluates the model as trained (it also reports the unclamped accuracy).
 """
 
 from __future__ import annotations
@@ -336,7 +339,7 @@ class Evaluator:
                 vocab_size=run.store.vocab.vocab_size,
             )
         )
-        rec.update(self.task_metrics(model))
+        rec.update(self.task_metrics(model, step))
         rec.update(
             {
                 "model": run.model_cfg.name,
@@ -365,8 +368,8 @@ class Evaluator:
             )
         return rec
 
-    def task_metrics(self, model) -> dict[str, Any]:
-        """The store's task metrics of the current checkpoint (module docstring)."""
+    def task_metrics(self, model, step: int) -> dict[str, Any]:
+        """The store's task metrics of checkpoint ``step`` (module docstring)."""
         out: dict[str, Any] = {}
         d = self.data()
         if self.pairs is not None:
@@ -385,7 +388,16 @@ class Evaluator:
         if self.icl_task is not None:
             from repeat_scaling.eval.icl import icl_metrics
 
-            out.update(icl_metrics(model, self.run.model_cfg, self.run.store, self.settings))
+            out.update(
+                icl_metrics(
+                    model,
+                    self.run.model_cfg,
+                    self.run.store,
+                    self.settings,
+                    interventions=self.run.config.get("interventions") or None,
+                    step=int(step),
+                )
+            )
         return out
 
     # -- the loop -------------------------------------------------------------------------
