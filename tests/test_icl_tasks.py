@@ -212,5 +212,7 @@ def test_icl_metrics_on_a_tiny_model(tmp_path):
     assert clamped["icl_accuracy_unclamped"] == out["icl_accuracy"]
     assert clamped["icl_query_loss"] != out["icl_query_loss"]
     assert icl.icl_metrics(model, cfg, type("S", (), {"manifest": {}})(), None) == {}
-    assert icl.transition_step([0, 25, 50, 75], [0.5, 0.95, 0.8, 0.97]) == 75
-    assert icl.transition_step([0, 25], [0.5, 0.6]) is None
+    from repeat_scaling.report.icl import transition_step
+
+    assert transition_step([0, 25, 50, 75], [0.5, 0.95, 0.8, 0.97]) == 75
+    assert transition_step([0, 25], [0.5, 0.6]) is None

@@ -175,18 +175,3 @@ def icl_metrics(
         res = icl_regression.token_metrics(task, logits, seq)
         return {f"icl_regression_{k}": float(v) for k, v in res.items()}
     return {}
-
-
-def transition_step(
-    steps: list[int] | np.ndarray, accuracy: list[float] | np.ndarray, threshold: float = 0.9
-) -> int | None:
-    """First step whose accuracy exceeds ``threshold`` and stays above it after (or None)."""
-    steps = np.asarray(steps)
-    acc = np.asarray(accuracy, np.float64)
-    order = np.argsort(steps)
-    steps, acc = steps[order], acc[order]
-    above = acc > threshold
-    for i in range(len(steps)):
-        if above[i:].all():
-            return int(steps[i])
-    return None

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from repeat_scaling.report import data_constrained as dc
 from repeat_scaling.report import figures, finetune
 from repeat_scaling.report import fits as fits_lib
+from repeat_scaling.report import icl as icl_report
 from repeat_scaling.report import runs as runs_lib
 
 FITS_HEADER = ["metric", "arch", "objective", "total_tokens", "form", "e0", "nc", "alpha"]
@@ -135,6 +136,7 @@ def write_report(
         figures.data_constrained(points, out_dir),
         figures.probes(runs, out_dir),
     ]
+    figs += icl_report.figures(runs, out_dir)  # the ICL lab ([] without ICL-lab runs)
 
     fit_rows = []
     for key, fams in baselines.items():
