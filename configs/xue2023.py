@@ -35,8 +35,8 @@ Prepare the task store once, then run the pre-training stage, then the fine-tuni
         --out=demo_out/stores/copy_word-byte --inputs_length=32 --targets_length=16
     python launch/submit.py --config=configs/xue2023.py:finetune_demo --root=demo_out/xue
 
-- `finetune_demo`: every demo run (5) + 1 from scratch on `builtin_task:copy_word` (about
-  4,400 training words, offline), 250 steps of 16 examples (one epoch, f = 0).
+- `finetune_demo`: every demo run (5) + 1 from scratch on `builtin_task:copy_word` (1,789
+  training words, offline): 3 epochs (f = 1, E = 3 over 1,760 examples: 330 steps of 16).
 - `finetune_small`: the MLM `t5_small` runs (E = 1, 4, 16, 64) + 1 from scratch on SQuAD
   v1.1 (`--task=squad --inputs_length=512 --targets_length=32`, 87,599 training
   examples): 2,720 steps of 32 (one epoch).
@@ -91,7 +91,7 @@ def finetune_config(scale: str):
     c.data.store, c.data.source, c.data.objective = store, "", "supervised"
     c.data.inputs_length, c.data.targets_length = inputs_length, targets_length
     c.data.objective_options = {}
-    steps, batch, fraction, epochs = {"demo": (250, 16, 0.0, 1), "small": (2720, 32, 0.0, 1),
+    steps, batch, fraction, epochs = {"demo": (330, 16, 1.0, 3), "small": (2720, 32, 0.0, 1),
                                       "paper": (2040, 128, 1.0, 3)}[scale]  # fmt: skip
     c.data.repeated_fraction, c.data.repeated_epochs = fraction, epochs
     c.train.steps, c.train.batch_size = steps, batch
