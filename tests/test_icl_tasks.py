@@ -216,3 +216,40 @@ def test_icl_metrics_on_a_tiny_model(tmp_path):
 
     assert transition_step([0, 25, 50, 75], [0.5, 0.95, 0.8, 0.97]) == 75
     assert transition_step([0, 25], [0.5, 0.6]) is None
+
+
+def test_report_figure_marks_transitions(tmp_path):
+    import csv
+
+    from repeat_scaling.report import icl as report_icl
+    from repeat_scaling.report.runs import Run
+
+    def run(name, clamp, accs):
+        config = {"model": {"name": "attn2_tiny"}, "data": {"objective": "icl"}}
+        config["interventions"] = clamp
+        results = [
+            {
+                "step": 25 * (i + 1),
+                "icl_accuracy": a,
+                "iwl_accuracy": 0.1,
+                "icl_context_chance": 0.5,
+            }
+            for i, a in enumerate(accs)
+        ]
+        return Run(str(tmp_path / name), config=config, results=results)
+
+    clamp = [{"kind": "previous_token", "layer": 0, "head": 0}]
+    runs = [
+        run("free", [], [0.5, 0.5, 0.52, 0.7, 0.95, 0.99]),
+        run("clamped", clamp, [0.5, 0.93, 0.97, 0.99, 1.0, 1.0]),
+        Run(str(tmp_path / "lm"), config={"model": {}}, results=[{"step": 1, "test_loss": 2.0}]),
+    ]
+    assert report_icl.figures(runs[2:], str(tmp_path)) == []
+    (fig,) = report_icl.figures(runs, str(tmp_path))
+    assert fig.png == "icl_transition.png" and (tmp_path / fig.png).stat().st_size > 10_000
+    with open(tmp_path / "icl_transition.csv") as f:
+        rows = list(csv.DictReader(f))
+    t = {(r["clamp"], r["metric"]): r["transition_step"] for r in rows}
+    assert t[("no clamp", "icl_accuracy")] == "125"
+    assert t[("clamp previous_token L0H0", "icl_accuracy")] == "50"
+    assert len(rows) == 2 * 6 * 2  # icl_accuracy and iwl_accuracy per checkpoint per run
