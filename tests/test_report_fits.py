@@ -90,3 +90,9 @@ def test_refit_recovers_a_known_law():
 def test_refit_refuses_too_few_points():
     with pytest.raises(ValueError, match="needs >= 7 finished runs, got 2"):
         dc.refit([1e7, 1e8], [1e9, 1e9], [1e9, 1e9], [3.0, 2.5])
+
+
+def test_offset_free_fit_of_an_almost_flat_loss_is_a_fit_error_not_an_overflow():
+    # Two sizes with nearly the same loss: alpha ~ 1e-5, Nc = exp(c/alpha) overflows.
+    with pytest.raises(fits.FitError, match="barely falls"):
+        fits.fit_offset_free([1e6, 2e6], [3.0, 2.99999])

@@ -110,6 +110,10 @@ def fit_offset_free(n: Sequence[float], y: Sequence[float]) -> PowerLawFit:
     alpha, c = sol.x
     if not alpha > 0:
         raise FitError(f"metric does not fall with model size (fitted alpha={alpha:.3g})")
+    if c / alpha > 700.0:  # exp overflows float64: the loss is flat in N at these sizes
+        raise FitError(
+            f"metric barely falls with model size (fitted alpha={alpha:.3g}); Nc is not finite"
+        )
     rmse = float(np.sqrt(np.mean(residuals(sol.x) ** 2)))
     return PowerLawFit(OFFSET_FREE, 0.0, float(math.exp(c / alpha)), float(alpha), len(n_arr), rmse)
 
