@@ -343,3 +343,39 @@ class GcsLock:
             fs.rm_file(key)
         except FileNotFoundError:
             pass
+
+
+# ----------------------------------------------------------------------------------
+# String-path helpers (for code that keeps paths as strings, e.g. the report)
+# ----------------------------------------------------------------------------------
+def exists(path: str) -> bool:
+    """``os.path.exists`` for local paths and gs:// URLs."""
+    return workdir_path(path).exists() if is_url(path) else os.path.exists(path)
+
+
+def isdir(path: str) -> bool:
+    """``os.path.isdir`` for local paths and gs:// URLs (a gs:// prefix with objects)."""
+    return workdir_path(path).is_dir() if is_url(path) else os.path.isdir(path)
+
+
+def open_text(path: str):
+    """A text reader (context manager) for a local file or a gs:// object (read whole)."""
+    if is_url(path):
+        import io
+
+        return io.StringIO(workdir_path(path).read_bytes().decode("utf-8", errors="replace"))
+    return open(path, encoding="utf-8", errors="replace")  # noqa: SIM115
+
+
+def glob_dirs(pattern: str) -> list[str]:
+    """Directories matching a glob ``pattern`` (local, or gs://BUCKET/... with fsspec)."""
+    if is_url(pattern):
+        workdir_path(pattern, what="--runs")  # gs:// only; configures gcsfs
+        import fsspec
+
+        fs = fsspec.filesystem("gs")
+        matches = fs.glob(pattern[len(GCS_PREFIX) :])
+        return sorted(GCS_PREFIX + m for m in matches if fs.isdir(m))
+    import glob
+
+    return sorted(p for p in glob.glob(pattern) if os.path.isdir(p))
