@@ -25,12 +25,13 @@ losses are mean per-token cross-entropies in nats.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import math
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+from repeat_scaling import workdir_io
 
 # Which parameter count stands for "model size" N (Kaplan/Hernandez use non-embedding).
 PARAM_KEYS = ("non_embedding", "total", "trainable")
@@ -58,11 +59,11 @@ def _finite(value: Any) -> float | None:
 
 def _read_json(path: str, problems: list[str]) -> dict | None:
     """Read a JSON object file; on failure record a problem and return None."""
-    if not os.path.exists(path):
+    if not workdir_io.exists(path):
         problems.append(f"{path}: file missing")
         return None
     try:
-        with open(path, encoding="utf-8") as f:
+        with workdir_io.open_text(path) as f:
             data = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         problems.append(f"{path}: unreadable JSON ({e})")
@@ -80,10 +81,10 @@ def read_jsonl(path: str, problems: list[str]) -> list[dict]:
     evaluator restarted mid-write) the last occurrence wins. Lines without an integer
     ``step`` are reported and skipped.
     """
-    if not os.path.exists(path):
+    if not workdir_io.exists(path):
         return []
     by_step: dict[int, dict] = {}
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with workdir_io.open_text(path) as f:
         for lineno, line in enumerate(f, start=1):
             line = line.strip()
             if not line:
@@ -365,7 +366,7 @@ class Run:
 def _read_init_from(path: str, config: dict, problems: list[str]) -> dict | None:
     """A fine-tuned run's init_from.json, else config.json derived.init_from, else None."""
     file = os.path.join(path, "init_from.json")
-    if os.path.exists(file):
+    if workdir_io.exists(file):
         return _read_json(file, problems)
     derived = config.get("derived")
     value = derived.get("init_from") if isinstance(derived, dict) else None
@@ -377,7 +378,7 @@ def load_run(path: str, param_key: str = "non_embedding") -> Run:
     if param_key not in PARAM_KEYS:
         raise ReportError(f"param_key={param_key!r} is not one of {', '.join(PARAM_KEYS)}")
     run = Run(path=path, param_key=param_key)
-    if not os.path.isdir(path):
+    if not workdir_io.isdir(path):  # local or gs:// (repeat_scaling.workdir_io)
         run.problems.append(f"{path}: run directory missing")
         return run
     run.config = _read_json(os.path.join(path, "config.json"), run.problems)
@@ -388,7 +389,7 @@ def load_run(path: str, param_key: str = "non_embedding") -> Run:
     run.problems.extend(plan_problems)
     run.init_from = _read_init_from(path, run.config, run.problems)
     results_path = os.path.join(path, "eval", "results.jsonl")
-    if not os.path.exists(results_path):
+    if not workdir_io.exists(results_path):
         run.problems.append(f"{results_path}: file missing (not evaluated yet)")
     run.results = read_jsonl(results_path, run.problems)
     run.metrics = read_jsonl(os.path.join(path, "train", "metrics.jsonl"), run.problems)
@@ -409,10 +410,10 @@ def expand_patterns(patterns: Iterable[str]) -> tuple[list[str], list[str]]:
     dirs: list[str] = []
     problems: list[str] = []
     for pattern in patterns:
-        if not glob.has_magic(pattern):
+        if not any(c in pattern for c in "*?["):
             dirs.append(pattern)
             continue
-        matches = sorted(p for p in glob.glob(pattern) if os.path.isdir(p))
+        matches = workdir_io.glob_dirs(pattern)
         if not matches:
             problems.append(f"--runs pattern {pattern!r} matches no directory")
         dirs.extend(matches)
