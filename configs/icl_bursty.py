@@ -95,10 +95,14 @@ def get_config(arg: str = "sweep"):
     c.data.length = 18 if arg != "paper" else 18
     c.train.keep, c.train.keep_period = 2, c.train.checkpoint_every
     c.train.z_loss = 0.0
-    c.train.async_checkpointing = False
     if arg == "demo_clamped":
         c.interventions = (dict(PREVIOUS_TOKEN_CLAMP),)
     c.sweep = []
     if arg in ("sweep", "paper"):
-        c.sweep = [{"interventions": ()}, {"interventions": (dict(PREVIOUS_TOKEN_CLAMP),)}]
+        # (an empty interventions tuple has no run-name tag: name the runs by the options)
+        opts = {"all_labels": True}
+        c.sweep = [
+            {"data.objective_options": dict(opts)},
+            {"data.objective_options": dict(opts), "interventions": (dict(PREVIOUS_TOKEN_CLAMP),)},
+        ]
     return c
