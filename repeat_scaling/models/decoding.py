@@ -17,8 +17,8 @@ Layouts (identical to what training teaches, see ``data/objectives.py``):
 Cached path: the prompt is run once ("prefill", all rows at offset 0, padded keys masked),
 then each step feeds one token per row at that row's own position p_b + t, writing its
 keys/values (after rotary embedding) into the cache and attending over positions <= it.
-Relative position bias rows are gathered per row. The encoder runs once; cross-attention
-keys/values are recomputed from the encoder output each step (cheap at eval lengths).
+Relative position bias rows are gathered per row. The encoder runs once and every
+decoder layer's cross-attention keys/values are computed once (first step) and cached.
 Cached steps of ``attention_impl="cudnn"`` models use the generic XLA kernel.
 
 Reference path (``use_cache=False``): every step runs :func:`repeat_scaling.models.forward`
@@ -110,7 +110,7 @@ def _decode(graphdef, state, tokens, eos_id, prefix_lm, vocab_size, *, max_len, 
     done = jnp.zeros((b,), bool)
     t0 = 0
     last = jnp.zeros((b,), jnp.int32)
-    if first is not None:  # cached decoder-only: the prefill already produced token 0
+    if first is not None:  # cached: the prefill / first step already produced token 0
         tok = pick(first)
         out, done, last, t0 = out.at[:, 0].set(tok), tok == eos_id, tok, 1
 
@@ -139,14 +139,19 @@ def _encoder_decoder(model, enc: Array, max_len: int, use_cache: bool):
     if use_cache:
         encoded = model.encode(enc)
 
-        def step(t, cache, last):
+        def step(t, cache, last, fill_cross=False):
             pos = jnp.full((b, 1), t, jnp.int32)
             mask = (ar <= t)[None, None, None, :]
             mask = jnp.broadcast_to(mask, (b, 1, 1, max_len))
-            logits, cache = model.decode_step(last[:, None], pos, mask, cache, encoded, enc)
+            logits, cache = model.decode_step(
+                last[:, None], pos, mask, cache, encoded, enc, fill_cross
+            )
             return logits[:, 0], cache
 
-        return None, model.init_cache(b, max_len), step
+        # Step 0 outside the loop computes every layer's cross-attention keys/values once.
+        cache = model.init_cache(b, max_len, enc.shape[1])
+        first, cache = step(0, cache, jnp.zeros((b,), jnp.int32), fill_cross=True)
+        return first, cache, step
 
     def step_ref(t, dec, last):
         dec = jnp.where(ar[None] == t, last[:, None], dec)  # position t holds token t-1 (or 0)

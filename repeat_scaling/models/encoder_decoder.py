@@ -86,15 +86,17 @@ class Decoder(nnx.Module):
         x = L.dropout(x, cfg.dropout_rate, drop.sub(_SITE_FINAL).key, drop.scale)
         return self.logits_dense(x), aux, attn
 
-    def decode(self, x, encoded, mask, cross_mask, positions, cache, cache_index):
+    def decode(self, x, encoded, mask, cross_mask, positions, cache, cache_index, fill_cross):
         """Incremental step: x [B, q, embed] at absolute ``positions`` [B, q], self mask
-        [B, 1, q, T], cross mask [B, 1, q, Li]. Returns (logits, new cache)."""
+        [B, 1, q, T], cross mask [B, 1, q, Li]; ``fill_cross`` computes the encoder
+        keys/values into the cache (first step). Returns (logits, new cache)."""
         inp = L.LayerInputs(
             mask=mask,
             bias=self.relpos_bias.rows(positions, mask.shape[-1]),
             encoded=encoded,
             cross_mask=cross_mask,
             cache_index=cache_index,
+            fill_cross=fill_cross,
         )
         x, _, _, cache = self.layers(x, inp, L.DropoutCtx(), cache)
         return self.logits_dense(self.decoder_norm(x)), cache
@@ -202,13 +204,18 @@ class EncoderDecoder(nnx.Module):
         )
         return encoded
 
-    def init_cache(self, batch: int, length: int):
-        """Zero K/V cache of every decoder self-attention layer for ``length`` positions."""
-        return self.decoder.layers.init_cache(batch, length)
+    def init_cache(self, batch: int, length: int, encoded_length: int):
+        """Zero K/V cache of every decoder layer: self-attention for ``length`` positions,
+        cross-attention keys/values for ``encoded_length`` encoder positions."""
+        return self.decoder.layers.init_cache(batch, length, encoded_length)
 
-    def decode_step(self, tokens, positions, mask, cache, encoded, encoder_input_tokens):
+    def decode_step(
+        self, tokens, positions, mask, cache, encoded, encoder_input_tokens, fill_cross=False
+    ):
         """Feed decoder ``tokens`` [B, q] at ``positions`` [B, q] over the cache (self mask
-        [B, 1, q, T]) and ``encoded``; returns (logits [B, q, V] float32, new cache)."""
+        [B, 1, q, T]) and ``encoded``; ``fill_cross=True`` on the first step stores the
+        cross-attention keys/values of ``encoded`` in the cache (later steps reuse them).
+        Returns (logits [B, q, V] float32, new cache)."""
         enc_valid = jnp.asarray(encoder_input_tokens) > 0
         q_valid = jnp.ones(positions.shape, bool)
         x = self.token_embedder(jnp.asarray(tokens))
@@ -220,6 +227,7 @@ class EncoderDecoder(nnx.Module):
             positions,
             cache,
             positions[:, 0],
+            fill_cross,
         )
 
     def _needs_rng(self) -> bool:

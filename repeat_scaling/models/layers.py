@@ -339,6 +339,15 @@ class Attention(nnx.Module):
         self.value = param(rngs, kv_init, (d, h, k), ("embed", "heads", "kv"), pd)
         self.out = param(rngs, kernel_init((0, 1), 2), (h, k, d), ("heads", "kv", "embed"), pd)
 
+    def project_kv(self, x_kv: Array) -> tuple[Array, Array]:
+        """Keys and values [B, k, H, kv] of ``x_kv`` (before any rotary embedding)."""
+        dt = self.dtype
+        k = jnp.einsum("bld,dhk->blhk", x_kv, self.key[...].astype(dt))
+        v = jnp.einsum("bld,dhk->blhk", x_kv, self.value[...].astype(dt))
+        k = with_logical_constraint(k, ("batch", "length", "act_heads", "act_kv"))
+        v = with_logical_constraint(v, ("batch", "length", "act_heads", "act_kv"))
+        return k, v
+
     def __call__(
         self,
         x_q: Array,
@@ -353,8 +362,12 @@ class Attention(nnx.Module):
         cache: dict[str, Array] | None = None,
         cache_index: Array | None = None,
         clamp: Any = None,
+        kv: tuple[Array, Array] | None = None,
     ):
         """Returns (out [B, q, embed], weights [B, H, q, k] or None, new cache or None).
+
+        ``kv``: precomputed (keys, values) of ``x_kv`` (:meth:`project_kv`; decoding reuses
+        the cross-attention keys/values of the encoder output); ``x_kv`` is then unused.
 
         ``cache`` ({"k", "v"}: [B, T, H, kv]) switches to incremental decoding: the keys and
         values of the ``q`` new positions are written at ``cache_index[b] + 0..q-1`` (after
@@ -365,11 +378,8 @@ class Attention(nnx.Module):
         """
         dt = self.dtype
         q = jnp.einsum("bld,dhk->blhk", x_q, self.query[...].astype(dt))
-        k = jnp.einsum("bld,dhk->blhk", x_kv, self.key[...].astype(dt))
-        v = jnp.einsum("bld,dhk->blhk", x_kv, self.value[...].astype(dt))
         q = with_logical_constraint(q, ("batch", "length", "act_heads", "act_kv"))
-        k = with_logical_constraint(k, ("batch", "length", "act_heads", "act_kv"))
-        v = with_logical_constraint(v, ("batch", "length", "act_heads", "act_kv"))
+        k, v = self.project_kv(x_kv) if kv is None else kv
         if self.rope_theta is not None and q_positions is not None:
             q = apply_rope(q, q_positions, self.rope_theta)
             k = apply_rope(k, k_positions, self.rope_theta)
@@ -437,6 +447,9 @@ class LayerInputs:
     return_attention: bool = False
     # Incremental decoding: row offsets [B] at which this call's positions are cached.
     cache_index: Array | None = None
+    # Decoding with cross-attention: compute the encoder keys/values into the cache (first
+    # step) instead of reading them from it.
+    fill_cross: bool = False
     # Attention interventions of this stack (interventions.StackClamps) or None.
     clamps: Any = None
 
@@ -484,7 +497,7 @@ class TransformerLayer(nnx.Module):
         if inp.clamps is not None:
             clamp = (inp.clamps, inp.clamps.codes[layer], x)
         y = self.pre_self_attention_layer_norm(x)
-        y, w, cache = self.self_attention(
+        y, w, self_kv = self.self_attention(
             y,
             y,
             inp.mask,
@@ -497,11 +510,21 @@ class TransformerLayer(nnx.Module):
             cache_index=inp.cache_index,
             clamp=clamp,
         )
+        if cache is not None:
+            cache = dict(cache, **self_kv)  # keeps the cross-attention "ck" / "cv"
         attn.append(w)
         y = dropout(y, cfg.dropout_rate, drop.sub(_SITE_ATTN_OUT).key, drop.scale)
         x = x + droppath(y, cfg.droppath_rate, drop.sub(_SITE_DROPPATH_ATTN).key, drop.scale)
         if self.has_cross:
             y = self.pre_cross_attention_layer_norm(x)
+            kv = None
+            if cache is not None:  # decoding: encoder keys/values are computed once
+                if inp.fill_cross:
+                    ck, cv = self.encoder_decoder_attention.project_kv(inp.encoded)
+                    cache = dict(
+                        cache, ck=ck.astype(cache["ck"].dtype), cv=cv.astype(cache["cv"].dtype)
+                    )
+                kv = (cache["ck"], cache["cv"])
             y, w, _ = self.encoder_decoder_attention(
                 y,
                 inp.encoded,
@@ -509,6 +532,7 @@ class TransformerLayer(nnx.Module):
                 None,
                 drop.sub(_SITE_CROSS_WEIGHTS),
                 return_attention=inp.return_attention,
+                kv=kv,
             )
             attn.append(w)
             y = dropout(y, cfg.dropout_rate, drop.sub(_SITE_CROSS_OUT).key, drop.scale)
@@ -649,17 +673,23 @@ class LayerStack(nnx.Module):
             return x, aux, layers_attn
         return x, aux, layers_attn, new_cache
 
-    def init_cache(self, batch: int, length: int) -> Any:
-        """Zero self-attention K/V caches ({"k", "v"}: [batch, length, heads, head_dim] per
-        layer, a tuple of those per MoE group): stacked on a leading unit axis (scanned or
-        shared stacks) or a list of per-unit caches (unrolled)."""
-        one = _unit_cache(self.cfg, self.group, batch, length)
+    def init_cache(self, batch: int, length: int, cross_length: int | None = None) -> Any:
+        """Zero K/V caches ({"k", "v"}: [batch, length, heads, head_dim] per layer, plus
+        {"ck", "cv"}: [batch, cross_length, ...] cross-attention keys/values when
+        ``cross_length`` is given; a tuple of those per MoE group): stacked on a leading
+        unit axis (scanned or shared stacks) or a list of per-unit caches (unrolled)."""
+        one = _unit_cache(self.cfg, self.group, batch, length, cross_length)
         if self.mode == "list":
             return [one for _ in range(self.num_units)]
         return jax.tree.map(lambda z: jnp.zeros((self.num_units,) + z.shape, z.dtype), one)
 
 
-def _unit_cache(cfg: ModelConfig, group: int, batch: int, length: int) -> Any:
+def _unit_cache(
+    cfg: ModelConfig, group: int, batch: int, length: int, cross_length: int | None
+) -> Any:
     z = jnp.zeros((batch, length, cfg.num_heads, cfg.head_dim), dtype_of(cfg.dtype))
     one = {"k": z, "v": z}
+    if cross_length is not None:
+        c = jnp.zeros((batch, cross_length, cfg.num_heads, cfg.head_dim), dtype_of(cfg.dtype))
+        one.update(ck=c, cv=c)
     return tuple(one for _ in range(group)) if cfg.is_moe else one  # MoE units: LayerGroup
