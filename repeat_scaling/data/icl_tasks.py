@@ -333,27 +333,36 @@ class BurstyTask:
 _KIND_SALT = {k: i for i, k in enumerate(("train", "validation", *EVAL_SPLITS))}
 
 
-def continuous_sequences(task: BurstyTask, kind: str, n: int, seed: int):
+def continuous_sequences(task: BurstyTask, kind: str, n: int, seed: int, block: int = 0):
     """The continuous version: ``(items [n, N+1, D], labels [n, N+1], classes [n, N+1])``.
 
-    Position ``N`` is the query; ``labels[:, N]`` is its target label (0-based).
+    Position ``N`` is the query; ``labels[:, N]`` is its target label (0-based). ``block``
+    (> 0) draws an independent block of sequences (large splits are made block by block).
     """
     if kind not in _KIND_SALT:
         raise IclTaskError(f"sequence kind {kind!r}; expected one of {tuple(_KIND_SALT)}")
-    g = np.random.default_rng([int(seed), 0xC0, _KIND_SALT[kind]])
+    key = [int(seed), 0xC0, _KIND_SALT[kind]] + ([int(block)] if block else [])
+    g = np.random.default_rng(key)
     ctx, ctx_lab, q, q_lab = task.sample_classes(kind, n, g)
     classes = np.concatenate([ctx, q[:, None]], axis=1)
     labels = np.concatenate([ctx_lab, q_lab[:, None]], axis=1)
     return task.items(classes, g), labels, classes
 
 
+BLOCK_SEQUENCES = 131_072  # sequences generated at once (bounds memory for large splits)
+
+
 def token_sequences(task: BurstyTask, kind: str, n: int, seed: int) -> np.ndarray:
-    """The token version: int32 [n, 2N+2] rows ``x_1 l_1 ... x_N l_N x_q l_q``."""
-    items, labels, _ = continuous_sequences(task, kind, n, seed)
-    tok = task.quantise(items)
+    """The token version: int32 [n, 2N+2] rows ``x_1 l_1 ... x_N l_N x_q l_q``.
+
+    Made in blocks of ``BLOCK_SEQUENCES`` (block ``b`` from its own random stream).
+    """
     out = np.empty((n, task.length), np.int32)
-    out[:, 0::2] = tok
-    out[:, 1::2] = FIRST_LABEL + labels
+    for b, start in enumerate(range(0, n, BLOCK_SEQUENCES)):
+        m = min(BLOCK_SEQUENCES, n - start)
+        items, labels, _ = continuous_sequences(task, kind, m, seed, block=b)
+        out[start : start + m, 0::2] = task.quantise(items)
+        out[start : start + m, 1::2] = FIRST_LABEL + labels
     return out
 
 
