@@ -310,6 +310,12 @@ def test_train_resume_evaluate_status_on_gcs(gcs, store_dir, tmp_path):
     line = st.stdout.splitlines()[0]
     assert line.startswith("run ") and " done " in line and "4/4" in line, st.stdout
 
+    from repeat_scaling.report import runs as report_runs
+
+    loaded, problems = report_runs.load_runs(["gs://bkt/sweep/*"])
+    assert not problems and [r.path for r in loaded] == ["gs://bkt/sweep/run"]
+    assert [r["step"] for r in loaded[0].results] == [2, 4] and loaded[0].finished
+
     bad = _cli(train[:3] + ["--workdir=gs://nobucket/run"], env)
     assert bad.returncode == 1
     err = bad.stderr.strip().splitlines()
