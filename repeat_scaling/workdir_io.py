@@ -29,6 +29,7 @@ workdir may live on the local file system or directly in Google Cloud Storage.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import pathlib
@@ -323,6 +324,7 @@ class GcsLock:
             raise GcsLockError(f"lock {self.path} was taken by another process ({e})") from None
         self._thread = threading.Thread(target=self._beat, name="gcs-lock", daemon=True)
         self._thread.start()
+        atexit.register(self.release)  # released on normal exit even if never closed
 
     def _beat(self) -> None:
         fs, key = self._fs_path()
@@ -333,8 +335,10 @@ class GcsLock:
                 pass
 
     def release(self) -> None:
+        """Stop the heartbeat and delete the lock object (idempotent)."""
         if self._thread is None:
             return
+        atexit.unregister(self.release)
         self._stop.set()
         self._thread.join(timeout=5)
         self._thread = None
