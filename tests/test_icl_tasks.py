@@ -253,3 +253,22 @@ def test_report_figure_marks_transitions(tmp_path):
     assert t[("no clamp", "icl_accuracy")] == "125"
     assert t[("clamp previous_token L0H0", "icl_accuracy")] == "50"
     assert len(rows) == 2 * 6 * 2  # icl_accuracy and iwl_accuracy per checkpoint per run
+
+
+def test_regression_store_dispatch_and_metrics(tmp_path):
+    from flax import nnx
+
+    from repeat_scaling import models
+    from repeat_scaling.eval import icl
+    from repeat_scaling.models import sizes
+
+    store = T.prepare_icl_store("icl_regression:train=64,validation=32", tmp_path / "r")
+    task = store.manifest["icl_task"]
+    assert task["name"] == "icl_regression" and store.vocab.kind == "tokens"
+    L = task["sequence_length"]
+    assert store.split("train").num_documents == 64
+    assert store.split("train").num_tokens == 64 * (L + 1)
+    cfg = sizes.get("attn2_tiny").replace(vocab_size=128)
+    out = icl.icl_metrics(models.build(cfg, nnx.Rngs(0)), cfg, store, None)
+    assert 0.0 <= out["icl_regression_query_accuracy"] <= 1.0
+    assert out["icl_regression_query_mse"] > 0
