@@ -453,6 +453,7 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
                 if due or stop or done == total_steps:
                     drain(force=True)  # never checkpoint a state produced by a NaN step
                     ckpt.save(state, force=True)
+                    writer.flush()  # gs://: metrics up to every checkpoint survive a kill
                 if stop:
                     ckpt.wait()
                     raise Preempted(done)
