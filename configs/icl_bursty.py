@@ -11,6 +11,9 @@ The demonstration (issue 8): the ICL accuracy jumps abruptly from the plateau of
 (choosing between the N/B = 2 labels present in the context, chance for a model that
 knows only that the answer is one of them) to > 0.9; clamping head 0 of layer 0 to
 perfect previous-token attention from step 0 (``:demo_clamped``) moves that jump earlier.
+Measured (evaluator, 2-core CPU): transition (accuracy > 0.9 from then on) at step 525
+without the clamp (0.61 at 450 -> 0.97 at 525), at step 125 with it (0.55 at 75 -> 0.98
+at 125).
 
     python launch/submit.py --config=configs/icl_bursty.py:sweep --root=demo_out/icl
 

@@ -72,7 +72,7 @@ def test_icl_transition_and_previous_token_clamp(tmp_path):
     # From the chance plateau to > 0.9 in a short window.
     last_plateau = max(s for s, a in zip(s_free, a_free) if a < chance + 0.15)
     assert t_free - last_plateau <= 150, report
-    assert max(a for s, a in zip(s_free, a_free) if s <= 200) < chance + 0.15, report
+    assert max(a for s, a in zip(s_free, a_free) if s <= 200) < chance + 0.2, report
     assert a_free[-1] > 0.9 and rows[-1]["icl_unseen_accuracy"] > chance + 0.1, report
 
     s_cl, a_cl, rows_cl = results["demo_clamped"]
