@@ -332,3 +332,28 @@ def test_evaluator_on_a_clamped_icl_run(tmp_path):
     assert icl and all(rec[k] == pytest.approx(v) for k, v in icl.items())
     (line,) = results.read_results(results.results_path(tmp_path / "run"))
     assert set(icl) <= set(line)
+
+
+def test_downstream_task_reads_pairs_examples_and_references(copy_store, tmp_path):
+    import shutil
+
+    from repeat_scaling.data.store import TokenStore
+    from repeat_scaling.data.vocab import Encoder
+
+    store = TokenStore(str(copy_store))
+    task = ds.DownstreamTask(store, ds.DownstreamSettings(examples=5, split="train"))
+    enc = Encoder(store.vocab)
+    assert task.inputs.shape == (5, 16)
+    for row, ref in zip(task.inputs, task.references):
+        assert enc.decode(row) == ref["inputs"] == f"copy: {ref['targets']}"
+        assert row[len(ref["inputs"])] == 1 and not row[len(ref["inputs"]) + 1 :].any()
+    # Without a references file the detokenised stored targets are the answers.
+    bare = tmp_path / "bare"
+    shutil.copytree(copy_store, bare)
+    (bare / "train.references.jsonl").unlink()
+    plain = ds.DownstreamTask(
+        TokenStore(str(bare)), ds.DownstreamSettings(examples=5, split="train")
+    )
+    assert [r["answers"] for r in plain.references] == [[r["targets"]] for r in task.references]
+    with pytest.raises(ds.DownstreamError, match="downstream_split='test'; the store has"):
+        ds.DownstreamTask(store, ds.DownstreamSettings(split="test"))
