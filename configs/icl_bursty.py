@@ -22,6 +22,10 @@ Arguments (``:arg``):
   600 steps of 128 sequences, checkpoints every 25 steps).
 - ``demo_clamped``: the same with the previous-token clamp on layer 0, head 0.
 - ``sweep`` (default): both runs (``demo`` settings) as a sweep, clamp on and off.
+- ``tradeoff``: the in-context vs in-weights trade-off of Chan et al. (no clamp): Zipfian
+  trained classes (alpha 1) in half the sequences, bursty fraction p_B in {1, 0.5, 0},
+  1200 steps; compare ``icl_accuracy`` with ``iwl_accuracy`` (a study setup, not measured
+  here).
 - ``paper``: Reddy-like scale (N=8, B=2, K=1024 Zipf alpha=1, eps=0.1, p_C=0.75,
   d_model 256) for accelerators (settings are this suite's choice: unconfirmed).
 
@@ -37,7 +41,7 @@ from _base import adamw, default_config, model_fields  # noqa: E402
 
 from repeat_scaling.models.config import padded_vocab_size  # noqa: E402
 
-ARGS = ("demo", "demo_clamped", "sweep", "paper")
+ARGS = ("demo", "demo_clamped", "sweep", "tradeoff", "paper")
 
 #: The demo task: all training sequences use novel-pool classes (p_C=1), so only ICL can
 #: lower the loss; loss on every label (objective option all_labels) speeds learning.
@@ -95,12 +99,25 @@ def get_config(arg: str = "sweep"):
     c.model.vocab_size = _vocab_size(task)
     c.data.source = task
     c.data.vocab = "tokens"  # informational: an icl_* source writes its own tokens:N vocabulary
-    c.data.length = 18 if arg != "paper" else 18
+    c.data.length = 18  # 2N + 2 with N = 8
     c.train.keep, c.train.keep_period = 2, c.train.checkpoint_every
     c.train.z_loss = 0.0
     if arg == "demo_clamped":
         c.interventions = (dict(PREVIOUS_TOKEN_CLAMP),)
     c.sweep = []
+    if arg == "tradeoff":
+        # Chan et al.: burstiness drives ICL, non-bursty Zipfian data drives in-weights
+        # learning. Half the sequences use trained classes (fixed labels, Zipf alpha=1).
+        base = "icl_bursty:K=128,alpha=1.0,N=8,B=4,L=8,p_C=0.5,eps=0.1,E=1,train=160000"
+        c.train.steps, c.train.checkpoint_every = 1200, 50
+        c.train.keep_period = 50
+        c.sweep = [
+            {
+                "data.source": f"{base},p_B={pb}",
+                "data.store": f"demo_out/stores/icl_tradeoff_pb{pb}",
+            }
+            for pb in (1.0, 0.5, 0.0)
+        ]
     if arg in ("sweep", "paper"):
         # (an empty interventions tuple has no run-name tag: name the runs by the options)
         opts = {"all_labels": True}
