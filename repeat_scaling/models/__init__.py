@@ -5,7 +5,11 @@ Entry points used by the trainer and evaluator:
 * :func:`build` (config, rngs) -> module; every parameter carries logical axis names.
 * :func:`forward` (module, T5X-named features) -> (float32 logits, aux losses), where aux
   holds the MoE auxiliary losses already multiplied by their config coefficients
-  (empty for dense models); add ``sum(aux.values())`` to the training loss.
+  (empty for dense models); add ``sum(aux.values())`` to the training loss. With
+  ``interventions=`` (:func:`repeat_scaling.models.interventions.parse`) and ``step=``
+  it clamps chosen attention heads (ablate / previous-token / induction / copy).
+* :func:`repeat_scaling.models.decoding.greedy_decode`: batched, compiled greedy decoding
+  with a per-layer key/value cache (both architectures).
 """
 
 from __future__ import annotations
