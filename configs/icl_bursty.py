@@ -121,10 +121,5 @@ def get_config(arg: str = "sweep"):
             for pb in (1.0, 0.5, 0.0)
         ]
     if arg in ("sweep", "paper"):
-        # (an empty interventions tuple has no run-name tag: name the runs by the options)
-        opts = {"all_labels": True}
-        c.sweep = [
-            {"data.objective_options": dict(opts)},
-            {"data.objective_options": dict(opts), "interventions": (dict(PREVIOUS_TOKEN_CLAMP),)},
-        ]
+        c.sweep = [{"interventions": ()}, {"interventions": (dict(PREVIOUS_TOKEN_CLAMP),)}]
     return c

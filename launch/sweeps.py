@@ -62,6 +62,8 @@ TAGS = {
 }
 # `init_from` (a path) is tagged by the last component of the path: `ft_<run name>`.
 INIT_FROM_KEY = "init_from"
+# `interventions` (attention clamps) is tagged `noclamp` or `clamp_<kind>l<layer>h<head>`.
+INTERVENTIONS_KEY = "interventions"
 ROOT_TEMPLATE = "{root}"
 UNNAMED = {"data.targets_length", "model.vocab_size"}
 
@@ -134,8 +136,28 @@ def _format_value(value: Any) -> str:
     return text
 
 
+def interventions_tag(value: Any) -> str:
+    """``noclamp`` for no clamps, else ``clamp_<kind>l<layer>h<head>[s<start>][e<end>]...``."""
+    clamps = list(value or ())
+    if not clamps:
+        return "noclamp"
+    parts = []
+    for clamp in clamps:
+        get = clamp.get if hasattr(clamp, "get") else (lambda k, d=None, c=clamp: getattr(c, k, d))
+        kind = re.sub(r"[^a-z0-9]+", "", str(get("kind", "")).lower())
+        part = f"{kind}l{get('layer', 0)}h{get('head', 0)}"
+        if get("start_step", 0):
+            part += f"s{get('start_step')}"
+        if get("end_step", -1) not in (-1, None):
+            part += f"e{get('end_step')}"
+        parts.append(part)
+    return "clamp_" + "_".join(parts)
+
+
 def tag_for(key: str, value: Any) -> str:
     """The name component of one non-core swept key, e.g. ('model.dropout_rate', 0.1)."""
+    if key == INTERVENTIONS_KEY:
+        return interventions_tag(value)
     if key == INIT_FROM_KEY and isinstance(value, str) and value:
         source = posixpath.basename(value.rstrip("/"))
         text = re.sub(r"[^a-z0-9_]+", "", source.lower())

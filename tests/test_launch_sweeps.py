@@ -237,3 +237,16 @@ def test_paper_configs_expand_and_validate(name):
     assert tuple(counts) == PAPER_CONFIGS[name]
     with pytest.raises(ValueError, match="expected one of"):
         module.get_config("huge")
+
+
+def test_clamp_sweep_names_say_noclamp_and_which_head_is_clamped():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("icl_bursty", REPO / "configs" / "icl_bursty.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    names = [run.name for run in sweeps.expand(module.get_config("sweep"), "/tmp/root")]
+    assert len(names) == 2 and names[0].endswith("_noclamp")
+    assert names[1].endswith("_clamp_previoustokenl0h0"), names
+    window = {"kind": "ablate", "layer": 1, "head": 2, "start_step": 5, "end_step": 9}
+    assert sweeps.interventions_tag((window,)) == "clamp_ablatel1h2s5e9"
