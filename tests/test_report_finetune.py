@@ -192,3 +192,38 @@ def test_no_finetuned_runs_leaves_report_unchanged(tmp_path):
     assert "Fine-tuning" not in (out / "report.md").read_text()
     assert not (out / "finetune_curves.csv").exists()
     assert all(f.name != "finetune_curves" for f in summary.figures)
+
+
+def test_xue_source_accuracy_never_from_a_later_checkpoint(tmp_path):
+    """Source evaluated at steps 25..100: fine-tuning from step 60 reports step 50, from
+    step 10 a blank cell and a note (never the later step-100 row)."""
+    root = tmp_path / "runs"
+    pre = write_run(root, "pre", "s", "/st/c4", 3.0)
+    for name, step in (("ft60", 60), ("ft10", 10), ("ft100", 100)):
+        run = write_run(root, name, "s", "/st/code", 2.0, init_from=pre)
+        record = json.loads((run / "init_from.json").read_text())
+        (run / "init_from.json").write_text(json.dumps({**record, "step": step}))
+    runs, problems = runs_lib.load_runs([str(root / "*")])
+    _, groups = finetune.split_runs(runs)
+    rows, notes = finetune.downstream_rows(groups, runs, "non_embedding")
+    xue = {r["run"]: r for r in rows}
+    assert xue["ft100"]["pretrain_step"] == 100
+    assert xue["ft100"]["pretrain_test_accuracy"] == pytest.approx(0.4)
+    assert xue["ft60"]["pretrain_step"] == 50
+    assert xue["ft60"]["pretrain_test_accuracy"] == pytest.approx(0.35)
+    assert xue["ft60"]["pretrain_test_loss"] == pytest.approx(3.5)
+    assert xue["ft10"]["pretrain_step"] is None
+    assert xue["ft10"]["pretrain_test_accuracy"] is None
+    assert xue["ft10"]["pretrain_test_loss"] is None
+    assert notes == [
+        "run ft10: pre-training run pre has no test_accuracy at or before step 10 (the "
+        "checkpoint fine-tuned from); its accuracy is left blank",
+        "run ft60: pre-training run pre was not evaluated at step 60; its accuracy is from "
+        "the earlier step 50",
+    ]
+    out = tmp_path / "report"
+    markdown.write_report(runs, problems, str(out))
+    assert (
+        "Xue table: run ft10: pre-training run pre has no test_accuracy"
+        in (out / "report.md").read_text()
+    )

@@ -133,14 +133,18 @@ def _source_run(run: runs_lib.Run, by_path: dict, param_key: str) -> runs_lib.Ru
 def _at_step(
     run: runs_lib.Run | None, key: str, step: int | None
 ) -> tuple[int | None, float | None]:
-    """(step, metric) at ``step`` when evaluated there, else at the last step that has it."""
-    if run is None:
+    """(step, metric) at the latest step at or before ``step`` that has ``key``.
+
+    A later checkpoint is never used (it is another model), so with no such row, or an
+    unknown ``step``, the answer is ``(None, None)``.
+    """
+    if run is None or step is None:
         return None, None
     rows = [r for r in run.results if runs_lib._finite(r.get(key)) is not None]
+    rows = [r for r in rows if int(r["step"]) <= step]
     if not rows:
         return None, None
-    match = [r for r in rows if step is not None and int(r["step"]) == step]
-    row = match[0] if match else rows[-1]
+    row = max(rows, key=lambda r: int(r["step"]))
     return int(row["step"]), runs_lib._finite(row.get(key))
 
 
@@ -321,15 +325,31 @@ def effective_rows(groups: Sequence[Group]) -> tuple[list[dict], list[str]]:
 # --------------------------------------------------------------------------------------
 def downstream_rows(
     groups: Sequence[Group], all_runs: Sequence[runs_lib.Run], param_key: str
-) -> list[dict]:
-    """The Xue et al. table: pre-training data, its held-out accuracy, downstream EM/F1."""
+) -> tuple[list[dict], list[str]]:
+    """The Xue et al. table: pre-training data, its held-out accuracy, downstream EM/F1.
+
+    The pre-training accuracy and loss are those of the latest evaluation of the source
+    run at or before the step fine-tuning started from (never a later checkpoint).
+    Returns (rows, notes on blank or earlier-step pre-training cells).
+    """
     by_path = {_abs(r.path): r for r in all_runs}
-    rows = []
+    rows, notes = [], []
     for g in groups:
         for r in sorted(g.members, key=_order):
             src = _source_run(r, by_path, param_key)
             src_step, src_acc = _at_step(src, "test_accuracy", r.source_step)
-            _, src_loss = _at_step(src, "test_loss", src_step)
+            _, src_loss = _at_step(src, "test_loss", src_step or r.source_step)
+            if src is not None and src_step is None:
+                at = "an unknown step" if r.source_step is None else f"step {r.source_step}"
+                notes.append(
+                    f"run {r.name}: pre-training run {src.name} has no test_accuracy at or "
+                    f"before {at} (the checkpoint fine-tuned from); its accuracy is left blank"
+                )
+            elif src is not None and src_step != r.source_step:
+                notes.append(
+                    f"run {r.name}: pre-training run {src.name} was not evaluated at step "
+                    f"{r.source_step}; its accuracy is from the earlier step {src_step}"
+                )
             final_step = r.steps if r.finished else None
             best = [
                 row for row in r.results if runs_lib._finite(row.get("downstream_em")) is not None
@@ -365,7 +385,7 @@ def downstream_rows(
                     else None,
                 }
             )
-    return rows
+    return rows, notes
 
 
 # --------------------------------------------------------------------------------------
@@ -388,7 +408,8 @@ def analyse(
     figures.write_csv(
         os.path.join(out_dir, "finetune_effective.csv"), EFFECTIVE_HEADER, report.effective
     )
-    report.downstream = downstream_rows(groups, runs, param_key)
+    report.downstream, notes = downstream_rows(groups, runs, param_key)
+    report.missing += [f"Xue table: {note}" for note in notes]
     figures.write_csv(os.path.join(out_dir, "xue_downstream.csv"), XUE_HEADER, report.downstream)
     for g in groups:
         for r in g.finetuned:
