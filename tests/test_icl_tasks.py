@@ -207,6 +207,14 @@ def test_icl_metrics_on_a_tiny_model(tmp_path):
     feats = T.IclObjective(task).features(seq)
     logits = np.asarray(models.forward(model, feats)[0])[:, 9, 3:7]
     assert out["icl_flipped_accuracy"] == pytest.approx(np.mean(logits.argmax(-1) + 3 == seq[:, 9]))
+    # The query loss normalises over the store's real vocabulary, not the padded rows.
+    seq = icl._sequences(store, "eval_icl", None)
+    full = np.asarray(models.forward(model, T.IclObjective(task).features(seq))[0], np.float64)
+    real = full[:, 9, : store.vocab.vocab_size]
+    assert store.vocab.vocab_size < full.shape[-1]
+    lse = np.log(np.exp(real).sum(-1))
+    expected = np.mean(lse - real[np.arange(len(seq)), seq[:, 9]])
+    assert out["icl_query_loss"] == pytest.approx(expected, rel=1e-4)
     clamp = [{"kind": "previous_token", "layer": 0, "head": 0}]
     clamped = icl.icl_metrics(model, cfg, store, None, interventions=clamp, step=0)
     assert clamped["icl_accuracy_unclamped"] == out["icl_accuracy"]

@@ -13,8 +13,8 @@ query's target label:
   away from their true labels; the target is the in-context label).
 - ``iwl_accuracy``: ``eval_iwl`` (in-weights: trained query class absent from the context;
   target = its fixed label).
-- ``icl_query_loss``: mean cross-entropy (nats, full vocabulary) of the query label on
-  ``eval_icl``.
+- ``icl_query_loss``: mean cross-entropy (nats; softmax over the store's real vocabulary,
+  the model's padded embedding rows excluded) of the query label on ``eval_icl``.
 
 ``icl_regression`` stores get :func:`repeat_scaling.data.icl_regression.token_metrics` on
 their validation split instead (keys prefixed ``icl_regression_``).
@@ -98,6 +98,19 @@ def _sequences(store, split: str, limit: int | None) -> np.ndarray:
     return np.asarray(sp.tokens(0, n * (L + 1)), np.int32).reshape(n, L + 1)[:, :L]
 
 
+def query_loss(logits: np.ndarray, targets: np.ndarray, vocab_size: int) -> float:
+    """Mean cross-entropy (nats) of ``targets`` [n] under ``logits`` [n, V_padded].
+
+    The softmax runs over the real vocabulary only (the first ``vocab_size`` columns):
+    the model's padded embedding rows are not tokens and never enter the normaliser.
+    """
+    real = np.asarray(logits, np.float64)[:, : int(vocab_size)]
+    top = real.max(-1)
+    lse = np.log(np.exp(real - top[:, None]).sum(-1)) + top
+    tgt = np.take_along_axis(real, np.asarray(targets, np.int64)[:, None], axis=1)[:, 0]
+    return float(np.mean(lse - tgt))
+
+
 def bursty_accuracies(
     model: nnx.Module,
     store,
@@ -118,10 +131,7 @@ def bursty_accuracies(
         pred = labels[np.argmax(logits[:, labels], axis=-1)]
         out[SPLIT_METRICS[split]] = float(np.mean(pred == seq[:, q]))
         if split == "eval_icl":
-            lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
-            lse = lse + logits.max(-1)
-            tgt = np.take_along_axis(logits, seq[:, q : q + 1], axis=1)[:, 0]
-            out["icl_query_loss"] = float(np.mean(lse - tgt))
+            out["icl_query_loss"] = query_loss(logits, seq[:, q], store.vocab.vocab_size)
     out["icl_context_chance"] = 1.0 / (int(task["N"]) // int(task["B"]))
     return out
 
