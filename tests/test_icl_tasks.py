@@ -179,6 +179,31 @@ def test_write_sequence_store_checks(tmp_path):
             T.write_sequence_store(tmp_path / "bad", splits, 6, t)
 
 
+def test_objective_names_the_missing_positions_key():
+    task = {"name": "toy", "sequence_length": 3, "loss_positions": [2]}
+    assert T.IclObjective(task).loss_positions.tolist() == [2]
+    with pytest.raises(T.IclTaskError, match="'toy' has no 'label_positions'.*all_labels=True"):
+        T.IclObjective(task, all_labels=True)
+    del task["loss_positions"]
+    with pytest.raises(T.IclTaskError, match="'toy' has no 'loss_positions'.*all_labels=False"):
+        T.IclObjective(task)
+
+
+def test_clamp_label_survives_malformed_interventions():
+    from repeat_scaling.report.icl import clamp_label
+    from repeat_scaling.report.runs import Run
+
+    def label(specs):
+        return clamp_label(Run("/x", config={"interventions": specs}))
+
+    good = {"kind": "previous_token", "layer": 0, "head": 1}
+    assert label([]) == "no clamp"
+    assert label([{**good, "start_step": 5}]) == "clamp previous_token L0H1 [5, -1)"
+    assert label([good, {"kind": "previous_token"}]) == "clamp previous_token L0H1, (unreadable)"
+    for bad in ([{**good, "layer": "zero"}], ["previous_token"], [None], "previous_token"):
+        assert label(bad) == "clamp (unreadable)"
+
+
 def test_icl_metrics_on_a_tiny_model(tmp_path):
     from flax import nnx
 

@@ -547,7 +547,10 @@ class IclObjective:
         self.raw_length = self.length + 1
         key = "label_positions" if all_labels else "loss_positions"
         if key not in task:
-            raise IclTaskError(f"all_labels=True needs the task's label_positions ({task['name']})")
+            raise IclTaskError(
+                f"ICL task {task.get('name')!r} has no {key!r} (needed with "
+                f"all_labels={bool(all_labels)}); expected it in the store's icl_task"
+            )
         self.loss_positions = np.asarray(task[key], np.int64)
         self.all_labels = bool(all_labels)
         w = np.zeros(self.length, np.float32)

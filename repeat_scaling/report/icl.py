@@ -41,16 +41,24 @@ def transition_step(
 
 
 def clamp_label(run) -> str:
-    """``"no clamp"`` or e.g. ``"clamp previous_token L0H0"`` from the run's config."""
+    """``"no clamp"`` or e.g. ``"clamp previous_token L0H0"`` from the run's config.
+
+    A malformed entry (not a dict, missing kind/layer/head, non-integer values) is
+    labelled ``"(unreadable)"`` so a bad record never stops the report.
+    """
     specs = (run.config or {}).get("interventions") or ()
     if not specs:
         return "no clamp"
+    if not isinstance(specs, (list, tuple)):
+        return "clamp (unreadable)"
     parts = []
     for s in specs:
-        window = ""
-        if int(s.get("start_step", 0)) or int(s.get("end_step", -1)) != -1:
-            window = f" [{s.get('start_step', 0)}, {s.get('end_step', -1)})"
-        parts.append(f"{s['kind']} L{s['layer']}H{s['head']}{window}")
+        try:
+            start, end = int(s.get("start_step", 0)), int(s.get("end_step", -1))
+            window = f" [{start}, {end})" if start or end != -1 else ""
+            parts.append(f"{s['kind']} L{int(s['layer'])}H{int(s['head'])}{window}")
+        except (AttributeError, KeyError, TypeError, ValueError):
+            parts.append("(unreadable)")
     return "clamp " + ", ".join(parts)
 
 
