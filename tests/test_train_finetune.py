@@ -7,7 +7,9 @@ the optimizer state and the schedule start fresh.
 """
 
 import json
+import os
 import pathlib
+import shutil
 
 import jax
 import numpy as np
@@ -106,6 +108,7 @@ def test_finetune_from_run_starts_from_source_params(source_run, c4_byte_store, 
         "step": 4,
         "model": src_cfg["model"],
         "source_config": src_cfg["data"],
+        "vocab_check": f"same vocabulary as {src_cfg['data']['store']}",
     }
     derived = json.loads((work / "config.json").read_text())["derived"]
     assert derived["init_from"] == rec
@@ -186,6 +189,95 @@ def test_bad_sources(source_run, store_dir, tmp_path):
     assert not work.exists()
 
 
+def _relative_store_copy(source_run, store_dir, dest: pathlib.Path) -> pathlib.Path:
+    """A copy of ``source_run`` whose config.json names its store relatively: "store"."""
+    shutil.copytree(source_run, dest)
+    shutil.copytree(store_dir, dest / "store")
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg["data"]["store"] = "store"
+    (dest / "config.json").write_text(json.dumps(cfg))
+    return dest
+
+
+def test_vocab_check_resolves_a_relative_store_in_the_source_workdir(
+    source_run, store_dir, tmp_path, monkeypatch
+):
+    """The source's relative data.store is looked up in its workdir; a gone store warns."""
+    from repeat_scaling.data.store import TokenStore
+
+    src = _relative_store_copy(source_run, store_dir, tmp_path / "src")
+    monkeypatch.chdir(tmp_path)  # "store" does not exist here: only src/store does
+    c = _finetune_config(store_dir)
+    cfg, vocab = config_lib.validate(c, num_devices=8), TokenStore(store_dir).vocab
+    logs = []
+    source = init_from.resolve(str(src), -1, cfg, vocab, log=logs.append)
+    assert source.record()["vocab_check"] == f"same vocabulary as {src / 'store'}" and not logs
+
+    # The source store (found inside the workdir) was prepared with another vocabulary.
+    manifest = json.loads((src / "store" / "manifest.json").read_text())
+    manifest["vocab"] |= {"kind": "tokens", "extra_ids": 0, "path": None, "sha256": None}
+    (src / "store" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(config_lib.ConfigError, match=r"step 4 was trained with vocabulary tokens"):
+        init_from.resolve(str(src), -1, cfg, vocab, log=logs.append)
+
+    # Store gone: not checked, said once on the log and kept in the record.
+    shutil.rmtree(src / "store")
+    source = init_from.resolve(str(src), -1, cfg, vocab, log=logs.append)
+    note = source.record()["vocab_check"]
+    assert note.startswith("not checked: its data.store is not readable here (tried ")
+    assert str(src / "store") in note
+    assert logs == [f"warning: init_from={src} step 4: vocabulary {note}"]
+
+
+def _record(workdir: pathlib.Path, path: str, step: int = 4) -> pathlib.Path:
+    workdir.mkdir(parents=True)
+    (workdir / init_from.RECORD).write_text(json.dumps({"path": path, "kind": "run", "step": step}))
+    return workdir
+
+
+def test_check_resume_compares_real_paths_and_run_names(source_run, tmp_path, monkeypatch):
+    """Resuming from another directory (symlinks, relative roots, a moved sweep) is fine."""
+    real = tmp_path / "real"
+    shutil.copytree(source_run, real / "sweep" / "pre", ignore=shutil.ignore_patterns("train"))
+    (real / "sweep" / "other").mkdir()
+    os.symlink(real, tmp_path / "link")
+    # Started as "sweep/pre" from tmp/link (the recorded path keeps the symlink) ...
+    work = _record(real / "sweep" / "ft", str(tmp_path / "link" / "sweep" / "pre"))
+    monkeypatch.chdir(real)  # ... resumed from the real directory: the same source.
+    assert init_from.check_resume(work, "sweep/pre", -1)["step"] == 4
+    assert init_from.check_resume(work, "sweep/pre/checkpoints/4", -1)["step"] == 4
+    with pytest.raises(config_lib.ConfigError, match=r"init_step=2 differs from step 4"):
+        init_from.check_resume(work, "sweep/pre/checkpoints/2", -1)
+    with pytest.raises(config_lib.ConfigError, match=r"init_from=\S+/sweep/other differs from"):
+        init_from.check_resume(work, "sweep/other", -1)
+
+    # A sweep moved since it started: the recorded path is gone; the same run name resumes.
+    moved = _record(real / "sweep" / "ft2", str(tmp_path / "old" / "sweep" / "pre"))
+    assert init_from.check_resume(moved, "sweep/pre", -1)["step"] == 4
+    with pytest.raises(config_lib.ConfigError, match="differs from") as e:
+        init_from.check_resume(moved, "sweep/other", -1)
+    assert "\n" not in str(e.value)
+
+    # gs:// sources compare as URLs (no file system involved).
+    gs = _record(tmp_path / "gs_ft", "gs://bkt/sweep/pre")
+    assert init_from.check_resume(gs, "gs://bkt/sweep/pre/", -1)["path"] == "gs://bkt/sweep/pre"
+    with pytest.raises(config_lib.ConfigError, match="init_from=gs://bkt/sweep/other differs"):
+        init_from.check_resume(gs, "gs://bkt/sweep/other", -1)
+    with pytest.raises(config_lib.ConfigError, match=f"init_from={real / 'sweep' / 'pre'} differs"):
+        init_from.check_resume(gs, str(real / "sweep" / "pre"), -1)
+
+
+def test_init_from_accepts_gs_urls_only(store_dir):
+    c = _finetune_config(store_dir)
+    c.init_from = "gs://bkt/sweep/pre"
+    config_lib.validate(c, num_devices=8)
+    c.init_from = "s3://bkt/sweep/pre"
+    with pytest.raises(config_lib.ConfigError, match="init_from='s3://bkt/sweep/pre'; expected a"):
+        config_lib.validate(c, num_devices=8)
+    with pytest.raises(config_lib.ConfigError, match="expected gs://BUCKET/PATH"):
+        init_from.normalize("gs://", -1)
+
+
 def test_first_mismatch_orders_paths():
     here = {"a/x": (2, 3), "b/y": (4,)}
     assert init_from.first_mismatch(here, dict(here)) is None
@@ -247,6 +339,7 @@ def test_finetune_from_hugging_face_t5(store_dir, tmp_path):
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
     rec = json.loads((work / "init_from.json").read_text())
     assert rec["kind"] == "huggingface" and rec["step"] is None and rec["source_config"] is None
+    assert rec["vocab_check"] is None
     assert rec["path"] == str(hf) and rec["model"]["d_model"] == 64
 
     # Another size: the first differing parameter, nothing written; init_step refused.

@@ -20,9 +20,10 @@ Units and conventions:
   parameters stay float32.
 * ``mesh.ici`` / ``mesh.dcn``: sizes of the mesh axes data/fsdp/tensor/expert within a
   slice and across slices; -1 fills the remaining devices.
-* ``init_from`` (fine-tuning): a training workdir (its committed checkpoint
-  ``init_step``, -1 = the latest) or a Hugging Face T5 directory whose parameters start
-  this run; the optimizer state, schedule and step start fresh ("" = random init).
+* ``init_from`` (fine-tuning): a training workdir, local or ``gs://`` (its committed
+  checkpoint ``init_step``, -1 = the latest) or a local Hugging Face T5 directory whose
+  parameters start this run; the optimizer state, schedule and step start fresh
+  ("" = random init).
 * ``interventions``: a tuple of clamp specs (dicts, see
   :mod:`repeat_scaling.models.interventions`), e.g. ``({"kind": "previous_token",
   "layer": 0, "head": 1, "start_step": 0, "end_step": 500},)``, applied inside the
@@ -226,8 +227,8 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
     init_from, init_step = d.get("init_from", ""), d.get("init_step", -1)
     if not isinstance(init_from, str):
         bad("init_from", init_from, "a directory path (or '' for a random init)")
-    if "://" in init_from:
-        bad("init_from", init_from, "a file-system path (mount buckets with gcsfuse)")
+    if "://" in init_from and not init_from.startswith("gs://"):
+        bad("init_from", init_from, "a local directory or a gs://BUCKET/PATH run workdir")
     if not isinstance(init_step, int) or init_step < -1:
         bad("init_step", init_step, "a checkpoint step >= 0, or -1 for the latest")
     if init_step != -1 and not init_from:
