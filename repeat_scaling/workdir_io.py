@@ -257,20 +257,36 @@ def append_line(path: WPath, line: str) -> None:
 # A writer lock on GCS
 # ----------------------------------------------------------------------------------
 class GcsLockError(RuntimeError):
-    """Another live process holds the lock object."""
+    """Another live process holds the lock object (or took it over from this one)."""
 
 
 class GcsLock:
-    """Best-effort exclusive lock: an object ``{"owner", "heartbeat"}`` at ``path``.
+    """Best-effort exclusive lock: an object ``{"owner", "token", "heartbeat"}`` at ``path``.
 
-    ``acquire`` creates the object with the precondition ``ifGenerationMatch=0`` (GCS
-    rejects the upload if the object exists, so two processes racing for a free lock
-    cannot both win). A daemon thread rewrites the heartbeat every ``heartbeat_s``; a lock
-    whose heartbeat is older than ``stale_s`` (the holder was killed without releasing
-    it), or whose owner is a dead process on this host, is taken over. ``release``
-    deletes the object. Best effort: clock skew between hosts beyond ``stale_s`` or a
-    paused holder can let two writers overlap; the results writer still never
-    duplicates a step within one process.
+    Every write and delete of the lock object carries a GCS generation precondition
+    (``ifGenerationMatch``), so it only succeeds on the exact object version this process
+    last read or wrote:
+
+    * ``acquire`` creates the object with ``ifGenerationMatch=0`` (GCS rejects the upload
+      if the object exists, so two processes racing for a free lock cannot both win). A
+      lock whose heartbeat is older than ``stale_s`` (its holder was killed without
+      releasing it), or whose owner is a dead process on this host, is taken over by
+      rewriting it with ``ifGenerationMatch=<the generation read>``: of two processes that
+      saw the same stale lock, only the first rewrite succeeds. The lock is then re-read,
+      and acquiring fails unless it names this holder.
+    * A daemon thread re-reads the lock every ``heartbeat_s`` and rewrites the heartbeat
+      with ``ifGenerationMatch=<the generation read>`` only while the lock still names this
+      holder (``token``, random per acquisition). A holder that was paused past
+      ``stale_s`` and taken over finds another owner (or a failed precondition), stops
+      heart-beating and is marked :attr:`lost`; it never overwrites the new owner's lock.
+    * ``check`` re-reads the lock and raises :class:`GcsLockError` unless this process
+      still holds it (the results writer calls it before every upload).
+    * ``release`` deletes the object only if it still names this holder, with
+      ``ifGenerationMatch=<the generation read>``.
+
+    Best effort: clock skew between hosts beyond ``stale_s`` can let a live holder be taken
+    over (it then finds out at its next ``check`` or heartbeat). Emulators that ignore
+    preconditions still get the owner re-reads.
     """
 
     def __init__(self, path: WPath, *, heartbeat_s: float = 60.0, stale_s: float = 300.0):
@@ -278,17 +294,76 @@ class GcsLock:
         self.heartbeat_s = heartbeat_s
         self.stale_s = stale_s
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.token = ""
+        self.lost = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _fs_path(self) -> tuple[Any, str]:
+    # -- object access with generations --------------------------------------------------
+    def _fs_key(self) -> tuple[Any, str, str]:
         import fsspec
 
-        text = str(self.path)
-        return fsspec.filesystem("gs"), text[len(GCS_PREFIX) :]
+        bucket, _, key = str(self.path)[len(GCS_PREFIX) :].partition("/")
+        return fsspec.filesystem("gs"), bucket, key
 
-    def _record(self) -> bytes:
-        return json.dumps({"owner": self.owner, "heartbeat": time.time()}).encode()
+    def _read(self) -> tuple[dict[str, Any] | None, int | None]:
+        """``(record, generation)`` of the lock object; ``(None, None)`` when absent.
+
+        An unreadable record is ``{}`` (a stale lock). The content is downloaded with
+        ``ifGenerationMatch`` of the metadata just read, so both describe one version.
+        """
+        fs, bucket, key = self._fs_key()
+        for _ in range(5):
+            try:
+                meta = fs.call("GET", "b/{}/o/{}", bucket, key, json_out=True)
+                generation = int(meta["generation"])
+                _, content = fs.call(
+                    "GET", "b/{}/o/{}", bucket, key, alt="media", ifGenerationMatch=generation
+                )
+            except FileNotFoundError:
+                return None, None
+            except FileExistsError:  # 412: replaced between the two reads; read again
+                continue
+            try:
+                record = json.loads(content)
+            except ValueError:
+                record = {}
+            return (record if isinstance(record, dict) else {}), generation
+        raise GcsLockError(f"lock {self.path} keeps changing; another process is using it")
+
+    def _write(self, if_generation: int) -> int:
+        """Upload this holder's record if the object's generation is ``if_generation``
+        (0: only if absent); returns the new generation. FileExistsError on a mismatch."""
+        fs, bucket, key = self._fs_key()
+        record = json.dumps({"owner": self.owner, "token": self.token, "heartbeat": time.time()})
+        body = (
+            "--==0==\nContent-Type: application/json; charset=UTF-8\n\n"
+            + json.dumps({"name": key})
+            + "\n--==0==\nContent-Type: application/json\n\n"
+            + record
+            + "\n--==0==--"
+        ).encode()
+        out = fs.call(
+            "POST",
+            f"{fs._location}/upload/storage/v1/b/{bucket}/o",
+            uploadType="multipart",
+            headers={"Content-Type": 'multipart/related; boundary="==0=="'},
+            data=body,
+            json_out=True,
+            ifGenerationMatch=str(int(if_generation)),
+        )
+        return int(out["generation"])
+
+    def _delete(self, if_generation: int) -> None:
+        """Delete the object if its generation is ``if_generation`` (else nothing)."""
+        fs, bucket, key = self._fs_key()
+        try:
+            fs.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=str(if_generation))
+        except (FileNotFoundError, FileExistsError):
+            pass  # already gone, or replaced by another holder: not ours to delete
+
+    def _mine(self, record: dict[str, Any] | None) -> bool:
+        return bool(self.token) and record is not None and record.get("token") == self.token
 
     def _holder_alive(self, record: dict[str, Any]) -> bool:
         owner = str(record.get("owner", ""))
@@ -303,50 +378,74 @@ class GcsLock:
         beat = record.get("heartbeat")
         return isinstance(beat, (int, float)) and time.time() - beat < self.stale_s
 
+    # -- the protocol ----------------------------------------------------------------------
     def acquire(self) -> None:
-        fs, key = self._fs_path()
+        """Take the lock (or a stale one over); :class:`GcsLockError` if a live holder has it."""
+        import uuid
+
+        record, generation = self._read()
+        if record is not None and self._holder_alive(record):
+            beat = record.get("heartbeat")
+            age = f"{time.time() - beat:.0f} s ago" if isinstance(beat, (int, float)) else "?"
+            raise GcsLockError(
+                f"lock {self.path} is held by {record.get('owner', '?')} (heartbeat {age})"
+            )
+        self.token = uuid.uuid4().hex
         try:
-            record = json.loads(fs.cat_file(key))
-        except FileNotFoundError:
-            record = None
-        except ValueError:
-            record = {}
-        if record is not None:
-            if self._holder_alive(record):
-                raise GcsLockError(
-                    f"lock {self.path} is held by {record.get('owner', '?')} "
-                    f"(heartbeat {time.time() - float(record.get('heartbeat', 0)):.0f} s ago)"
-                )
-            fs.rm_file(key)
-        try:
-            fs.pipe_file(key, self._record(), mode="create")
-        except (FileExistsError, OSError) as e:
-            raise GcsLockError(f"lock {self.path} was taken by another process ({e})") from None
+            self._write(0 if generation is None else generation)
+        except FileExistsError:
+            self.token = ""
+            raise GcsLockError(f"lock {self.path} was taken by another process") from None
+        record, _ = self._read()  # emulators ignore preconditions: the owner decides
+        if not self._mine(record):
+            self.token = ""
+            owner = "?" if record is None else record.get("owner", "?")
+            raise GcsLockError(f"lock {self.path} was taken by {owner}")
+        self.lost = False
+        self._stop.clear()
         self._thread = threading.Thread(target=self._beat, name="gcs-lock", daemon=True)
         self._thread.start()
         atexit.register(self.release)  # released on normal exit even if never closed
 
+    def check(self) -> None:
+        """Raise :class:`GcsLockError` unless the lock object still names this holder."""
+        record, _ = self._read()
+        if self.lost or not self._mine(record):
+            self.lost = True
+            owner = "nobody" if record is None else record.get("owner", "?")
+            raise GcsLockError(
+                f"lock {self.path} is no longer held by {self.owner} ({owner} has it)"
+            )
+
     def _beat(self) -> None:
-        fs, key = self._fs_path()
         while not self._stop.wait(self.heartbeat_s):
             try:
-                fs.pipe_file(key, self._record())
-            except OSError:
-                pass
+                record, generation = self._read()
+                if not self._mine(record):
+                    self.lost = True
+                    return
+                self._write(generation)
+            except FileExistsError:  # changed since the read: another holder took it over
+                self.lost = True
+                return
+            except (OSError, GcsLockError):
+                pass  # transient; the next beat retries
 
     def release(self) -> None:
-        """Stop the heartbeat and delete the lock object (idempotent)."""
+        """Stop the heartbeat and delete the lock object if still ours (idempotent)."""
         if self._thread is None:
             return
         atexit.unregister(self.release)
         self._stop.set()
         self._thread.join(timeout=5)
         self._thread = None
-        fs, key = self._fs_path()
         try:
-            fs.rm_file(key)
-        except FileNotFoundError:
-            pass
+            record, generation = self._read()
+        except GcsLockError:
+            return
+        if self._mine(record):
+            self._delete(generation)
+        self.token = ""
 
 
 # ----------------------------------------------------------------------------------

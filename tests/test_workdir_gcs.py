@@ -7,7 +7,10 @@ through google-cloud-storage (also ``STORAGE_EMULATOR_HOST``). Nothing is mocked
 same code paths as on a real bucket. The emulator is made a little more faithful: its
 downloads carry the ``x-goog-generation`` header that real GCS sends (tensorstore's
 OCDBT manifest updates need it; see ``EMULATOR``). It ignores the ``ifGenerationMatch=0``
-precondition, so the lock's protection against two racing creators is not exercised.
+preconditions (``ifGenerationMatch``), so the lock's protection against two racing
+writers is not exercised; the owner re-reads that back it up (a taken-over holder stops
+heart-beating, never deletes the new owner's lock, and its results writer refuses to
+write) are.
 """
 
 import importlib.util
@@ -206,6 +209,89 @@ def test_results_writer_and_lock_on_gcs(gcs):
                 lock.acquire()
 
 
+def test_taken_over_lock_is_never_overwritten_or_deleted(gcs):
+    from repeat_scaling import workdir_io
+    from repeat_scaling.eval import results
+
+    wd = "gs://bkt/takeover"
+    key = "bkt/takeover/eval/results.lock"
+    path = workdir_io.workdir_path(wd) / "eval" / "results.lock"
+
+    def token():
+        return json.loads(_fs().cat_file(key))["token"]
+
+    # A holder on another host that stops heart-beating (paused) ...
+    paused = workdir_io.GcsLock(path, heartbeat_s=3600)
+    paused.owner = "otherhost:7"
+    paused.acquire()
+    assert token() == paused.token
+    paused.check()  # still ours
+    # ... is taken over once its heartbeat is stale (stale_s=0: at once).
+    new = workdir_io.GcsLock(path, heartbeat_s=0.2, stale_s=0)
+    new.acquire()
+    assert token() == new.token != paused.token
+    with pytest.raises(workdir_io.GcsLockError, match="no longer held by otherhost:7"):
+        paused.check()
+    assert paused.lost
+    paused.release()  # must not delete the new owner's lock
+    assert token() == new.token
+    time.sleep(0.6)  # the new owner's heartbeats rewrite its own lock only
+    assert token() == new.token and not new.lost
+    new.release()
+    assert not _fs().exists(key)
+
+    # A paused holder's heartbeat thread that wakes after the takeover stops, unwritten.
+    slow = workdir_io.GcsLock(path, heartbeat_s=0.3)
+    slow.owner = "otherhost:8"
+    slow.acquire()
+    thief = workdir_io.GcsLock(path, heartbeat_s=3600, stale_s=0)
+    thief.acquire()
+    time.sleep(0.9)
+    assert slow.lost and token() == thief.token
+    slow.release()
+    thief.release()
+    assert not _fs().exists(key)
+
+    # A results writer whose lock was taken over refuses to upload.
+    w = results.ResultsWriter(wd)
+    assert w.append({"step": 1, "test_loss": 2.0})
+    other = workdir_io.GcsLock(path, heartbeat_s=3600, stale_s=0)
+    _fs().pipe_file(key, json.dumps({"owner": "otherhost:9", "token": w._gcs_lock.token,
+                                     "heartbeat": 0}).encode())  # fmt: skip
+    other.acquire()
+    with pytest.raises(results.ResultsLockedError, match="cannot write .*no longer held"):
+        w.append({"step": 2, "test_loss": 1.0})
+    w.close()
+    assert token() == other.token  # the writer's close left the new owner's lock alone
+    other.release()
+    assert [r["step"] for r in results.read_results(results.results_path(wd))] == [1]
+
+
+def test_gcs_workdir_with_relative_store_is_a_one_line_error(gcs, tmp_path, monkeypatch):
+    import demo  # configs/ is on sys.path (module top)
+
+    from repeat_scaling import workdir_io
+    from repeat_scaling.eval import evaluator
+    from repeat_scaling.train import config as config_lib
+    from repeat_scaling.train import loop
+
+    c = demo.get_config("dec")
+    c.data.store = "stores/byte"  # relative: only meaningful from the trainer's directory
+    model_cfg = config_lib.model_config(c)
+    wd = workdir_io.workdir_path("gs://bkt/relstore")
+    workdir_io.write_json_atomic(wd / "config.json", loop.resolved_config(c, model_cfg, {}))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(evaluator.EvalError) as err:
+        evaluator.Run.load("gs://bkt/relstore")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("data.store='stores/byte' in gs://bkt/relstore/")
+    assert "is relative and not found from the current directory" in msg
+    c.data.store = "gs://bkt/store"
+    workdir_io.write_json_atomic(wd / "config.json", loop.resolved_config(c, model_cfg, {}))
+    with pytest.raises(evaluator.EvalError, match="data.store='gs://bkt/store' is a URL"):
+        evaluator.Run.load("gs://bkt/relstore")
+
+
 def test_metrics_writer_on_gcs_truncates_on_resume(gcs):
     from repeat_scaling.train import metrics
 
@@ -322,3 +408,31 @@ def test_train_resume_evaluate_status_on_gcs(gcs, store_dir, tmp_path):
     assert len(err) == 1, bad.stderr
     assert err[0] == "error: --workdir='gs://nobucket/run': bucket gs://nobucket does not exist"
     assert "Traceback" not in bad.stderr
+
+    # Fine-tune from the gs:// run's step-2 checkpoint (init_from="{root}/<run>" on a gs://
+    # root): the first update is 0 under the demo's warmup, so step 1 == the source's step 2.
+    ft = _cli(
+        train[:3]
+        + train[4:8]  # the same store, length and batch
+        + [
+            "--config.train.progress_bar=off",
+            "--workdir=gs://bkt/ft/run",
+            "--config.init_from=gs://bkt/sweep/run/checkpoints/2",
+            "--config.train.steps=1",
+            "--config.train.checkpoint_every=1",
+        ],
+        env,
+    )
+    assert ft.returncode == 0, ft.stderr[-3000:]
+    rec = json.loads(fs.cat("bkt/ft/run/init_from.json"))
+    assert (rec["path"], rec["kind"], rec["step"]) == ("gs://bkt/sweep/run", "run", 2)
+    assert rec["vocab_check"] == f"same vocabulary as {store_dir}"
+    from repeat_scaling.train import checkpointing
+
+    _, src, _ = checkpointing.restore_params("gs://bkt/sweep/run", 2)
+    _, got, _ = checkpointing.restore_params("gs://bkt/ft/run", 1)
+    import jax
+    import numpy as np
+
+    for a, b in zip(jax.tree.leaves(src), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

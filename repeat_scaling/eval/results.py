@@ -16,7 +16,10 @@ each ``append`` re-uploads the whole results object (one upload per evaluated st
 upload is atomic, so readers see the old or the new file). The lock is then the
 best-effort :class:`~repeat_scaling.workdir_io.GcsLock` object ``eval/results.lock``
 (created with ``ifGenerationMatch=0``, heartbeat every 60 s, taken over when its holder
-is a dead process on this host or its heartbeat is older than 5 minutes).
+is a dead process on this host or its heartbeat is older than 5 minutes; every rewrite
+and delete carries a generation precondition). Before each upload the writer re-reads
+the lock and raises :class:`ResultsLockedError` if another evaluator has taken it over
+(e.g. after this one was paused for longer than 5 minutes).
 
 Reading: a line that is not a JSON object with an integer ``step`` is reported (a warning
 naming the file and line number) and skipped, never fatal. When the same step appears
@@ -45,14 +48,9 @@ class ResultsLockedError(RuntimeError):
     """Another evaluator is writing the same results file."""
 
 
-def _as_path(path: str | os.PathLike) -> workdir_io.WPath:
-    """A local ``pathlib.Path`` (as given) or an epath for gs:// URLs."""
-    return workdir_io.workdir_path(path) if workdir_io.is_url(path) else pathlib.Path(path)
-
-
 def results_path(workdir: str | os.PathLike) -> workdir_io.WPath:
     """``workdir/eval/results.jsonl`` (local path, or an epath for a gs:// workdir)."""
-    return _as_path(workdir) / "eval" / RESULTS_NAME
+    return workdir_io.workdir_path(workdir) / "eval" / RESULTS_NAME
 
 
 def _jsonable(value: Any) -> Any:
@@ -75,7 +73,7 @@ def read_results(
 
     Corrupt lines are reported through ``warn`` (default: absl warning) and skipped.
     """
-    path = _as_path(path)
+    path = workdir_io.workdir_path(path)
     warn = warn or logging.warning
     content = workdir_io.read_text(path)
     if content is None:
@@ -190,6 +188,11 @@ class ResultsWriter:
                 f.flush()
                 os.fsync(f.fileno())
         else:  # no appends on object stores: re-upload the whole (small) object
+            if self._gcs_lock is not None:
+                try:
+                    self._gcs_lock.check()  # taken over while paused: never clobber
+                except workdir_io.GcsLockError as e:
+                    raise ResultsLockedError(f"cannot write {self.path}: {e}") from None
             text = workdir_io.read_text(self.path, "")
             if text and not text.endswith("\n"):
                 text += "\n"
