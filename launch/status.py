@@ -32,6 +32,8 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from repeat_scaling import workdir_io  # noqa: E402  (after the sys.path line)
+
 LAUNCH_FILE = "launch.json"
 METRICS_FILE = "train/metrics.jsonl"
 RESULTS_FILE = "eval/results.jsonl"
@@ -95,16 +97,6 @@ def format_eta(seconds: float | None) -> str:
     return f"{seconds}s"
 
 
-def as_path(path: str | os.PathLike, what: str = "--root") -> Any:
-    """A local `pathlib.Path`, or an `epath.Path` for a gs:// URL (one-line ValueError
-    for other URL schemes)."""
-    if "://" in str(path):
-        from repeat_scaling import workdir_io
-
-        return workdir_io.workdir_path(path, what=what)
-    return pathlib.Path(path)
-
-
 def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
     """The JSON objects of a JSONL file; a torn or corrupt line is skipped."""
     try:
@@ -135,14 +127,12 @@ def read_json(path: pathlib.Path) -> dict[str, Any]:
 
 
 def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
-    """Steps of committed orbax checkpoints (`checkpoints/<int>/`, no temporary dirs)."""
-    directory = workdir / CHECKPOINT_DIR
-    if not directory.is_dir():
-        return []
-    steps = [p for p in directory.iterdir() if p.name.isdigit() and p.is_dir()]
-    if not isinstance(directory, pathlib.Path):  # object store: no atomic rename
-        steps = [p for p in steps if (p / "commit_success.txt").exists()]
-    return sorted(int(p.name) for p in steps)
+    """Steps of committed orbax checkpoints (``train.checkpointing.committed_steps``)."""
+    if not (workdir / CHECKPOINT_DIR).is_dir():
+        return []  # no orbax/JAX import for runs without checkpoints
+    from repeat_scaling.train import checkpointing
+
+    return checkpointing.committed_steps(workdir)
 
 
 def pid_alive(pid: Any) -> bool:
@@ -189,7 +179,7 @@ def _eta(metrics: list[dict[str, Any]], total: int | None) -> float | None:
 
 def run_status(workdir: str | os.PathLike, total_steps: int | None = None) -> RunStatus:
     """Reads one run's workdir. `total_steps` overrides what the files say."""
-    workdir = as_path(workdir, "workdir")
+    workdir = workdir_io.workdir_path(workdir, what="workdir")
     launch = read_json(workdir / LAUNCH_FILE)
     total = total_steps if total_steps is not None else _total_steps(workdir, launch)
     metrics = [m for m in read_jsonl(workdir / METRICS_FILE) if isinstance(m.get("step"), int)]
@@ -237,7 +227,7 @@ def is_run_dir(path: pathlib.Path) -> bool:
 
 def root_status(root: str | os.PathLike) -> list[RunStatus]:
     """Status of every run directory directly under `root`, sorted by name."""
-    root = as_path(root)
+    root = workdir_io.workdir_path(root, what="--root")
     if not root.is_dir():
         raise ValueError(f"--root={str(root)!r} is not a directory")
     return [run_status(p) for p in sorted(root.iterdir()) if is_run_dir(p)]

@@ -252,3 +252,50 @@ def test_cli_kill_and_restart_never_duplicates(live, tmp_path):
     assert (
         bad.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in bad.stderr
     )
+
+
+def test_clamped_run_on_a_pairs_store_is_flagged_unclamped(tmp_path):
+    """Decoding ignores attention clamps: the evaluator says so (log + record field)."""
+    from repeat_scaling.eval import downstream
+    from repeat_scaling.prepare import prepare_task_store
+    from repeat_scaling.train import checkpointing, loop
+    from repeat_scaling.train import config as config_lib
+
+    store = tmp_path / "copy_word"
+    prepare_task_store(
+        "builtin_task:copy_word:max_words=64",
+        "byte",
+        store,
+        inputs_length=16,
+        targets_length=12,
+        log=lambda m: None,
+    )
+    c = _demo_config(store)
+    c.data.source, c.data.objective = "", "supervised"
+    c.data.inputs_length, c.data.targets_length = 16, 12
+    c.interventions = ({"kind": "ablate", "layer": 0, "head": 1},)
+    model_cfg = config_lib.model_config(c)
+    assert config_lib.interventions(c, model_cfg)  # a valid clamp for this model
+    for name, clamps in (("clamped", c.interventions), ("plain", ())):
+        c.interventions = clamps
+        (tmp_path / name).mkdir()
+        cfg = loop.resolved_config(c, model_cfg, {})
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+    settings = metrics.EvalSettings(**SMALL)
+    warnings = []
+    ev = evaluator.Evaluator(tmp_path / "clamped", settings, warn=warnings.append)
+    assert ev.pairs is not None and ev.downstream_unclamped
+    (line,) = warnings
+    assert "1 attention clamp(s)" in line and "downstream_unclamped=true" in line
+    assert "\n" not in line
+    ev.writer.close()  # one writer per results file
+    quiet = evaluator.Evaluator(
+        tmp_path / "plain", settings, warn=warnings.append
+    ).downstream_unclamped
+    none = downstream.DownstreamSettings(examples=0)
+    off = evaluator.Evaluator(
+        tmp_path / "clamped", settings, warn=warnings.append, downstream_settings=none
+    ).downstream_unclamped
+    assert not quiet and not off and len(warnings) == 1
+    # One committed-steps helper for the trainer, the evaluator and launch/status.py.
+    assert evaluator.committed_steps is checkpointing.committed_steps

@@ -3,8 +3,8 @@
 One pass (default) evaluates every committed checkpoint not yet in
 ``workdir/eval/results.jsonl``, oldest first. ``watch=True`` keeps polling for new
 checkpoints until the run's final step (``config.train.steps``) is recorded. Checkpoints
-are listed with orbax (``CheckpointManager.all_steps`` of a read-only manager), which
-only reports committed steps, never one still being written. A step that the trainer
+are listed with ``train.checkpointing.committed_steps`` (orbax's finalized step
+directories), which only reports committed steps, never one still being written. A step that the trainer
 deletes (keep-N retention) between listing and restoring is reported and skipped.
 
 Only the model parameters are restored (``train.checkpointing.restore_params``), onto
@@ -30,6 +30,11 @@ Stores with a task (the store manifest says which):
   (:data:`PLAIN_TEXT_METRICS`: the k-copies loss on document openings, loss by position
   and the ICL score over a full context) are null for such stores: their "documents"
   are prompt + answer + padding, not text.
+  Decoding does not apply attention clamps: for a run trained with
+  ``config.interventions`` the downstream metrics describe the unclamped model. The
+  evaluator then logs a one-line warning and every record carries
+  ``downstream_unclamped: true`` (``false`` for runs without clamps, or when no example
+  was decoded).
 - ``"icl_task"`` (the in-context-learning lab's synthetic sequences, vocabulary kind
   ``tokens``): every metric above is recorded as usual (the probes use random token ids
   of the store's own vocabulary, no text form needed) and the keys of
@@ -80,18 +85,8 @@ PLAIN_TEXT_METRICS = (
 )
 
 
-def committed_steps(workdir: str | pathlib.Path) -> list[int]:
-    """Sorted committed (finalized) checkpoint steps of a run ([] without checkpoints).
-
-    Uses orbax's own notion of a finalized step directory, so a checkpoint still being
-    written (a temporary directory, or one without its commit marker) is never listed.
-    """
-    import orbax.checkpoint as ocp
-
-    directory = checkpointing.checkpoint_dir(workdir)
-    if not directory.is_dir():
-        return []
-    return sorted(int(s) for s in ocp.path.step.checkpoint_steps(directory))
+#: Committed checkpoint steps of a workdir (``train.checkpointing.committed_steps``).
+committed_steps = checkpointing.committed_steps
 
 
 @dataclasses.dataclass
@@ -113,7 +108,7 @@ class Run:
     def load(cls, workdir: str | pathlib.Path) -> Run:
         from repeat_scaling.train import loop
 
-        workdir = _workdir(workdir)
+        workdir = workdir_io.workdir_path(workdir)
         path = workdir / "config.json"
         if not path.is_file():
             raise EvalError(f"{path} not found: --workdir={workdir} is not a training workdir")
@@ -123,15 +118,7 @@ class Run:
             data, train = config["data"], config["train"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise EvalError(f"{path} is not a resolved training config ({e})") from None
-        if workdir_io.is_url(data["store"]):
-            raise EvalError(
-                f"data.store={data['store']!r} in {path} is a URL; expected a local token "
-                "store directory (stores are memory-mapped)"
-            )
-        store_path = pathlib.Path(data["store"])
-        if not store_path.is_absolute() and not (store_path / "manifest.json").is_file():
-            store_path = workdir / store_path
-        store = TokenStore(str(store_path))
+        store = TokenStore(str(_store_path(str(data["store"]), workdir, path)))
         cd = ml_collections.ConfigDict(config)
         options = loop.objective_options(cd, model_cfg.arch)
         if data["objective"] in loop.MANIFEST_OBJECTIVES:  # as the trainer's build_data
@@ -177,9 +164,27 @@ class Run:
         }
 
 
-def _workdir(workdir: str | pathlib.Path) -> Any:
-    """A local workdir as given, or an epath for gs:// (:mod:`repeat_scaling.workdir_io`)."""
-    return workdir_io.workdir_path(workdir) if workdir_io.is_url(workdir) else pathlib.Path(workdir)
+def _store_path(store: str, workdir: Any, config_path: Any) -> pathlib.Path:
+    """The local token store a run's ``data.store`` names (EvalError, one line).
+
+    A relative path is tried from the current directory, then under the workdir (where
+    the trainer was started from is unknown). Stores are memory-mapped, so a URL, or a
+    relative path that would only resolve inside a gs:// workdir, is refused.
+    """
+    try:
+        path = workdir_io.require_local(store, "data.store")
+    except workdir_io.WorkdirError as e:
+        raise EvalError(f"{e} (in {config_path})") from None
+    if path.is_absolute() or (path / "manifest.json").is_file():
+        return path
+    if workdir_io.is_url(workdir):
+        raise EvalError(
+            f"data.store={store!r} in {config_path} is relative and not found from the "
+            f"current directory {pathlib.Path.cwd()}; the gs:// workdir cannot hold the "
+            "token store (memory-mapped): run from the directory the trainer ran from, or "
+            "give an absolute local path"
+        )
+    return workdir / path
 
 
 def wait_for_run(
@@ -187,7 +192,7 @@ def wait_for_run(
 ) -> None:
     """Block until ``workdir/config.json`` exists (the trainer writes it once its data is
     ready); ``timeout_seconds`` > 0 bounds the wait (EvalError)."""
-    path = _workdir(workdir) / "config.json"
+    path = workdir_io.workdir_path(workdir) / "config.json"
     start = time.monotonic()
     while not path.is_file():
         if timeout_seconds and time.monotonic() - start > timeout_seconds:
@@ -228,6 +233,17 @@ class Evaluator:
         except downstream.DownstreamError as e:
             raise EvalError(str(e)) from None
         self.icl_task = manifest.get("icl_task")
+        clamps = self.run.config.get("interventions") or ()
+        #: Downstream answers are decoded without the run's attention clamps.
+        self.downstream_unclamped = bool(
+            self.pairs is not None and clamps and self.downstream_settings.examples > 0
+        )
+        if self.downstream_unclamped:
+            self.warn(
+                f"{self.run.workdir} was trained with {len(clamps)} attention clamp(s) "
+                "(config.interventions) but decoding ignores them: downstream_* metrics "
+                "describe the unclamped model (records carry downstream_unclamped=true)"
+            )
         self.mesh = mesh if mesh is not None else eval_mesh(0)
         self.writer = ResultsWriter(workdir, warn=self.warn)
         self._data: dict[str, Any] | None = None
@@ -385,6 +401,7 @@ class Evaluator:
                     )
                 prefix_lm = "decoder_causal_attention" in d["test_batches"][0]
                 out.update(task.evaluate(self._generator, prefix_lm=prefix_lm))
+            out["downstream_unclamped"] = self.downstream_unclamped
         if self.icl_task is not None:
             from repeat_scaling.eval.icl import icl_metrics
 

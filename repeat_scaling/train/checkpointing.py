@@ -129,16 +129,18 @@ class Checkpointer:
 
 
 def committed_steps(workdir: str | pathlib.Path) -> list[int]:
-    """Committed checkpoint steps of ``workdir`` (sorted; [] when none), creating nothing."""
+    """Committed checkpoint steps of ``workdir`` (sorted; [] when none), creating nothing.
+
+    Uses orbax's own notion of a finalized step directory (no temporary
+    ``*.orbax-checkpoint-tmp-*`` directory; on GCS, a ``commit_success.txt`` marker), so a
+    checkpoint still being written is never listed. Only lists files: it neither builds a
+    ``CheckpointManager`` nor initialises a JAX backend, so the evaluator, the trainer and
+    ``launch/status.py`` (which runs next to the jobs it watches) all share it.
+    """
     directory = checkpoint_dir(workdir)
     if not directory.is_dir():
         return []
-    with ocp.CheckpointManager(
-        directory,
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-        item_names=(PARAMS, TRAIN),
-    ) as manager:
-        return sorted(manager.all_steps())
+    return sorted(int(s) for s in ocp.path.step.checkpoint_steps(directory))
 
 
 def _read_model_config(workdir: pathlib.Path):
