@@ -1,5 +1,6 @@
 """Test configuration: 8 virtual CPU devices, set before jax is imported."""
 
+import importlib.util
 import os
 import pathlib
 
@@ -11,6 +12,13 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+# TensorFlow >= 2.20 wheels load their LLVM with RTLD_GLOBAL, and a triton (>= 3.7) loaded
+# after that segfaults (tensorflow/tensorflow#124205). triton comes with the CUDA torch
+# build (PyPI's torch, e.g. on Python 3.12, where no CPU wheel is local) and is imported by
+# transformers, after test_seqio_tasks.py's collection has loaded TensorFlow: load it first.
+if importlib.util.find_spec("triton") is not None:
+    import triton  # noqa: F401
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(
