@@ -11,4 +11,27 @@ from repeat_scaling.train.config import adafactor_t5, adamw, default_config, mod
 #: The byte vocabulary (ids = byte + 3, 100 extra ids): 359 ids, padded to 384 rows.
 BYTE_VOCAB_SIZE = padded_vocab_size(259 + 100)
 
-__all__ = ["BYTE_VOCAB_SIZE", "adafactor_t5", "adamw", "default_config", "model_fields"]
+
+def finetune_sweep(sources, entry) -> list[dict]:
+    """A fine-tuning stage's sweep: one from-scratch run per model, then every source run
+    fine-tuned (``entry(run, **extra)`` builds one sweep entry).
+
+    ``init_from`` is the source's ``{root}/<pre-training run name>`` workdir:
+    launch/sweeps.py fills in the root.
+    """
+    first = {}  # one from-scratch run per model
+    for r in sources:
+        first.setdefault(r.config.model.name, r)
+    sweep = [entry(r) for r in first.values()]
+    sweep += [entry(r, seed=r.config.seed, init_from=r.workdir) for r in sources]
+    return sweep
+
+
+__all__ = [
+    "BYTE_VOCAB_SIZE",
+    "adafactor_t5",
+    "adamw",
+    "default_config",
+    "finetune_sweep",
+    "model_fields",
+]

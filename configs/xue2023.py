@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _base import adafactor_t5, adamw, default_config, model_fields  # noqa: E402
+from _base import adafactor_t5, adamw, default_config, finetune_sweep, model_fields  # noqa: E402
 
 SCALES = ("demo", "small", "paper")
 STAGES = tuple(f"finetune_{s}" for s in SCALES)
@@ -108,13 +108,7 @@ def finetune_config(scale: str):
         return {"model.name": run.config.model.name, "data.objective": "supervised",
                 "seed": 0, **extra}  # fmt: skip
 
-    first = {}  # one from-scratch run per model
-    for r in sources:
-        first.setdefault(r.config.model.name, r)
-    sweep = [entry(r) for r in first.values()]
-    # init_from "{root}/<pre-training run name>": launch/sweeps.py fills in the root.
-    sweep += [entry(r, seed=r.config.seed, init_from=r.workdir) for r in sources]
-    c.sweep = sweep
+    c.sweep = finetune_sweep(sources, entry)
     return c
 
 
