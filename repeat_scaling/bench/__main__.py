@@ -16,6 +16,9 @@ def _available() -> list[str]:
 
 
 def main() -> None:
+    from repeat_scaling import host_malloc
+
+    host_malloc.configure()  # before jax starts XLA's thread pools
     names = _available()
     if len(sys.argv) < 2 or sys.argv[1] not in names:
         got = sys.argv[1] if len(sys.argv) > 1 else "(nothing)"

@@ -152,6 +152,9 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console script ``repeat-scaling-evaluate``."""
+    from repeat_scaling import host_malloc
+
+    host_malloc.configure()  # before jax starts XLA's thread pools
     app.run(main)
 
 

@@ -99,6 +99,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def run() -> None:
     """Console script ``repeat-scaling-train``."""
+    from repeat_scaling import host_malloc
+
+    host_malloc.configure()  # before jax starts XLA's thread pools
     app.run(main, flags_parser=_parse_flags)
 
 
