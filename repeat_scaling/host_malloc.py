@@ -11,8 +11,8 @@ CPU cycles in the kernel, the t5_peer step 2.95 s; with the settings below 2.40 
 
 * ``M_ARENA_MAX = 1``: every thread allocates from the main (brk) heap;
 * ``M_MMAP_MAX = 0``: no allocation is served by its own ``mmap``;
-* ``M_TRIM_THRESHOLD = 2**31 - 1``: freed memory up to 2 GiB at the top of the heap is
-  kept for the next step instead of being returned to the kernel.
+* ``M_TRIM_THRESHOLD = -1``: the heap is never trimmed, so freed memory is kept for the
+  next step instead of being returned to the kernel and faulted in again.
 
 The cost is a resident size that stays at its peak, which a training or evaluation
 process reaches anyway. Only glibc Linux is touched; ``REPEAT_SCALING_MALLOC=default``
@@ -34,7 +34,7 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
-SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
 
 _configured: bool | None = None
 

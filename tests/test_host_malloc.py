@@ -38,6 +38,7 @@ PROBE = textwrap.dedent(
         ctypes.memset(p, 1, 256 << 20)
         out["hblks"] = libc.mallinfo2().hblks - before
         libc.free(p)
+        out["heap_kept"] = libc.mallinfo2().arena >= 256 << 20  # not trimmed
         q = libc.malloc(256 << 20)  # served again from the kept heap
         out["reused"] = p == q
         libc.free(q)
@@ -69,6 +70,7 @@ def test_configured_big_blocks_stay_in_the_heap():
     got = _probe(None)
     assert got["applied"] is True
     assert got["hblks"] == 0  # not an mmap of its own
+    assert got["heap_kept"] is True  # freeing it did not give the pages back
     assert got["reused"] is True  # freed and handed out again without a new mapping
 
 
