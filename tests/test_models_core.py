@@ -10,7 +10,7 @@ from flax import nnx
 
 from repeat_scaling.models import build, convert, forward, sizes
 from repeat_scaling.models.config import ModelConfig, padded_vocab_size
-from repeat_scaling.models.layers import relative_position_bucket
+from repeat_scaling.models.layers import add_bias, relative_position_bucket
 
 TINY_DEC = sizes.get("dec_tiny").replace(d_model=32, d_ff=64, head_dim=8)
 TINY_T5 = sizes.get("t5_tiny").replace(d_model=32, d_ff=64, head_dim=8)
@@ -127,6 +127,32 @@ def test_relative_position_buckets_t5():
     assert (c[201:] == 0).all() and c[:200].max() == 31 and c[199] == 1
     # Exact buckets for |distance| < 8 (bidirectional) / < 16 (causal).
     assert list(c[200 - np.arange(16)]) == list(range(16))
+
+
+@pytest.mark.parametrize(
+    "bias_shape,dtype",
+    [((1, 3, 5, 7), jnp.float32), ((2, 3, 5, 7), jnp.float32), ((1, 3, 5, 7), jnp.bfloat16)],
+)
+def test_add_bias_gradients_match_plain_addition(bias_shape, dtype):
+    """The hand-written VJP (batch sum as a dot) equals autodiff of ``logits + bias``."""
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    logits = jax.random.normal(k1, (2, 3, 5, 7), jnp.float32)
+    bias = jax.random.normal(k2, bias_shape, dtype)
+    w = jax.random.normal(k3, (2, 3, 5, 7), jnp.float32)
+
+    def loss(f):
+        return lambda x, b: jnp.sum(jnp.tanh(f(x, b)) * w)
+
+    got = jax.jit(jax.grad(loss(add_bias), argnums=(0, 1)))(logits, bias)
+    want = jax.grad(loss(lambda x, b: x + b), argnums=(0, 1))(logits, bias)
+    for g, r in zip(got, want):
+        assert g.dtype == r.dtype and g.shape == r.shape
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32),
+            np.asarray(r, np.float32),
+            rtol=1e-2 if dtype != jnp.float32 else 1e-6,
+            atol=1e-6,
+        )
 
 
 # ----------------------------------------------------------------------------------------

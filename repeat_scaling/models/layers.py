@@ -317,6 +317,40 @@ def decoder_mask(
 # ----------------------------------------------------------------------------------------
 # Attention
 # ----------------------------------------------------------------------------------------
+@jax.custom_vjp
+def add_bias(logits: Array, bias: Array) -> Array:
+    """``logits + bias`` for attention logits [B, H, q, k] and a bias broadcast over
+    the batch ([1, H, q, k], the relative-position bias shared by a stack's layers).
+
+    The hand-written VJP sums the bias gradient over the batch as a contraction with a
+    ones vector. As a plain ``sum``, XLA:CPU fused the batch reductions of every
+    unrolled layer, the softmax backward that produces them and the Toeplitz backward
+    of :class:`RelativePositionBias` into one loop that strides over all of them:
+    ~0.2 s of a 2.3 s t5_peer step. The dot keeps each layer's reduction separate.
+    """
+    return logits + bias
+
+
+def _add_bias_fwd(logits, bias):
+    # The bias (alive anyway) carries its shape and dtype; a scalar carries the logits'.
+    return logits + bias, (bias, jnp.zeros((), logits.dtype))
+
+
+def _add_bias_bwd(res, g):
+    bias, like_logits = res
+    axes = tuple(i for i, n in enumerate(bias.shape) if n == 1 and g.shape[i] != 1)
+    if axes == (0,):
+        db = jnp.einsum("b,b...->...", jnp.ones(g.shape[0], g.dtype), g)[None]
+    elif axes:
+        db = jnp.sum(g, axis=axes, keepdims=True)
+    else:
+        db = g
+    return g.astype(like_logits.dtype), db.astype(bias.dtype)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
 class Attention(nnx.Module):
     """Multi-head dot-product attention, T5 style.
 
@@ -405,7 +439,7 @@ class Attention(nnx.Module):
             return with_logical_constraint(out, ("batch", "length", "act_embed")), None, new_cache
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         if bias is not None:
-            logits = logits + bias
+            logits = add_bias(logits, bias)
         if mask is not None:
             logits = jnp.where(mask, logits, NEG_INF)
         weights = jax.nn.softmax(logits, axis=-1)
