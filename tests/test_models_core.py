@@ -10,7 +10,7 @@ from flax import nnx
 
 from repeat_scaling.models import build, convert, forward, sizes
 from repeat_scaling.models.config import ModelConfig, padded_vocab_size
-from repeat_scaling.models.layers import add_bias, relative_position_bucket
+from repeat_scaling.models.layers import add_bias, project_logits, relative_position_bucket
 
 TINY_DEC = sizes.get("dec_tiny").replace(d_model=32, d_ff=64, head_dim=8)
 TINY_T5 = sizes.get("t5_tiny").replace(d_model=32, d_ff=64, head_dim=8)
@@ -152,6 +152,31 @@ def test_add_bias_gradients_match_plain_addition(bias_shape, dtype):
             np.asarray(r, np.float32),
             rtol=1e-2 if dtype != jnp.float32 else 1e-6,
             atol=1e-6,
+        )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_project_logits_gradients_match_einsum(dtype):
+    """The output projection's hand-written VJP equals autodiff of the einsum."""
+    k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(k1, (2, 5, 8), jnp.float32).astype(dtype)
+    kernel = jax.random.normal(k2, (8, 384), jnp.float32).astype(dtype)
+    w = jax.random.normal(k3, (2, 5, 384), jnp.float32)
+
+    def plain(x, k):
+        return jnp.einsum("bld,dv->blv", x, k, preferred_element_type=jnp.float32)
+
+    def loss(f):
+        return lambda x, k: jnp.sum(jax.nn.log_softmax(f(x, k)) * w)
+
+    assert project_logits(x, kernel).dtype == jnp.float32
+    got = jax.jit(jax.grad(loss(project_logits), argnums=(0, 1)))(x, kernel)
+    want = jax.jit(jax.grad(loss(plain), argnums=(0, 1)))(x, kernel)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for g, r in zip(got, want):
+        assert g.dtype == r.dtype == dtype and g.shape == r.shape
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=tol, atol=tol
         )
 
 

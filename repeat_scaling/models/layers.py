@@ -158,13 +158,37 @@ class LogitsDense(nnx.Module):
         )
 
     def __call__(self, x: Array) -> Array:
-        logits = jnp.einsum(
-            "bld,dv->blv",
-            x.astype(self.dtype),
-            self.kernel[...].astype(self.dtype),
-            preferred_element_type=jnp.float32,
-        )
+        logits = project_logits(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         return with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+
+
+@jax.custom_vjp
+def project_logits(x: Array, kernel: Array) -> Array:
+    """``einsum("bld,dv->blv")`` in float32, with a hand-written VJP for the kernel.
+
+    The kernel gradient contracts the [B*L, d] inputs with the [B*L, V] logits gradient
+    over tokens. Left to itself, XLA:CPU lays that out by transposing the logits
+    gradient (526 MB for gpt_peer: 0.23 s of a 3.8 s step) for an Eigen dot; transposing
+    the d-wide inputs instead (behind an optimization barrier, so the transpose is not
+    folded back into the dot) makes it a plain row-major matmul.
+    """
+    return jnp.einsum("bld,dv->blv", x, kernel, preferred_element_type=jnp.float32)
+
+
+def _project_logits_fwd(x, kernel):
+    return project_logits(x, kernel), (x, kernel)
+
+
+def _project_logits_bwd(res, g):
+    x, kernel = res
+    gc = g.astype(x.dtype)
+    dx = jnp.einsum("blv,dv->bld", gc, kernel, preferred_element_type=jnp.float32)
+    xt = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)  # [d, B*L]
+    dk = jnp.dot(xt, gc.reshape(-1, g.shape[-1]), preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+project_logits.defvjp(_project_logits_fwd, _project_logits_bwd)
 
 
 class Mlp(nnx.Module):
