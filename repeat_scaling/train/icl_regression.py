@@ -273,11 +273,11 @@ def load_trained(workdir: str | pathlib.Path) -> tuple[lsa.LinearTransformer, fl
 def main(argv: list[str] | None = None) -> None:
     """CLI: ``--config=configs/icl_linear_regression.py[:arg] --workdir=DIR``."""
     from absl import app, flags
+    from ml_collections import config_flags
 
     from repeat_scaling import host_malloc
 
     host_malloc.configure()  # before jax starts XLA's thread pools
-    from ml_collections import config_flags
 
     flags_ = flags.FLAGS
     config_flags.DEFINE_config_file("config", None, "configs/icl_linear_regression.py[:arg]")
