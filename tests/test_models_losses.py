@@ -49,3 +49,25 @@ def test_per_token_loss_accuracy_and_errors():
     assert float(w) == 2 and float(loss) == pytest.approx(float(ptl.sum()), rel=1e-6)
     with pytest.raises(ValueError, match="label_smoothing=1.0"):
         losses.cross_entropy(logits, targets, label_smoothing=1.0)
+
+
+def test_argmax_hits_equals_argmax_with_ties_and_nans():
+    """``argmax_hits`` answers ``argmax(logits) == target`` exactly: the first maximum
+    wins among ties, and a NaN counts as the maximum (jnp.argmax's conventions)."""
+    k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+    logits = jnp.round(jax.random.normal(k1, (6, 40, 9)) * 2) / 2  # many ties
+    targets = jax.random.randint(k2, (6, 40), 0, 9)
+    # Half of the targets at the argmax, some at a later tie of it.
+    am = jnp.argmax(logits, -1)
+    targets = jnp.where(jax.random.uniform(k3, targets.shape) < 0.5, am, targets)
+    logits = logits.at[0, :5, 4].set(jnp.nan)  # NaN rows: before / at / after the target
+    logits = logits.at[1, :5, 2:4].set(jnp.nan)
+    logits = logits.at[2, 0, :].set(jnp.nan)
+    logits = logits.at[3, 0, :].set(-jnp.inf)
+    want = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    got = jax.jit(losses.argmax_hits)(logits, targets)
+    assert got.dtype == jnp.float32 and got.shape == targets.shape
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert 0 < float(want.mean()) < 1
+    ties = np.asarray(jnp.sum(logits == jnp.max(logits, -1, keepdims=True), -1) > 1)
+    assert ties.sum() > 10  # the case that distinguishes "first maximum" from "a maximum"

@@ -154,7 +154,7 @@ class ModelRunner:
             logits, _ = models.forward(m, feats, deterministic=True)
             targets = feats["decoder_target_tokens"]
             tok_loss = losses.per_token_loss(logits, targets)
-            correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+            correct = losses.argmax_hits(logits, targets)
             return tok_loss.astype(jnp.float32), correct
 
         def attn_fn(state, feats):

@@ -81,8 +81,7 @@ def uses_dropout(cfg: ModelConfig) -> bool:
 
 def _token_correct(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
     """Weighted count of argmax hits."""
-    hits = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return jnp.sum(hits * weights)
+    return jnp.sum(losses.argmax_hits(logits, targets) * weights)
 
 
 def make_loss_fn(
