@@ -10,7 +10,14 @@ from flax import nnx
 
 from repeat_scaling.models import build, convert, forward, sizes
 from repeat_scaling.models.config import ModelConfig, padded_vocab_size
-from repeat_scaling.models.layers import add_bias, project_logits, relative_position_bucket
+from repeat_scaling.models.layers import (
+    add_bias,
+    attention_context,
+    attention_scores,
+    dense,
+    project_logits,
+    relative_position_bucket,
+)
 
 TINY_DEC = sizes.get("dec_tiny").replace(d_model=32, d_ff=64, head_dim=8)
 TINY_T5 = sizes.get("t5_tiny").replace(d_model=32, d_ff=64, head_dim=8)
@@ -155,24 +162,43 @@ def test_add_bias_gradients_match_plain_addition(bias_shape, dtype):
         )
 
 
+# (function, the einsum it computes, operand shapes, float32 output)
+_HAND_WRITTEN_VJPS = {
+    "project_logits": (project_logits, "bld,dv->blv", (2, 5, 8), (8, 384), True),
+    "dense_widening": (dense, "bld,df->blf", (2, 5, 8), (8, 24), False),
+    "dense_narrowing": (dense, "blf,fd->bld", (2, 5, 24), (24, 8), False),
+    "attention_scores": (attention_scores, "bqhd,bkhd->bhqk", (2, 5, 3, 4), (2, 7, 3, 4), True),
+    "attention_context": (attention_context, "bhqk,bkhd->bqhd", (2, 3, 5, 7), (2, 7, 3, 4), False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_HAND_WRITTEN_VJPS))
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_project_logits_gradients_match_einsum(dtype):
-    """The output projection's hand-written VJP equals autodiff of the einsum."""
+def test_hand_written_vjps_match_einsum(name, dtype):
+    """Each einsum with a hand-written VJP (transposes chosen for XLA:CPU's library
+    dot) has the value and gradients of autodiff through the plain einsum."""
+    fn, spec, x_shape, k_shape, f32_out = _HAND_WRITTEN_VJPS[name]
     k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
-    x = jax.random.normal(k1, (2, 5, 8), jnp.float32).astype(dtype)
-    kernel = jax.random.normal(k2, (8, 384), jnp.float32).astype(dtype)
-    w = jax.random.normal(k3, (2, 5, 384), jnp.float32)
+    x = jax.random.normal(k1, x_shape, jnp.float32).astype(dtype)
+    kernel = jax.random.normal(k2, k_shape, jnp.float32).astype(dtype)
 
     def plain(x, k):
-        return jnp.einsum("bld,dv->blv", x, k, preferred_element_type=jnp.float32)
+        return jnp.einsum(spec, x, k, preferred_element_type=jnp.float32 if f32_out else None)
+
+    out = plain(x, kernel)
+    w = jax.random.normal(k3, out.shape, jnp.float32)
 
     def loss(f):
-        return lambda x, k: jnp.sum(jax.nn.log_softmax(f(x, k)) * w)
+        return lambda x, k: jnp.sum(jax.nn.log_softmax(f(x, k).astype(jnp.float32)) * w)
 
-    assert project_logits(x, kernel).dtype == jnp.float32
-    got = jax.jit(jax.grad(loss(project_logits), argnums=(0, 1)))(x, kernel)
-    want = jax.jit(jax.grad(loss(plain), argnums=(0, 1)))(x, kernel)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    got_out = jax.jit(fn)(x, kernel)
+    assert got_out.dtype == out.dtype == (jnp.float32 if f32_out else dtype)
+    np.testing.assert_allclose(
+        np.asarray(got_out, np.float32), np.asarray(out, np.float32), rtol=tol, atol=tol
+    )
+    got = jax.jit(jax.grad(loss(fn), argnums=(0, 1)))(x, kernel)
+    want = jax.jit(jax.grad(loss(plain), argnums=(0, 1)))(x, kernel)
     for g, r in zip(got, want):
         assert g.dtype == r.dtype == dtype and g.shape == r.shape
         np.testing.assert_allclose(

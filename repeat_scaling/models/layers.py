@@ -191,6 +191,39 @@ def _project_logits_bwd(res, g):
 project_logits.defvjp(_project_logits_fwd, _project_logits_bwd)
 
 
+@jax.custom_vjp
+def dense(x: Array, kernel: Array) -> Array:
+    """``einsum("...d,df->...f")``, with a hand-written VJP for the kernel gradient.
+
+    The kernel gradient contracts inputs and output gradients over all tokens, i.e.
+    over the leading dimension of both, which XLA:CPU's library dot (YNNPACK) does not
+    take: it falls back to an Eigen dot and first transposes one operand, for the MLP
+    the [tokens, d_ff] one. Here the narrower side is transposed (behind an
+    optimization barrier, so the transpose is not folded back into the dot) and the
+    product is a plain row-major matmul.
+    """
+    return jnp.einsum("...d,df->...f", x, kernel)
+
+
+def _dense_fwd(x, kernel):
+    return dense(x, kernel), (x, kernel)
+
+
+def _dense_bwd(res, g):
+    x, kernel = res
+    d, f = kernel.shape
+    dx = jnp.einsum("...f,df->...d", g, kernel)
+    x2, g2 = x.reshape(-1, d), g.reshape(-1, f)
+    if d <= f:  # [d, N] @ [N, f]
+        dk = jnp.dot(jax.lax.optimization_barrier(x2.T), g2, preferred_element_type=jnp.float32)
+    else:  # ([f, N] @ [N, d]).T
+        dk = jnp.dot(jax.lax.optimization_barrier(g2.T), x2, preferred_element_type=jnp.float32).T
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
 class Mlp(nnx.Module):
     """T5 v1.1 gated-GeLU MLP: (gelu_tanh(x wi_0) * (x wi_1)) wo, no biases."""
 
@@ -205,12 +238,12 @@ class Mlp(nnx.Module):
 
     def __call__(self, x: Array, drop: DropoutCtx) -> Array:
         dt = self.dtype
-        h0 = jnp.einsum("bld,df->blf", x, self.wi_0[...].astype(dt))
-        h1 = jnp.einsum("bld,df->blf", x, self.wi_1[...].astype(dt))
+        h0 = dense(x, self.wi_0[...].astype(dt))
+        h1 = dense(x, self.wi_1[...].astype(dt))
         h = jax.nn.gelu(h0, approximate=True) * h1
         h = with_logical_constraint(h, ("batch", "length", "act_mlp"))
         h = dropout(h, self.rate, drop.key, drop.scale)
-        return jnp.einsum("blf,fd->bld", h, self.wo[...].astype(dt))
+        return dense(h, self.wo[...].astype(dt))
 
 
 # ----------------------------------------------------------------------------------------
@@ -375,6 +408,59 @@ def _add_bias_bwd(res, g):
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
+def _key_side_grad(a: Array, w: Array) -> Array:
+    """``einsum("bqhd,bhqk->bkhd", a, w)``: a gradient on the key side of attention.
+
+    It contracts over queries, the leading non-batch axis of both operands, which
+    XLA:CPU's library dot does not take (an Eigen dot at half the speed). Transposing
+    the small operand to [B, H, d, q] (behind an optimization barrier, so it is not
+    folded back into the dot) makes it a plain batched matmul; the [B, H, d, k] result
+    is transposed back.
+    """
+    at = jax.lax.optimization_barrier(jnp.transpose(a, (0, 2, 3, 1)))
+    r = jnp.einsum("bhdq,bhqk->bhdk", at, w.astype(a.dtype), preferred_element_type=jnp.float32)
+    return jnp.transpose(r, (0, 3, 1, 2)).astype(a.dtype)
+
+
+@jax.custom_vjp
+def attention_scores(q: Array, k: Array) -> Array:
+    """``einsum("bqhd,bkhd->bhqk")`` in float32; the key gradient via :func:`_key_side_grad`."""
+    return jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+
+
+def _attention_scores_fwd(q, k):
+    return attention_scores(q, k), (q, k)
+
+
+def _attention_scores_bwd(res, g):
+    q, k = res
+    gc = g.astype(q.dtype)
+    dq = jnp.einsum("bhqk,bkhd->bqhd", gc, k, preferred_element_type=jnp.float32)
+    return dq.astype(q.dtype), _key_side_grad(q, gc).astype(k.dtype)
+
+
+attention_scores.defvjp(_attention_scores_fwd, _attention_scores_bwd)
+
+
+@jax.custom_vjp
+def attention_context(probs: Array, v: Array) -> Array:
+    """``einsum("bhqk,bkhd->bqhd")``; the value gradient via :func:`_key_side_grad`."""
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def _attention_context_fwd(probs, v):
+    return attention_context(probs, v), (probs, v)
+
+
+def _attention_context_bwd(res, g):
+    probs, v = res
+    dp = jnp.einsum("bqhd,bkhd->bhqk", g, v, preferred_element_type=jnp.float32)
+    return dp.astype(probs.dtype), _key_side_grad(g, probs).astype(v.dtype)
+
+
+attention_context.defvjp(_attention_context_fwd, _attention_context_bwd)
+
+
 class Attention(nnx.Module):
     """Multi-head dot-product attention, T5 style.
 
@@ -461,7 +547,7 @@ class Attention(nnx.Module):
             )
             out = jnp.einsum("bqhd,hdm->bqm", ctx, self.out[...].astype(dt))
             return with_logical_constraint(out, ("batch", "length", "act_embed")), None, new_cache
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        logits = attention_scores(q, k)
         if bias is not None:
             logits = add_bias(logits, bias)
         if mask is not None:
@@ -470,7 +556,7 @@ class Attention(nnx.Module):
         if clamp is not None:
             weights = interventions.clamp_weights(weights, clamp)
         probs = dropout(weights, self.rate, drop.key, drop.scale).astype(dt)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        ctx = attention_context(probs, v)
         copied = None
         if clamp is not None:
             ctx, copied = interventions.clamp_context(ctx, weights, clamp)
