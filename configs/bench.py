@@ -10,6 +10,15 @@
 
 Both train with AdamW at lr 1e-4 (constant), no z-loss; ``--config.train.compute_dtype``
 (or the benchmark's ``--dtype``) selects float32 or bfloat16 compute.
+
+Accelerator sizes (too large for a CPU step; run them where a GPU/TPU exists):
+
+* ``:t5_base``: T5 v1.1 base (d_model 768, 12 + 12 layers, 32128 vocab), span
+  corruption 512 / 114, batch 128, scanned layers, dropout 0.
+* ``:d1b``: the 1B decoder-only of ``models.sizes`` (d_model 2048, 20 layers, 16 heads
+  x 128), causal LM at sequence 2048, batch 16, scanned layers with ``dots`` remat,
+  ``jax.nn.dot_product_attention`` (``--set model.attention_impl=cudnn`` on an NVIDIA
+  GPU for the fused kernel).
 """
 
 import sys
@@ -20,11 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _base import adamw, default_config, model_fields  # noqa: E402
 
 PEERS = ("t5_peer", "gpt_peer")
+ACCELERATOR = ("t5_base", "d1b")
 
 
 def get_config(arg: str = "t5_peer"):
-    if arg not in PEERS:
-        raise ValueError(f"configs/bench.py:{arg}; expected one of {PEERS}")
+    if arg not in PEERS + ACCELERATOR:
+        raise ValueError(f"configs/bench.py:{arg}; expected one of {PEERS + ACCELERATOR}")
+    if arg in ACCELERATOR:
+        return _accelerator_config(arg)
     c = default_config()
     common = dict(
         vocab_size=32128,
@@ -59,6 +71,30 @@ def get_config(arg: str = "t5_peer"):
     c.data.store = "demo_out/stores/builtin-32k"  # not read by the benchmark
     c.train.batch_size = 8
     c.train.steps = 23  # 3 warm-up + 20 timed, as the peers
+    c.train.z_loss = 0.0
+    adamw(c, lr=1e-4, warmup=0, schedule="constant")
+    return c
+
+
+def _accelerator_config(arg: str):
+    c = default_config()
+    c.model = model_fields(arg)
+    c.model.update(
+        dict(dropout_rate=0.0, attention_dropout_rate=0.0, droppath_rate=0.0, scan_layers=True)
+    )
+    if arg == "t5_base":
+        c.data.objective = "span_corruption"
+        c.data.inputs_length = 512
+        c.data.targets_length = 114
+        c.train.batch_size = 128
+    else:
+        c.model.update(dict(remat_policy="dots", attention_impl="xla"))
+        c.data.objective = "causal_lm"
+        c.data.length = 2048
+        c.train.batch_size = 16
+    c.data.store = "demo_out/stores/builtin-32k"  # not read by the benchmark
+    c.train.compute_dtype = "bfloat16"
+    c.train.steps = 23
     c.train.z_loss = 0.0
     adamw(c, lr=1e-4, warmup=0, schedule="constant")
     return c
