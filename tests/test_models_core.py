@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from repeat_scaling.models import build, convert, forward, sizes
+from repeat_scaling.models import build, convert, forward, layers, sizes
 from repeat_scaling.models.config import ModelConfig, padded_vocab_size
 from repeat_scaling.models.layers import (
     add_bias,
@@ -174,9 +174,13 @@ _HAND_WRITTEN_VJPS = {
 
 @pytest.mark.parametrize("name", sorted(_HAND_WRITTEN_VJPS))
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_hand_written_vjps_match_einsum(name, dtype):
+@pytest.mark.parametrize("pinned", [True, False], ids=["cpu", "accelerator"])
+def test_hand_written_vjps_match_einsum(name, dtype, pinned, monkeypatch):
     """Each einsum with a hand-written VJP (transposes chosen for XLA:CPU's library
-    dot) has the value and gradients of autodiff through the plain einsum."""
+    dot) has the value and gradients of autodiff through the plain einsum, with the
+    transposes pinned by a barrier (CPU) and without (what GPU/TPU compile)."""
+    if not pinned:
+        monkeypatch.setattr(layers, "_pinned_on_cpu", lambda x: x)
     fn, spec, x_shape, k_shape, f32_out = _HAND_WRITTEN_VJPS[name]
     k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
     x = jax.random.normal(k1, x_shape, jnp.float32).astype(dtype)

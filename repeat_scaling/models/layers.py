@@ -162,6 +162,17 @@ class LogitsDense(nnx.Module):
         return with_logical_constraint(logits, ("batch", "length", "act_vocab"))
 
 
+def _pinned_on_cpu(x: Array) -> Array:
+    """``x`` behind an optimization barrier when compiling for CPU.
+
+    The hand-written VJPs below transpose a small operand so that XLA:CPU's library dot
+    gets a row-major matmul; without the barrier XLA folds the transpose back into the
+    dot. GPU/TPU compilers choose dot layouts themselves, so there ``x`` is returned as
+    is and the gradient compiles as autodiff's would.
+    """
+    return jax.lax.optimization_barrier(x) if jax.default_backend() == "cpu" else x
+
+
 @jax.custom_vjp
 def project_logits(x: Array, kernel: Array) -> Array:
     """``einsum("bld,dv->blv")`` in float32, with a hand-written VJP for the kernel.
@@ -169,7 +180,7 @@ def project_logits(x: Array, kernel: Array) -> Array:
     The kernel gradient contracts the [B*L, d] inputs with the [B*L, V] logits gradient
     over tokens. Left to itself, XLA:CPU lays that out by transposing the logits
     gradient (526 MB for gpt_peer: 0.23 s of a 3.8 s step) for an Eigen dot; transposing
-    the d-wide inputs instead (behind an optimization barrier, so the transpose is not
+    the d-wide inputs instead (behind an optimization barrier on CPU, so the transpose is not
     folded back into the dot) makes it a plain row-major matmul.
     """
     return jnp.einsum("bld,dv->blv", x, kernel, preferred_element_type=jnp.float32)
@@ -183,7 +194,7 @@ def _project_logits_bwd(res, g):
     x, kernel = res
     gc = g.astype(x.dtype)
     dx = jnp.einsum("blv,dv->bld", gc, kernel, preferred_element_type=jnp.float32)
-    xt = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)  # [d, B*L]
+    xt = _pinned_on_cpu(x.reshape(-1, x.shape[-1]).T)  # [d, B*L]
     dk = jnp.dot(xt, gc.reshape(-1, g.shape[-1]), preferred_element_type=jnp.float32)
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
@@ -199,7 +210,7 @@ def dense(x: Array, kernel: Array) -> Array:
     over the leading dimension of both, which XLA:CPU's library dot (YNNPACK) does not
     take: it falls back to an Eigen dot and first transposes one operand, for the MLP
     the [tokens, d_ff] one. Here the narrower side is transposed (behind an
-    optimization barrier, so the transpose is not folded back into the dot) and the
+    optimization barrier on CPU, so the transpose is not folded back into the dot) and the
     product is a plain row-major matmul.
     """
     return jnp.einsum("...d,df->...f", x, kernel)
@@ -215,9 +226,9 @@ def _dense_bwd(res, g):
     dx = jnp.einsum("...f,df->...d", g, kernel)
     x2, g2 = x.reshape(-1, d), g.reshape(-1, f)
     if d <= f:  # [d, N] @ [N, f]
-        dk = jnp.dot(jax.lax.optimization_barrier(x2.T), g2, preferred_element_type=jnp.float32)
+        dk = jnp.dot(_pinned_on_cpu(x2.T), g2, preferred_element_type=jnp.float32)
     else:  # ([f, N] @ [N, d]).T
-        dk = jnp.dot(jax.lax.optimization_barrier(g2.T), x2, preferred_element_type=jnp.float32).T
+        dk = jnp.dot(_pinned_on_cpu(g2.T), x2, preferred_element_type=jnp.float32).T
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
@@ -413,11 +424,11 @@ def _key_side_grad(a: Array, w: Array) -> Array:
 
     It contracts over queries, the leading non-batch axis of both operands, which
     XLA:CPU's library dot does not take (an Eigen dot at half the speed). Transposing
-    the small operand to [B, H, d, q] (behind an optimization barrier, so it is not
+    the small operand to [B, H, d, q] (behind an optimization barrier on CPU, so it is not
     folded back into the dot) makes it a plain batched matmul; the [B, H, d, k] result
     is transposed back.
     """
-    at = jax.lax.optimization_barrier(jnp.transpose(a, (0, 2, 3, 1)))
+    at = _pinned_on_cpu(jnp.transpose(a, (0, 2, 3, 1)))
     r = jnp.einsum("bhdq,bhqk->bhdk", at, w.astype(a.dtype), preferred_element_type=jnp.float32)
     return jnp.transpose(r, (0, 3, 1, 2)).astype(a.dtype)
 
