@@ -68,9 +68,15 @@ def get_config(arg: str = "t5_peer"):
         c.model.update(dict(num_decoder_layers=4, name="gpt_peer"))
         c.data.objective = "causal_lm"
         c.data.length = 512
-    c.data.store = "demo_out/stores/builtin-32k"  # not read by the benchmark
     c.train.batch_size = 8
-    c.train.steps = 23  # 3 warm-up + 20 timed, as the peers
+    return _bench_training(c)
+
+
+def _bench_training(c):
+    """What every benchmark config shares: AdamW at a constant 1e-4, no z-loss, 23 steps
+    (3 warm-up + 20 timed, as the peers); the store is not read by the benchmark."""
+    c.data.store = "demo_out/stores/builtin-32k"
+    c.train.steps = 23
     c.train.z_loss = 0.0
     adamw(c, lr=1e-4, warmup=0, schedule="constant")
     return c
@@ -92,9 +98,5 @@ def _accelerator_config(arg: str):
         c.data.objective = "causal_lm"
         c.data.length = 2048
         c.train.batch_size = 16
-    c.data.store = "demo_out/stores/builtin-32k"  # not read by the benchmark
     c.train.compute_dtype = "bfloat16"
-    c.train.steps = 23
-    c.train.z_loss = 0.0
-    adamw(c, lr=1e-4, warmup=0, schedule="constant")
-    return c
+    return _bench_training(c)

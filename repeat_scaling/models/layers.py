@@ -173,6 +173,20 @@ def _pinned_on_cpu(x: Array) -> Array:
     return jax.lax.optimization_barrier(x) if jax.default_backend() == "cpu" else x
 
 
+def _kernel_grad(x: Array, g: Array) -> Array:
+    """``einsum("...d,...f->df", x, g)`` in float32: a kernel gradient summed over tokens.
+
+    Both operands are contracted over their leading (token) axes, which XLA:CPU's library
+    dot does not take; the narrower of the two is transposed to [width, tokens] (pinned
+    on CPU) so the product is a plain row-major matmul.
+    """
+    d, f = x.shape[-1], g.shape[-1]
+    x2, g2 = x.reshape(-1, d), g.reshape(-1, f)
+    if d <= f:  # [d, N] @ [N, f]
+        return jnp.dot(_pinned_on_cpu(x2.T), g2, preferred_element_type=jnp.float32)
+    return jnp.dot(_pinned_on_cpu(g2.T), x2, preferred_element_type=jnp.float32).T
+
+
 @jax.custom_vjp
 def project_logits(x: Array, kernel: Array) -> Array:
     """``einsum("bld,dv->blv")`` in float32, with a hand-written VJP for the kernel.
@@ -194,9 +208,7 @@ def _project_logits_bwd(res, g):
     x, kernel = res
     gc = g.astype(x.dtype)
     dx = jnp.einsum("blv,dv->bld", gc, kernel, preferred_element_type=jnp.float32)
-    xt = _pinned_on_cpu(x.reshape(-1, x.shape[-1]).T)  # [d, B*L]
-    dk = jnp.dot(xt, gc.reshape(-1, g.shape[-1]), preferred_element_type=jnp.float32)
-    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+    return dx.astype(x.dtype), _kernel_grad(x, gc).astype(kernel.dtype)
 
 
 project_logits.defvjp(_project_logits_fwd, _project_logits_bwd)
@@ -222,14 +234,8 @@ def _dense_fwd(x, kernel):
 
 def _dense_bwd(res, g):
     x, kernel = res
-    d, f = kernel.shape
     dx = jnp.einsum("...f,df->...d", g, kernel)
-    x2, g2 = x.reshape(-1, d), g.reshape(-1, f)
-    if d <= f:  # [d, N] @ [N, f]
-        dk = jnp.dot(_pinned_on_cpu(x2.T), g2, preferred_element_type=jnp.float32)
-    else:  # ([f, N] @ [N, d]).T
-        dk = jnp.dot(_pinned_on_cpu(g2.T), x2, preferred_element_type=jnp.float32).T
-    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+    return dx.astype(x.dtype), _kernel_grad(x, g).astype(kernel.dtype)
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)

@@ -79,11 +79,6 @@ def uses_dropout(cfg: ModelConfig) -> bool:
     )
 
 
-def _token_correct(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
-    """Weighted count of argmax hits."""
-    return jnp.sum(losses.argmax_hits(logits, targets) * weights)
-
-
 def make_loss_fn(
     graphdef: Any,
     cfg: ModelConfig,
@@ -122,7 +117,7 @@ def make_loss_fn(
             "z_sum": z_sum,
             "w_sum": w_sum,
             "aux": aux_total * aux_scale,
-            "correct": _token_correct(logits, targets, weights),
+            "correct": losses.correct_count(logits, targets, weights)[0],
         }
         return total, stats
 
@@ -269,7 +264,7 @@ def make_eval_step(
         loss_sum, z_sum, w_sum = losses.cross_entropy(logits, batch[TARGETS], weights)
         return {
             "loss_sum": loss_sum - z_sum,
-            "correct": _token_correct(logits, batch[TARGETS], weights),
+            "correct": losses.correct_count(logits, batch[TARGETS], weights)[0],
             "weight_sum": w_sum,
         }
 
