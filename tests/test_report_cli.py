@@ -238,7 +238,8 @@ def test_report_md_embeds_figures_and_says_what_is_missing(report):
     assert "medium_f0.1_E100: no readable config.json" in missing
     assert "small_f0.1_E100: still training: last evaluated step 600 of 1000" in missing
     assert "tiny_f0.1_E10" in missing and "line 3: corrupt JSON line skipped" in missing
-    assert "sweep cell medium (decoder_only, causal_lm) f=0.1 E=100: no run" in missing
+    # Only launched run directories are listed, never cells of a grid nobody launched.
+    assert "sweep cell" not in missing
     assert "small_prefix_f0" in missing and "data_plan.json: file missing" in missing
     assert (
         "baseline fit (decoder_only, prefix_lm) of test_loss, copy_loss, prefix_matching: no offset_free fit, need >= 2 distinct"

@@ -154,6 +154,23 @@ def prefix_matching_mask(length: int, period: int, offset: int = 1) -> np.ndarra
     return mask
 
 
+def prefix_matching_chance(period: int, repeats: int, offset: int = 1) -> float:
+    """The prefix-matching score of a head attending uniformly to every causal key.
+
+    What a head with no induction circuit scores on the probe layout: the mean over the
+    scored queries of (number of paired keys) / (keys visible to the query).
+    """
+    length = offset + period * repeats
+    mask = prefix_matching_mask(length, period, offset)
+    queries = np.arange(offset + period, length)
+    return float(np.mean(mask[queries].sum(axis=1) / (queries + 1)))
+
+
+def copying_chance(vocab_size: int) -> float:
+    """The copying score of a random OV circuit (about half the logits positive)."""
+    return -1.0 + 4.0 / float(vocab_size)
+
+
 def prefix_matching_scores(attention, period: int = 25, offset: int = 1) -> np.ndarray:
     """``[layers, heads]`` prefix-matching scores on repeated random sequences.
 

@@ -24,6 +24,7 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from repeat_scaling.report import fits as fits_lib  # noqa: E402
+from repeat_scaling.report import runs as runs_lib  # noqa: E402
 
 PROBES = (
     ("prefix_matching", "prefix-matching score (max over heads)"),
@@ -259,6 +260,8 @@ def run_rows(runs, effective: dict) -> list[dict]:
         rows.append(
             {
                 "run": r.name,
+                # Runs alike in everything but f, E and the seed share this key.
+                "family": hash(r.identity(runs_lib.REPETITION + runs_lib.SEED)),
                 "model": r.model,
                 "arch": r.arch,
                 "objective": r.objective,
@@ -289,57 +292,72 @@ def run_rows(runs, effective: dict) -> list[dict]:
     return rows
 
 
+def colour(i: int, n: int):
+    """The i-th of n distinct line colours (tab10, tab20, then a continuous map)."""
+    if n <= 10:
+        return f"C{i}"
+    if n <= 20:
+        return plt.get_cmap("tab20")(i)
+    return plt.get_cmap("turbo")(i / max(n - 1, 1))
+
+
 def double_descent(runs, rows: list[dict], out_dir: str) -> Figure:
-    """Final (filled) and best (hollow) test loss vs repeated epochs, per fraction."""
+    """Final (filled) and best (hollow) test loss vs repeated epochs, one line per family."""
     fig_info = Figure(
         "double_descent",
         "Final test loss vs repeated epochs",
         "Final (filled markers, solid) and best-over-training (hollow markers, dotted: "
         "the early-stopping value) test loss against epochs on the repeated subset, one "
-        "panel per repeated fraction, one line per model; dashed horizontal lines are the "
-        "unique-data (f = 0) baselines. Hernandez et al. find a peak of damage at "
-        "intermediate E (double descent).",
+        "panel per repeated fraction, one line per family (runs alike in everything but "
+        "E and the seed): the mean over seeds, error bars from the lowest to the highest "
+        "seed; dashed horizontal lines are the family's unique-data (f = 0) baseline "
+        "(mean over seeds). Hernandez et al. find a peak of damage at intermediate E "
+        "(double descent).",
     )
     fig_info.write_points(out_dir, DOUBLE_DESCENT_HEADER, rows)
-    done = [
-        row
-        for row in rows
-        if row["final_test_loss"] is not None and row["regularisation"] == "none"
-    ]
-    panels = sorted(
-        {
-            (row["arch"], row["objective"], row["repeated_fraction"])
-            for row in done
-            if row["repeated_fraction"] > 0
-        }
-    )
-    if not panels:
-        fig_info.notes.append("no finished run with repeated data (f > 0) and a final test loss")
+    done = [r for r in runs if r.config is not None and r.final("test_loss") is not None]
+    rep_drop = runs_lib.REPETITION[1:] + runs_lib.SEED
+    base_drop = runs_lib.REPETITION + runs_lib.SEED
+    families = runs_lib.group([r for r in done if 0 < r.repeated_fraction < 1], rep_drop)
+    if not families:
+        fig_info.notes.append(
+            "no finished run with part of its data repeated (0 < f < 1) and a final test loss"
+        )
         return fig_info
+    baselines = runs_lib.group([r for r in done if r.repeated_fraction == 0], base_drop)
+    panels: dict[tuple, list] = {}
+    for members in families.values():
+        first = members[0]
+        panels.setdefault((first.arch, first.objective, first.repeated_fraction), []).append(
+            members
+        )
     several = len({(arch, obj) for arch, obj, _ in panels}) > 1
-    models = _sorted_models([r for r in runs if r.config is not None])
+    reps = [m[0] for m in families.values()]
     fig, axes = _grid(len(panels))
-    colors = {m: f"C{i % 10}" for i, m in enumerate(models)}
-    for ax, (arch, objective, frac) in zip(axes, panels):
-        family = [row for row in done if (row["arch"], row["objective"]) == (arch, objective)]
-        for model in models:
-            pts = sorted(
-                (row["repeated_epochs"], row["final_test_loss"], row["best_test_loss"])
-                for row in family
-                if row["model"] == model and row["repeated_fraction"] == frac
-            )
-            if pts:
-                e, final, best = zip(*pts)
-                ax.plot(e, final, "-o", color=colors[model], label=f"{model} final")
-                ax.plot(e, best, ":o", mfc="none", color=colors[model], label=f"{model} best")
-                fig_info.n_points += 2 * len(pts)
-            base = [
-                row["final_test_loss"]
-                for row in family
-                if row["model"] == model and row["repeated_fraction"] == 0
-            ]
+    for ax, ((arch, objective, frac), fams) in zip(axes, sorted(panels.items())):
+        fams = sorted(
+            fams, key=lambda m: (m[0].params or 0, runs_lib.family_label(m[0], rep_drop, reps))
+        )
+        for k, members in enumerate(fams):
+            c = colour(k, len(fams))
+            label = runs_lib.family_label(members[0], rep_drop, reps)
+            for key, style, hollow in (("test_loss", "-o", False), (None, ":o", True)):
+                by_e: dict[float, list[float]] = {}
+                for r in members:
+                    value = r.final("test_loss") if key else r.best("test_loss")
+                    if value is not None:
+                        by_e.setdefault(r.repeated_epochs, []).append(value)
+                es = sorted(by_e)
+                means = [float(np.mean(by_e[e])) for e in es]
+                lo = [m - min(by_e[e]) for m, e in zip(means, es)]
+                hi = [max(by_e[e]) - m for m, e in zip(means, es)]
+                ax.errorbar(es, means, yerr=[lo, hi], fmt=style, color=c, capsize=2,
+                            mfc="none" if hollow else c,
+                            label=f"{label} {'best' if hollow else 'final'}")  # fmt: skip
+                fig_info.n_points += len(es)
+            base = runs_lib.finals(baselines.get(members[0].identity(base_drop), []), "test_loss")
             if base:
-                ax.axhline(float(np.mean(base)), ls="--", color=colors[model], alpha=0.6)
+                ax.axhline(float(np.mean(base)), ls="--", color=c, alpha=0.6)
         _log_x_plain(ax)
         ax.set_xlabel("epochs on the repeated subset E")
         ax.set_ylabel("test loss (nats/token)")
@@ -563,6 +581,10 @@ def xue_epochs(rows: list[dict], out_dir: str) -> Figure:
         for row in rows
         if row["final_test_loss"] is not None and row["repeated_fraction"] in (0.0, 1.0)
     ]
+    # Unique-data runs are the E = 1 point of an f = 1 family only: never plot the f = 0
+    # runs of other families (another model kind, length or batch) as E = 1.
+    repeated_families = {row["family"] for row in pool if row["repeated_fraction"] == 1.0}
+    pool = [row for row in pool if row["family"] in repeated_families]
     metrics = [("final_test_loss", "final test loss (nats/token)")]
     if any(row["final_test_accuracy"] is not None for row in pool):
         metrics.append(("final_test_accuracy", "final test accuracy"))
@@ -666,12 +688,24 @@ def probes(runs, out_dir: str) -> Figure:
         "Interpretability probes over training",
         "Per-run probe scores (Olsson et al. definitions, max over heads) against tokens "
         "seen: induction (prefix-matching) heads weaken under heavy repetition "
-        "(Hernandez et al.). ICL score = loss at token 500 minus loss at token 50.",
+        "(Hernandez et al.). Chance levels differ between probe layouts (T5 runs probe a "
+        "shorter decoder sequence), so compare a score only within one model family.",
     )
     header = ["run", "model", "setting", "status", "step", "tokens_seen", "metric", "value"]
     rows = []
     runs = _evaluated(runs)
     present = [(k, label) for k, label in PROBES if any(r.curve(k)[1] for r in runs)]
+    positions = {tuple(row["icl_positions"]) for r in runs for row in r.results
+                 if isinstance(row.get("icl_positions"), list) and len(row["icl_positions"]) == 2}  # fmt: skip
+    if any(k == "icl_score" for k, _ in present):
+        if len(positions) == 1:
+            early, late = next(iter(positions))
+            fig_info.caption += f" ICL score = loss at token {late} minus loss at token {early}."
+        else:
+            fig_info.caption += (
+                " ICL score = loss at a late token minus loss at an early token (the "
+                "positions differ between runs: icl_positions in results.jsonl)."
+            )
     if present:
         fig, axes = _grid(len(present), ncols=2)
         for ax, (key, label) in zip(axes, present):

@@ -187,6 +187,9 @@ class MetricSpec:
         return self.upper - value if self.higher_is_better else value
 
 
+#: A probe score counts as a circuit only above its chance level plus this margin.
+CHANCE_MARGIN = 0.05
+
 METRICS = (
     MetricSpec("test_loss", "test loss (nats/token)"),
     MetricSpec("copy_loss", "copying loss (nats/token)"),
@@ -235,22 +238,42 @@ def fit_baseline(metric: MetricSpec, family: tuple, points) -> BaselineFit:
 
 
 def family_of(run) -> tuple:
-    """Runs comparable to each other: same architecture, objective and token budget."""
-    return (run.arch, run.objective, run.total_tokens)
+    """Runs comparable across model sizes: (arch, objective, token budget, identity),
+    the identity being everything trained except the size, its learning rate, the
+    repetition setting, the regularisers and the seed (:meth:`runs.Run.identity`)."""
+    from repeat_scaling.report import runs as runs_lib
+
+    drop = runs_lib.MODEL_SIZE + runs_lib.REPETITION + runs_lib.REGULARISATION + runs_lib.SEED
+    return (run.arch, run.objective, run.total_tokens, run.identity(drop))
 
 
 def fit_baselines(runs, metric: MetricSpec) -> dict[tuple, BaselineFit]:
     """Fit ``metric`` on the finished f = 0, unregularised runs of every family."""
     points: dict[tuple, list] = {}
+    at_chance: dict[tuple, list] = {}
     for run in runs:
         if not run.finished or run.params is None or run.repeated_fraction != 0:
             continue
         if run.regularisation != "none":
             continue
         value = run.final(metric.key)
-        if value is not None:
-            points.setdefault(family_of(run), []).append((run.params, value, run.name))
-    return {fam: fit_baseline(metric, fam, pts) for fam, pts in sorted(points.items(), key=str)}
+        if value is None:
+            continue
+        chance = run.chance(metric.key)
+        if chance is not None and value <= chance + CHANCE_MARGIN:
+            at_chance.setdefault(family_of(run), []).append(run.name)
+            continue
+        points.setdefault(family_of(run), []).append((run.params, value, run.name))
+    out = {fam: fit_baseline(metric, fam, pts) for fam, pts in sorted(points.items(), key=str)}
+    for fam, names in at_chance.items():
+        fit = out.setdefault(fam, fit_baseline(metric, fam, []))
+        for form in FORMS:
+            if form not in fit.fits:
+                fit.failures[form] = (
+                    f"{len(names)} baseline(s) at chance level (<= chance + {CHANCE_MARGIN:g}) "
+                    "left out"
+                )
+    return out
 
 
 def effective_size_rows(runs, metrics: Sequence[MetricSpec] = METRICS):

@@ -3,7 +3,7 @@
 ``write_report`` is the whole pipeline behind ``python -m repeat_scaling.report``:
 loaded runs in, ``report.md`` + ``*.png`` + ``*.csv`` out. The Markdown embeds each
 figure with its caption and CSV, tabulates the power-law and data-constrained fits, and
-lists what is missing (runs not started or still training, empty sweep cells, corrupt
+lists what is missing (launched runs not started or still training, corrupt
 or absent files, figures that could not be drawn and why). Fine-tuned runs (with
 ``init_from.json``) and their from-scratch companions are split off first
 (``finetune.split_runs``) and get their own section; the pre-training analyses see only
@@ -19,7 +19,7 @@ import os
 from collections.abc import Sequence
 
 from repeat_scaling.report import data_constrained as dc
-from repeat_scaling.report import figures, finetune
+from repeat_scaling.report import figures, findings, finetune
 from repeat_scaling.report import fits as fits_lib
 from repeat_scaling.report import icl as icl_report
 from repeat_scaling.report import runs as runs_lib
@@ -37,6 +37,7 @@ class ReportSummary:
     missing: list[str]
     n_runs: int
     n_finished: int
+    findings: list = dataclasses.field(default_factory=list)
 
     @property
     def report_path(self) -> str:
@@ -165,8 +166,6 @@ def write_report(
     for r in all_runs:
         if not r.finished:
             missing.append(f"run {r.name}: {r.progress()}")
-    # Cells of the inferred grid (model sizes x repetition settings per family).
-    missing += [f"sweep cell {cell}" for cell in runs_lib.missing_grid_cells(runs)]
     for r in all_runs:
         missing += [f"run {r.name}: {p}" for p in r.problems if "file missing" not in p]
     for fig in figs:
@@ -193,6 +192,9 @@ def write_report(
         if r.config is not None:
             missing += [f"run {r.name}: {p}" for p in r.problems if "file missing" in p]
 
+    found = findings.analyse(runs)
+    findings.write_json(found, out_dir)
+
     n_finished = sum(r.finished for r in all_runs)
     lines = [f"# {title}", ""]
     lines.append(
@@ -204,13 +206,12 @@ def write_report(
         "Final metrics come only from finished runs; unfinished runs appear in the "
         "curves (dashed)."
     )
+    lines += ["", *findings.markdown(found)]
     lines += ["", "## What is missing", ""]
     if missing:
         lines.append(
-            "Runs not finished, files missing or corrupt, fits and figures that could not "
-            "be made. A *sweep cell* is a (model, repetition setting) pair of the grid "
-            "inferred from the runs of one architecture/objective/regularisation family "
-            "that has no finished run."
+            "Runs not finished (every launched run directory is listed), files missing or "
+            "corrupt, fits and figures that could not be made."
         )
         lines.append("")
         lines += [f"- {m}" for m in missing]
@@ -325,7 +326,9 @@ def write_report(
 
     with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
-    return ReportSummary(out_dir, figs + ft.figures, missing, len(all_runs), n_finished)
+    return ReportSummary(
+        out_dir, figs + ft.figures, missing, len(all_runs), n_finished, list(found)
+    )
 
 
 def _figure_lines(fig: figures.Figure) -> list[str]:

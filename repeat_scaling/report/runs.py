@@ -42,6 +42,64 @@ STATUS_NOT_EVALUATED = "not evaluated"
 STATUS_MISSING = "missing"
 
 
+# What a run's identity (what was trained) leaves out of config.json: the recorded sweep,
+# derived facts, and keys that change how a run is watched, not what it learns.
+NOT_IDENTITY = (
+    "sweep",
+    "derived",
+    "mesh",
+    "init_step",
+    "data.store",
+    "data.prefetch",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep",
+    "train.keep_period",
+    "train.async_checkpointing",
+    "train.progress_bar",
+    "train.profile_start_step",
+    "train.profile_steps",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.peak_tflops",
+    "train.steps_per_call",
+)
+# The sweep axes of the papers' figures.
+SEED = ("seed",)
+REPETITION = ("data.repeated_fraction", "data.repeated_epochs")
+# What makes one model size differ from another (kept apart by the size fits).
+MODEL_SIZE = (
+    "model.name",
+    "model.d_model",
+    "model.d_ff",
+    "model.num_heads",
+    "model.head_dim",
+    "model.num_encoder_layers",
+    "model.num_decoder_layers",
+    "train.optimizer.learning_rate",
+)
+DROPOUT = ("model.dropout_rate", "train.dropout_start_step")
+# Regularisers a repeated run is compared across (Xue et al.): effective sizes measure a
+# regularised run against the unregularised baselines.
+REGULARISATION = DROPOUT + ("model.droppath_rate", "train.label_smoothing")
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {dotted key: value} (lists become tuples)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = tuple(map(repr, v)) if isinstance(v, list) else v
+    return out
+
+
+def _dropped(key: str, drop: Sequence[str]) -> bool:
+    return any(key == d or key.startswith(d + ".") for d in drop)
+
+
 class ReportError(ValueError):
     """Bad input to the report (one-line message naming the bad value)."""
 
@@ -119,6 +177,22 @@ class Run:
     init_from: dict | None = None  # init_from.json of a fine-tuned run, else None
 
     # ----- identity -------------------------------------------------------------------
+    def identity(self, drop: Sequence[str] = ()) -> tuple:
+        """What was trained, as a hashable key: config.json minus ``NOT_IDENTITY``
+        and minus ``drop`` (dotted keys or prefixes). Runs with equal identities under
+        ``drop`` = (sweep axis, seed) form one family. A run with nothing repeated counts
+        as E = 1 whatever its recorded E."""
+        flat = flatten(self.config or {})
+        flat["data.repeated_fraction"] = self.repeated_fraction
+        flat["data.repeated_epochs"] = self.repeated_epochs
+        return tuple(
+            sorted(
+                (k, repr(v))
+                for k, v in flat.items()
+                if not _dropped(k, NOT_IDENTITY) and not _dropped(k, drop)
+            )
+        )
+
     @property
     def name(self) -> str:
         return os.path.basename(os.path.normpath(self.path))
@@ -355,6 +429,21 @@ class Run:
                 return value
         return None
 
+    def chance(self, key: str) -> float | None:
+        """The chance level of a probe score (what a head with no circuit scores), from
+        the probe layout the evaluator recorded; None for metrics without one."""
+        from repeat_scaling.eval import probes
+
+        row = self.results[-1] if self.results else {}
+        if key == "prefix_matching":
+            period = _finite(row.get("probe_period")) or 25
+            repeats = _finite(row.get("probe_repeats")) or 4
+            return probes.prefix_matching_chance(int(period), int(repeats))
+        if key == "copying_score":
+            vocab = _finite(self._section("model").get("vocab_size"))
+            return probes.copying_chance(int(vocab)) if vocab else None
+        return None
+
     def best(self, key: str, higher_is_better: bool = False) -> float | None:
         """Best value over all evaluated steps (early-stopping / peak performance)."""
         _, ys = self.curve(key, x_key="step")
@@ -437,32 +526,33 @@ def load_runs(
     return [load_run(d, param_key=param_key) for d in dirs], problems
 
 
-def missing_grid_cells(runs: Sequence[Run]) -> list[str]:
-    """Sweep cells with no finished run.
+def group(runs, drop: Sequence[str]) -> dict[tuple, list]:
+    """Runs by :meth:`Run.identity` under ``drop`` (families), in first-seen order."""
+    groups: dict[tuple, list] = {}
+    for r in runs:
+        groups.setdefault(r.identity(drop), []).append(r)
+    return groups
 
-    Within each (arch, objective, regularisation) family, the expected grid is every
-    observed model size crossed with every observed repetition setting; a cell whose
-    runs are all unfinished (or absent) is listed.
-    """
-    families: dict[tuple, list[Run]] = {}
-    for run in runs:
-        if run.config is not None:
-            families.setdefault((run.arch, run.objective, run.regularisation), []).append(run)
-    missing = []
-    for (arch, objective, reg), members in sorted(families.items()):
-        models = sorted({(r.params or 0.0, r.model) for r in members})
-        settings = sorted({(r.repeated_fraction, r.repeated_epochs) for r in members})
-        for _, model in models:
-            for f, e in settings:
-                cell = [
-                    r
-                    for r in members
-                    if r.model == model and (r.repeated_fraction, r.repeated_epochs) == (f, e)
-                ]
-                if any(r.finished for r in cell):
-                    continue
-                label = "unique" if f == 0 else f"f={f:g} E={e:g}"
-                state = "; ".join(f"{r.name}: {r.progress()}" for r in cell) or "no run"
-                reg_label = "" if reg == "none" else f", {reg}"
-                missing.append(f"{model} ({arch}, {objective}{reg_label}) {label}: {state}")
-    return missing
+
+def finals(runs, key: str) -> list[float]:
+    """The final ``key`` of every finished run that has it."""
+    return [x for x in (r.final(key) for r in runs) if x is not None]
+
+
+def family_label(run, drop: Sequence[str], others: Sequence) -> str:
+    """``model, objective, f=..`` plus every identity key that differs between the
+    families in ``others`` (runs, one per family)."""
+    parts = [run.model, run.objective]
+    if REPETITION[0] not in drop:
+        parts.append(f"f={run.repeated_fraction:g}")
+    mine = dict(run.identity(drop))
+    keys = set()
+    for other in others:
+        theirs = dict(other.identity(drop))
+        keys |= {k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)}
+    # Shown already, or implied by the model name.
+    skip = {"data.objective", *REPETITION, *MODEL_SIZE[:-1]}
+    for k in sorted(keys - skip):
+        if k in mine:
+            parts.append(f"{k.split('.')[-1]}={mine[k].strip(chr(39))}")
+    return ", ".join(parts)

@@ -1,0 +1,250 @@
+"""Findings: each result of REFERENCE.md section 1 that the runs can test, with numbers
+and a verdict (``reproduced`` / ``not reproduced`` / ``not enough runs``).
+
+Runs are grouped into *families*: every finished run that shares everything but the
+sweep axis and the seed (:meth:`runs.Run.identity`). For each family:
+
+- ``double_descent``: final test loss against E at a fixed f < 1 has an interior peak
+  (:func:`verdicts.interior_peak`), against the f = 0 baseline of the same family and,
+  when one was trained, the unique-data control: an f = 0 run of (1 - f) T tokens (the
+  same steps minus the repeated ones), which separates the damage done by repetition
+  from the unique tokens the repeated ones displaced;
+- ``memorisation``: the peak sits where the repeated subset starts being memorised
+  (:func:`verdicts.memorisation_at_peak`);
+- ``effective_size``: N_eff / N of the peak setting from the L(N) fit of the f = 0 runs
+  of >= 3 sizes (:mod:`fits`);
+- ``prefix_matching_drop`` / ``copying_drop``: the probe score at the peak setting
+  against the baseline, only when the baseline is above chance
+  (:func:`verdicts.score_drop`);
+- ``dropout_mitigation``: dropout (or staged dropout) lowers the loss of a degraded
+  setting (:func:`verdicts.lower_with`);
+- ``multi_epoch_degradation``: with all data repeated (f = 1), the loss rises with E at
+  a fixed budget; the f = 0 runs of the family are its E = 1 point
+  (:func:`verdicts.rises_with`).
+
+Only finished runs count; the seed spread decides what is noise (:mod:`verdicts`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Sequence
+
+from repeat_scaling.report import fits as fits_lib
+from repeat_scaling.report import runs as runs_lib
+from repeat_scaling.report import verdicts as v
+
+F_KEY, E_KEY = runs_lib.REPETITION
+PROBE_FINDINGS = (("prefix_matching", "prefix_matching_drop"), ("copying_score", "copying_drop"))
+FINDINGS_NAME = "findings.json"
+
+
+@dataclasses.dataclass
+class Finding:
+    kind: str
+    family: str
+    verdict: str
+    statement: str
+    numbers: dict
+    runs: list[str]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _by_epochs(runs, key: str = "test_loss") -> dict[float, list[float]]:
+    out: dict[float, list[float]] = {}
+    for r in runs:
+        x = r.final(key)
+        if x is not None:
+            out.setdefault(r.repeated_epochs, []).append(x)
+    return out
+
+
+def _means(points: dict[float, list[float]]) -> dict[float, float]:
+    return {e: v.mean(xs) for e, xs in points.items() if xs}
+
+
+def analyse(runs) -> list[Finding]:
+    """Every finding the finished runs can test."""
+    done = [r for r in runs if r.config is not None and r.finished]
+    found: list[Finding] = []
+    rep_drop = (E_KEY,) + runs_lib.SEED
+    base_drop = runs_lib.REPETITION + runs_lib.SEED
+    baselines = runs_lib.group([r for r in done if r.repeated_fraction == 0], base_drop)
+    families = runs_lib.group([r for r in done if r.repeated_fraction > 0], rep_drop)
+    reps = [members[0] for members in families.values()]
+    size_fits = fits_lib.fit_baselines(done, fits_lib.METRICS[0])
+    for members in families.values():
+        first = members[0]
+        label = runs_lib.family_label(first, rep_drop, reps)
+        base = baselines.get(first.identity(base_drop), [])
+        names = sorted(r.name for r in members + base)
+        if first.repeated_fraction >= 1.0:
+            found += _multi_epoch(members, base, label, names)
+        else:
+            found += _double_descent(first, members, base, done, label, names, size_fits)
+    found += _dropout(done, baselines, reps)
+    return found
+
+
+def _control(first, done) -> list:
+    """f = 0 runs like ``first`` but trained on its (1 - f) T unique tokens only."""
+    drop = runs_lib.REPETITION + runs_lib.SEED + ("train.steps",)
+    want = (1.0 - first.repeated_fraction) * (first.total_tokens or 0.0)
+    key = first.identity(drop)
+    return [
+        r
+        for r in done
+        if r.repeated_fraction == 0
+        and r.total_tokens
+        and want
+        and abs(r.total_tokens / want - 1.0) < 0.02
+        and r.identity(drop) == key
+    ]
+
+
+def _double_descent(first, members, base, done, label, names, size_fits) -> list[Finding]:
+    points = _by_epochs(members)
+    base_losses = runs_lib.finals(base, "test_loss")
+    peak = v.interior_peak(points, base_losses)
+    control = _control(first, done)
+    control_losses = runs_lib.finals(control, "test_loss")
+    statement = peak.why
+    if control_losses:
+        c = v.mean(control_losses)
+        means = _means(points)
+        top = max(means.values())
+        last = means[max(means)]
+        peak.numbers.update(control_loss=c, peak_over_control=top - c, last_over_control=last - c)
+        statement += (
+            f"; unique-data control ((1-f) T tokens): {c:.4f}, the peak is {top - c:+.4f} "
+            f"and the largest E {last - c:+.4f} above it"
+        )
+        names = sorted(set(names) | {r.name for r in control})
+    out = [Finding("double_descent", label, peak.verdict, statement, peak.numbers, names)]
+    peak_e = peak.numbers.get("peak_epochs") if peak.verdict == v.REPRODUCED else None
+    mem = v.memorisation_at_peak(
+        peak_e, _means(points), _means(_by_epochs(members, "repeated_loss"))
+    )
+    out.append(Finding("memorisation", label, mem.verdict, mem.why, mem.numbers, names))
+    worst_e = peak.numbers.get("peak_epochs")
+    at_peak = [r for r in members if r.repeated_epochs == worst_e]
+    out.append(_effective(first, at_peak, peak, size_fits, label))
+    for key, kind in PROBE_FINDINGS:
+        chance = first.chance(key)
+        if chance is None:
+            continue
+        drop = v.score_drop(runs_lib.finals(base, key), runs_lib.finals(at_peak, key), chance)
+        if drop.verdict != v.NOT_ENOUGH or runs_lib.finals(base, key):
+            why = f"at E = {worst_e:g}: {drop.why}" if worst_e is not None else drop.why
+            out.append(Finding(kind, label, drop.verdict, why, drop.numbers, names))
+    return out
+
+
+def _effective(first, at_peak, peak, size_fits, label) -> Finding:
+    fit = size_fits.get(fits_lib.family_of(first))
+    names = sorted(r.name for r in at_peak)
+    sizes = len({p[0] for p in fit.points}) if fit else 0
+    nums: dict = {"baseline_sizes": sizes}
+    if not at_peak or fit is None or fit.best is None or sizes < 3:
+        why = f"needs f = 0 baselines of >= 3 model sizes at this budget (have {sizes})"
+        return Finding("effective_size", label, v.NOT_ENOUGH, why, nums, names)
+    loss = v.mean(runs_lib.finals(at_peak, "test_loss"))
+    n_eff = fit.effective_params(loss)
+    n = first.params
+    nums.update(peak_epochs=peak.numbers.get("peak_epochs"), loss=loss, params=n)
+    if n_eff is None or not math.isfinite(n_eff) or not n:
+        why = f"the fit cannot be inverted at loss {loss:.4f}"
+        return Finding("effective_size", label, v.NOT_ENOUGH, why, nums, names)
+    mult = n_eff / n
+    smallest = min(p[0] for p in fit.points)
+    nums.update(effective_params=n_eff, multiplier=mult, fit=fit.best.describe())
+    where = (
+        f"N_eff / N = {mult:.3g} at E = {peak.numbers.get('peak_epochs'):g} ({fit.best.describe()})"
+    )
+    if n_eff < smallest:
+        where += f"; extrapolated below the smallest baseline ({smallest:.3g})"
+    degraded = peak.numbers.get("over_baseline", 0.0) > peak.numbers.get("threshold_right", 0.0)
+    verdict = v.REPRODUCED if mult < 1.0 and degraded else v.NOT_REPRODUCED
+    if verdict == v.NOT_REPRODUCED:
+        where += "; no degradation beyond the noise"
+    return Finding("effective_size", label, verdict, where, nums, names)
+
+
+def _multi_epoch(members, base, label, names) -> list[Finding]:
+    points = _by_epochs(members)
+    if base:
+        points.setdefault(1.0, []).extend(runs_lib.finals(base, "test_loss"))
+    res = v.rises_with(points)
+    return [Finding("multi_epoch_degradation", label, res.verdict, res.why, res.numbers, names)]
+
+
+def _dropout(done, baselines, reps) -> list[Finding]:
+    """Dropout vs none at the same repeated setting, against the unique baseline."""
+    out = []
+    drop = runs_lib.DROPOUT + runs_lib.SEED
+    base_drop = runs_lib.DROPOUT + runs_lib.REPETITION + runs_lib.SEED
+    groups = runs_lib.group([r for r in done if r.repeated_fraction > 0], drop)
+    undropped = {k: [r for r in g if r.regularisation == "none"] for k, g in groups.items()}
+    plain_base = runs_lib.group([r for r in done if r.repeated_fraction == 0], base_drop)
+    for key, members in groups.items():
+        ref = undropped[key]
+        settings: dict[str, list] = {}
+        for r in members:
+            if "dropout" in r.regularisation:
+                settings.setdefault(r.regularisation, []).append(r)
+        first = members[0]
+        base = [
+            r for r in plain_base.get(first.identity(base_drop), []) if r.regularisation == "none"
+        ]
+        for setting, treated in sorted(settings.items()):
+            res = v.lower_with(
+                runs_lib.finals(ref, "test_loss"),
+                runs_lib.finals(treated, "test_loss"),
+                runs_lib.finals(base, "test_loss"),
+            )
+            label = f"{first.model}, {first.objective}, {first.setting}, {setting}"
+            names = sorted(r.name for r in ref + treated + base)
+            out.append(
+                Finding("dropout_mitigation", label, res.verdict, res.why, res.numbers, names)
+            )
+    return out
+
+
+def write_json(found: Sequence[Finding], out_dir: str) -> str:
+    path = os.path.join(out_dir, FINDINGS_NAME)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"findings": [x.to_json() for x in found]}, f, indent=1, default=_json)
+        f.write("\n")
+    return path
+
+
+def _json(o):
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return float(o)
+
+
+def markdown(found: Sequence[Finding]) -> list[str]:
+    lines = ["## Findings", ""]
+    if not found:
+        lines.append(
+            "No finding can be tested yet: no family of finished runs with repeated data "
+            "(see What is missing)."
+        )
+        return lines
+    lines.append(
+        "Each result of the papers that these runs can test, per family (runs sharing "
+        "everything but the swept E and the seed), with the numbers behind the verdict "
+        f"([{FINDINGS_NAME}]({FINDINGS_NAME}))."
+    )
+    lines += ["", "| finding | family | verdict | numbers |", "|---|---|---|---|"]
+    for x in found:
+        lines.append(
+            f"| {x.kind.replace('_', ' ')} | {x.family} | **{x.verdict}** | {x.statement} |"
+        )
+    return lines
