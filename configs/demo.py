@@ -8,8 +8,10 @@ objective; ``:t5`` trains the tiny T5 (encoder-decoder) with span corruption. Bo
 the byte vocabulary, so the store is prepared on first use (seconds) under
 ``demo_out/stores/``. ``config.sweep`` lists overrides for a small repetition sweep
 (unique baseline vs. 10% of the tokens repeated 10 and 50 times); ``:sweep`` is the
-`make demo` sweep (f = 0 and 50% at E = 4, 32, 256, plus one tiny T5 run), run by
-``python launch/demo.py``.
+`make demo` sweep, run by ``python launch/demo.py``: ``dec_micro`` (45k parameters) on
+1.74M tokens, f = 0 and f = 50% at E = 1, 4, 16, 64, 256, 1024. Measured (2-core CPU):
+the final test loss peaks at E = 256 (2.94 nats/byte against 2.28 without repetition,
+2.34 at E = 64 and 2.76 at E = 1024), where the repeated subset is first memorised.
 """
 
 import sys
@@ -18,6 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _base import BYTE_VOCAB_SIZE, adamw, default_config, model_fields  # noqa: E402
+
+
+#: The demo's repeated epochs: 3 decades at f = 50%.
+DEMO_EPOCHS = (1, 4, 16, 64, 256, 1024)
 
 
 def get_config(arg: str = "dec"):
@@ -53,20 +59,16 @@ def get_config(arg: str = "dec"):
         {"data.repeated_fraction": 0.1, "data.repeated_epochs": 50},
     ]
     if arg == "sweep":
-        # `make demo`: the tiny decoder at f = 0 and f = 50% with three repeated-epoch
-        # values (the double-descent axis), plus one tiny T5 span-corruption run; a
-        # checkpoint every 50 steps, all kept, so the evaluator draws whole curves.
-        c.train.checkpoint_every = 50
-        c.train.keep = 6
-        c.sweep = [
-            {"data.repeated_fraction": 0.0, "data.repeated_epochs": 1},
-            {"data.repeated_fraction": 0.5, "data.repeated_epochs": 4},
-            {"data.repeated_fraction": 0.5, "data.repeated_epochs": 32},
-            {"data.repeated_fraction": 0.5, "data.repeated_epochs": 256},
-            {
-                "model.name": "t5_tiny",
-                "data.objective": "span_corruption",
-                "data.inputs_length": 128,
-            },
+        # `make demo`: double descent on the built-in corpus. The 45k-parameter decoder
+        # sees 1.74M tokens (850 steps of 16 x 128, 38 tokens per parameter), half of them
+        # from a subset repeated E = 1 ... 1024 times, plus the f = 0 baseline: 7 runs,
+        # each evaluated at every 170 steps.
+        c.model = model_fields("dec_micro")
+        c.train.steps = 850
+        c.train.checkpoint_every = 170
+        c.train.keep = 5
+        c.eval.update(dict(test_batches=64, memorisation_examples=64))
+        c.sweep = [{"data.repeated_fraction": 0.0, "data.repeated_epochs": 1}] + [
+            {"data.repeated_fraction": 0.5, "data.repeated_epochs": e} for e in DEMO_EPOCHS
         ]
     return c

@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _base import adamw, default_config, finetune_sweep, model_fields  # noqa: E402
 
-SCALES = ("demo", "small", "paper")
+SCALES = ("demo", "cpu", "small", "paper")
 STAGES = tuple(f"finetune_{s}" for s in SCALES)
 PYTHON_SOURCE = {"demo": "pystdlib", "small": "pystdlib:tests=1", "paper": "pystdlib:tests=1"}
 C4 = "tfds:c4/en:3.1.0"
@@ -101,6 +101,47 @@ def finetune_config(scale: str):
     return c
 
 
+C4_SAMPLE = "json:../shared/data/c4-en-sample/*.json.gz"
+#: The CPU campaign: (model, repeated fraction) -> the E given a second seed (around the
+#: peak the first seeds located).
+CPU_EPOCHS = (2, 8, 32, 128, 512, 2048)
+CPU_SECOND_SEED = {("dec_tiny", 0.5): (32, 128, 512), ("dec_tiny", 0.1): (8, 32, 128)}
+
+
+def cpu_config(c):
+    """Hernandez (a)+(b) on a 2-core CPU: see the module docstring (`cpu`)."""
+    c.model = model_fields("dec_tiny")
+    c.data.source, c.data.vocab = C4_SAMPLE, "byte"
+    c.data.store = "demo_out/stores/c4-sample-byte"
+    c.data.length = 128
+    c.train.steps, c.train.batch_size = 1000, 32  # T = 4.1M tokens
+    c.train.log_every = 50
+    c.train.checkpoint_every, c.train.keep, c.train.keep_period = 250, 4, 0
+    adamw(c, lr=3e-3, warmup=20, schedule="cosine")
+    c.train.optimizer.end_learning_rate_fraction = 0.1
+    c.eval.update(dict(test_batches=64, memorisation_examples=64))
+    sweep = []
+    for m in ("dec_tiny", "dec_micro"):
+        for seed in (0, 1) if m == "dec_tiny" else (0,):
+            sweep.append(_entry(m, 0.0, 1, seed))
+        for f in (0.5, 0.1):
+            sweep += [_entry(m, f, e, 0) for e in CPU_EPOCHS]
+            sweep += [_entry(m, f, e, 1) for e in CPU_SECOND_SEED.get((m, f), ())]
+            # The unique-data control: the (1 - f) T unique tokens alone, f = 0.
+            if m == "dec_tiny":
+                control = _entry(m, 0.0, 1, 0)
+                control["train.steps"] = round(c.train.steps * (1 - f))
+                sweep.append(control)
+    sweep.append(_entry("dec_mini", 0.0, 1, 0))  # the third size of the L(N) fit
+    c.sweep = sweep
+    return c
+
+
+def _entry(model, f, e, seed):
+    return {"model.name": model, "data.repeated_fraction": f, "data.repeated_epochs": e,
+            "seed": seed}  # fmt: skip
+
+
 def get_config(arg: str = "demo"):
     if arg in STAGES:
         return finetune_config(arg.removeprefix("finetune_"))
@@ -109,6 +150,8 @@ def get_config(arg: str = "demo"):
     c = default_config()
     c.data.objective = "causal_lm"
     c.train.log_every = 10 if arg == "demo" else 100
+    if arg == "cpu":
+        return cpu_config(c)
     if arg == "demo":
         c.model = model_fields("dec_tiny")
         c.data.source, c.data.vocab = "builtin", "byte"

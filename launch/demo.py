@@ -6,7 +6,8 @@ r"""`make demo`: prepare -> a small repetition sweep -> evaluator -> report, on 
    prepares the built-in corpus store on first use; each run's evaluator goes over
    its checkpoints once training ends), under `OUT/runs/`;
 2. aggregates the runs into `OUT/report/report.md` (figures, CSVs, fits);
-3. prints the report path and a three-line summary from `double_descent.csv`.
+3. prints the report path and a three-line summary from the report's `findings.json`
+   (the double-descent verdict and its peak, memorisation at the peak, the worst run).
 
 Re-running resumes: finished runs are skipped, unfinished ones continue from their last
 checkpoint. Any failing stage stops the demo with its exit code and a one-line reason.
@@ -15,7 +16,7 @@ checkpoint. Any failing stage stops the demo with its exit code and a one-line r
 from __future__ import annotations
 
 import argparse
-import csv
+import json
 import pathlib
 import subprocess
 import sys
@@ -34,34 +35,25 @@ def _stage(title: str, cmd: list[str]) -> None:
 
 
 def _summary(report_dir: pathlib.Path) -> list[str]:
-    """Three lines: the unique baseline, the worst repeated run, the T5 run."""
-    with open(report_dir / "double_descent.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("final_test_loss")]
-    if not rows:
-        return ["no finished run has a final test loss (see report.md: What is missing)"]
-
-    def loss(r: dict) -> float:
-        return float(r["final_test_loss"])
-
-    def describe(r: dict) -> str:
-        f = float(r["repeated_fraction"]) * 100
-        return (
-            f"{r['model']} f={f:g}% E={int(float(r['repeated_epochs']))}: test loss {loss(r):.4f}"
+    """Three lines from the report's findings.json: the double-descent verdict with its
+    peak, the memorisation verdict, and the worst run against the baseline."""
+    path = report_dir / "findings.json"
+    if not path.is_file():
+        return [f"no {path.name} (see report.md: What is missing)"]
+    found = {f["kind"]: f for f in json.loads(path.read_text())["findings"]}
+    dd, mem = found.get("double_descent"), found.get("memorisation")
+    if dd is None:
+        return ["no family of finished repeated runs (see report.md: What is missing)"]
+    nums = dd["numbers"]
+    lines = [f"double descent ({dd['family']}): {dd['verdict']}: {dd['statement']}"]
+    if mem is not None:
+        lines.append(f"memorisation at the peak: {mem['verdict']}: {mem['statement']}")
+    if nums.get("baseline_loss") and nums.get("peak_loss"):
+        lines.append(
+            f"worst E = {nums['peak_epochs']:g}: test loss {nums['peak_loss']:.4f} vs "
+            f"{nums['baseline_loss']:.4f} without repetition "
+            f"({nums['peak_loss'] / nums['baseline_loss']:.3f}x)"
         )
-
-    lines = []
-    dec = [r for r in rows if not r["model"].startswith("t5")]
-    base = [r for r in dec if float(r["repeated_fraction"]) == 0.0]
-    rep = [r for r in dec if float(r["repeated_fraction"]) > 0.0]
-    if base:
-        lines.append(f"baseline (no repetition)  {describe(base[0])}")
-    if rep:
-        worst = max(rep, key=loss)
-        delta = f" ({loss(worst) / loss(base[0]):.3f}x the baseline)" if base else ""
-        lines.append(f"worst repeated run        {describe(worst)}{delta}")
-    t5 = [r for r in rows if r["model"].startswith("t5")]
-    if t5:
-        lines.append(f"T5 span corruption        {describe(t5[0])}")
     return lines
 
 

@@ -169,6 +169,22 @@ def test_restore_8_devices_onto_1_identical_test_loss(live, tmp_path):
         assert rec[key] == last[key], key
 
 
+def test_all_data_seen_once_is_unique_data(live, tmp_path):
+    """f = 1, E = 1 trains on the same chunks as f = 0: no repeated-subset loss is
+    recorded, and the unique-data loss is measured on chunks seen so far."""
+    trained, _ = live
+    work = _copy(trained, tmp_path / "once")
+    config = json.loads((work / "config.json").read_text())
+    config["data"]["repeated_fraction"], config["data"]["repeated_epochs"] = 1.0, 1
+    (work / "config.json").write_text(json.dumps(config))
+    ev = evaluator.Evaluator(work, metrics.EvalSettings(**SMALL), evaluator.eval_mesh(1))
+    assert ev.run.plan.num_repeated > 0 and ev.run.plan.epochs == 1
+    rec = ev.evaluate_step(4)
+    assert rec["repeated_loss"] is None and 0 < rec["unique_seen_loss"] < 10
+    seen = set(ev.run.plan.chunks(np.arange(4 * 8))[0].tolist())
+    assert set(ev._seen_once(4 * 8).tolist()) <= seen
+
+
 def test_deleted_checkpoint_is_skipped_and_errors_are_clear(live, tmp_path):
     trained, _ = live
     settings = metrics.EvalSettings(**SMALL)

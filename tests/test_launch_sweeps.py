@@ -250,3 +250,75 @@ def test_clamp_sweep_names_say_noclamp_and_which_head_is_clamped():
     assert names[1].endswith("_clamp_previoustokenl0h0"), names
     window = {"kind": "ablate", "layer": 1, "head": 2, "start_step": 5, "end_step": 9}
     assert sweeps.interventions_tag((window,)) == "clamp_ablatel1h2s5e9"
+
+
+def _load_config_module(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _plan_sizes(run, chunks_available):
+    """(tokens per non-embedding-free parameter, repeated-subset chunks) of one run."""
+    from repeat_scaling.data.repetition import RepetitionPlan
+    from repeat_scaling.models import sizes
+
+    c = run.config
+    slots = c.train.steps * c.train.batch_size
+    plan = RepetitionPlan(
+        chunks_available, slots, c.data.repeated_fraction, c.data.repeated_epochs, 0
+    )
+    params = sizes.count_params(sizes.get(c.model.name))["total"]
+    return slots * c.data.length / params, plan.num_repeated
+
+
+def test_cpu_campaign_grid_is_as_documented():
+    """configs/hernandez2022.py:cpu: the documented grid, budget and subset sizes."""
+    module = _load_config_module("hernandez2022")
+    runs = sweeps.expand(module.get_config("cpu"), "/r")
+    assert len(runs) == 36 and len({r.name for r in runs}) == 36
+    by_model = {}
+    for r in runs:
+        by_model.setdefault(r.config.model.name, []).append(r)
+    assert sorted(by_model) == ["dec_micro", "dec_mini", "dec_tiny"]
+    # The C4 sample's train split holds 4.2M byte tokens: 32,800 chunks of 128.
+    config_lib = pytest.importorskip("repeat_scaling.train.config")
+    for r in runs:
+        c = r.config
+        assert config_lib.validate(c).name == c.model.name
+        assert c.data.source == module.C4_SAMPLE and c.data.vocab == "byte"
+        assert c.eval.test_batches == 64
+        per_param, subset = _plan_sizes(r, 32_800)
+        if c.data.repeated_fraction > 0:
+            assert subset >= 1, r.name  # every subset is at least one sequence
+        if c.train.steps == 1000:
+            assert per_param > 9, r.name  # tens of tokens per parameter (dec_mini: 9.6)
+    tiny = by_model["dec_tiny"]
+    for f in (0.5, 0.1):
+        epochs = sorted(r.config.data.repeated_epochs for r in tiny
+                        if r.config.data.repeated_fraction == f and r.config.seed == 0)  # fmt: skip
+        assert epochs == list(module.CPU_EPOCHS) and epochs[-1] / epochs[0] >= 1000
+        seeds = [r for r in tiny if r.config.data.repeated_fraction == f and r.config.seed == 1]
+        assert len(seeds) == 3
+        # The unique-data control: (1 - f) T tokens, nothing repeated.
+        control = [r for r in tiny if r.config.train.steps == round(1000 * (1 - f))]
+        assert len(control) == 1 and control[0].config.data.repeated_fraction == 0
+    baselines = [r for r in runs if r.config.data.repeated_fraction == 0 and r.config.train.steps == 1000]  # fmt: skip
+    assert sorted((r.config.model.name, r.config.seed) for r in baselines) == [
+        ("dec_micro", 0), ("dec_mini", 0), ("dec_tiny", 0), ("dec_tiny", 1)]  # fmt: skip
+
+
+def test_demo_sweep_spans_three_decades_of_epochs():
+    module = _load_config_module("demo")
+    runs = sweeps.expand(module.get_config("sweep"), "/r")
+    repeated = [r for r in runs if r.config.data.repeated_fraction > 0]
+    epochs = sorted(r.config.data.repeated_epochs for r in repeated)
+    assert len(epochs) >= 5 and epochs[-1] / epochs[0] >= 1000
+    assert [r.config.data.repeated_fraction for r in runs].count(0.0) == 1
+    # The built-in corpus's train split: 1,825,408 tokens in 14,261 chunks of 128.
+    for r in runs:
+        per_param, subset = _plan_sizes(r, 14_261)
+        assert per_param > 30 and (subset >= 1 or r.config.data.repeated_fraction == 0)

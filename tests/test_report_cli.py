@@ -246,7 +246,9 @@ def test_report_md_embeds_figures_and_says_what_is_missing(report):
         in missing
     )
     assert "| published | 520.8 | 1488 |" in text
-    assert "| refit |" in text
+    # causal_lm and prefix_lm runs are never pooled into one data-constrained refit.
+    assert "| refit |" not in text
+    assert "mix 2 kinds of model (decoder_only, causal_lm; decoder_only, prefix_lm)" in text
 
 
 def test_cli_errors_are_one_line(tmp_path):

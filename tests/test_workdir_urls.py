@@ -49,7 +49,7 @@ def test_unsupported_url_is_a_one_line_error(args, needle, tmp_path):
 def test_tpu_dry_run_passes_the_gs_workdir_straight_through(tmp_path):
     proc = subprocess.run(
         [sys.executable, "launch/submit.py", f"--config={DEMO}:sweep", "--backend=tpu",
-         "--root=gs://bucket/sweep", "--only=dec_tiny_f0_e1_s0", "--dry_run",
+         "--root=gs://bucket/sweep", "--only=dec_micro_f0_e1_s0", "--dry_run",
          "--tpu_zone=us-central2-b", "--tpu_accelerator_type=v4-8",
          "--tpu_runtime_version=tpu-ubuntu2204-base"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
@@ -57,13 +57,13 @@ def test_tpu_dry_run_passes_the_gs_workdir_straight_through(tmp_path):
     assert proc.returncode == 0, proc.stderr
     train = [x for x in proc.stdout.splitlines() if "repeat_scaling.train" in x]
     assert train == [
-        "gcloud compute tpus tpu-vm ssh rs-dec-tiny-f0-e1-s0 --zone=us-central2-b --worker=all "
+        "gcloud compute tpus tpu-vm ssh rs-dec-micro-f0-e1-s0 --zone=us-central2-b --worker=all "
         "'--command=cd ~/repeat_scaling && python3 -m repeat_scaling.train "
-        "--config=configs/demo.py:sweep --workdir=gs://bucket/sweep/dec_tiny_f0_e1_s0 "
+        "--config=configs/demo.py:sweep --workdir=gs://bucket/sweep/dec_micro_f0_e1_s0 "
         "--config.data.repeated_fraction=0.0 --config.data.repeated_epochs=1'"
     ]
     evaluate = [x for x in proc.stdout.splitlines() if "repeat_scaling.evaluate" in x]
-    assert len(evaluate) == 1 and "--workdir=gs://bucket/sweep/dec_tiny_f0_e1_s0" in evaluate[0]
+    assert len(evaluate) == 1 and "--workdir=gs://bucket/sweep/dec_micro_f0_e1_s0" in evaluate[0]
     assert "gcsfuse" not in proc.stdout
 
 

@@ -113,14 +113,16 @@ def main(argv: list[str]) -> None:
     from repeat_scaling.train.checkpointing import CheckpointError
 
     try:
-        overrides, down = split_settings(parse_eval_config(FLAGS.eval_config))
+        cli = parse_eval_config(FLAGS.eval_config)
+        if FLAGS.watch:  # a live run may not have written its config yet
+            evaluator.wait_for_run(FLAGS.workdir, FLAGS.poll_seconds, FLAGS.watch_timeout_seconds)
+        # The run's own config.eval first, then --eval_config on top.
+        overrides, down = split_settings({**evaluator.recorded_settings(FLAGS.workdir), **cli})
         settings = metrics.EvalSettings.from_overrides(overrides)
         for name in DOWNSTREAM_FLAGS:
             if FLAGS[name].present or name not in down:
                 down[name] = FLAGS[name].value
         down_settings = downstream.DownstreamSettings.from_overrides(down)
-        if FLAGS.watch:  # a live run may not have written its config yet
-            evaluator.wait_for_run(FLAGS.workdir, FLAGS.poll_seconds, FLAGS.watch_timeout_seconds)
         ev = evaluator.Evaluator(
             FLAGS.workdir,
             settings,

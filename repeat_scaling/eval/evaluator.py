@@ -201,6 +201,17 @@ def wait_for_run(
         time.sleep(poll_seconds)
 
 
+def recorded_settings(workdir: str | pathlib.Path) -> dict[str, Any]:
+    """The ``eval`` block of the run's config.json (evaluator settings the experiment
+    chose; ``--eval_config`` overrides them); {} when absent or unreadable."""
+    path = workdir_io.workdir_path(workdir) / "config.json"
+    try:
+        block = json.loads(path.read_text()).get("eval")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return {}
+    return dict(block) if isinstance(block, dict) else {}
+
+
 def eval_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
     """A data-parallel mesh over the first ``num_devices`` devices (0 = all)."""
     devices = jax.devices()
@@ -272,7 +283,8 @@ class Evaluator:
         bs = min(s.batch_size, available)
         n_batches = max(1, min(s.test_batches, available // bs))
         test = pipeline.heldout_batches(heldout, run.objective, bs, n_batches, s.seed)
-        rep = run.plan.repeated_chunks()
+        # A subset seen once (f = 1, E = 1: the same chunks as f = 0) is unique data.
+        rep = run.plan.repeated_chunks() if run.plan.epochs > 1 else np.zeros(0, np.int64)
         task = None
         if self.pairs is not None and self.downstream_settings.examples > 0:
             try:
@@ -297,6 +309,14 @@ class Evaluator:
             return chunk_ids
         rng = np.random.default_rng([self.settings.seed, 0xAB])
         return np.sort(rng.choice(chunk_ids, size=n, replace=False))
+
+    def _seen_once(self, consumed: int) -> np.ndarray:
+        """A sample of the chunks of the first ``consumed`` slots of an E = 1 plan (each
+        seen exactly once, whichever pool the plan filed it under)."""
+        n = min(self.settings.memorisation_examples, consumed)
+        rng = np.random.default_rng([self.settings.seed, 0xAB])
+        slots = np.sort(rng.choice(consumed, size=n, replace=False))
+        return np.sort(self.run.plan.chunks(slots)[0])
 
     def _chunk_batches(self, chunk_ids: np.ndarray) -> list[dict] | None:
         if chunk_ids.size == 0:
@@ -332,7 +352,11 @@ class Evaluator:
             raise EvalError(str(e).splitlines()[0]) from None
         d = self.data()
         run = self.run
-        unique = run.plan.unique_seen_chunks(min(step * run.batch_size, run.plan.num_slots))
+        consumed = min(step * run.batch_size, run.plan.num_slots)
+        if run.plan.epochs == 1 and run.plan.num_repeated:
+            unique = self._seen_once(consumed)
+        else:
+            unique = self._subsample(run.plan.unique_seen_chunks(consumed))
         if self._runner is None:
             self._runner = metrics.ModelRunner(model, run.model_cfg, self.mesh)
         else:
@@ -348,7 +372,7 @@ class Evaluator:
                 run.lengths,
                 test_batches=d["test_batches"],
                 repeated_batches=self._chunk_batches(d["repeated_chunks"]),
-                unique_seen_batches=self._chunk_batches(self._subsample(unique)),
+                unique_seen_batches=self._chunk_batches(unique),
                 heldout=d["heldout"],
                 candidates=d["candidates"],
                 settings=self.settings,

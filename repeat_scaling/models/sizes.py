@@ -7,7 +7,8 @@ Named sizes (``get(name)``):
   (the number is roughly the NON-embedding parameter count); RoPE positions, gated-GeLU
   MLP with d_ff = 8/3 d_model rounded up to a multiple of 64 (so MLP params equal a
   4x-wide ungated MLP), head_dim 64.
-* Tiny CPU sizes for demos/tests: ``t5_tiny``, ``dec_tiny``, ``attn2_tiny`` (2-layer
+* Tiny CPU sizes for demos/tests/CPU campaigns: ``t5_tiny``, ``dec_micro``, ``dec_tiny``,
+  ``dec_mini``, ``attn2_tiny`` (2-layer
   attention-only), MoE variants ``t5_small_moe8``, ``t5_base_moe8``, ``dec_tiny_moe``,
   ParamShare variants ``t5_base_share``, ``dec_tiny_share``.
 
@@ -105,7 +106,10 @@ for _c in [
     _dec("d300m", 1024, 24, 16),
     _dec("d800m", 1536, 28, 24),
     _dec("d1b", 2048, 20, 16, head_dim=128),
+    # CPU campaign sizes (byte vocabulary): ~0.3x, 1x and 3.7x dec_tiny's parameters.
+    _dec("dec_micro", 32, 2, 4, vocab_size=384, head_dim=8, d_ff=64),
     _dec("dec_tiny", 64, 2, 4, vocab_size=384, head_dim=16, d_ff=128),
+    _dec("dec_mini", 128, 2, 4, vocab_size=384, head_dim=32, d_ff=256),
     _dec(
         "dec_tiny_moe",
         64,

@@ -451,7 +451,9 @@ def baseline_fits(baselines: dict, out_dir: str) -> Figure:
     )
     header = ["metric", "arch", "objective", "total_tokens", "run", "params", "value"]
     rows = []
-    panels = [(k, fam, bf) for k, fams in baselines.items() for fam, bf in fams.items()]
+    panels = [
+        (k, fam, bf) for k, fams in baselines.items() for fam, bf in fams.items() if bf.points
+    ]
     if panels:
         fig, axes = _grid(len(panels))
         for ax, (key, fam, bf) in zip(axes, panels):

@@ -79,6 +79,7 @@ def data_constrained_points(runs) -> list[dict]:
             {
                 "run": r.name,
                 "model": r.model,
+                "family": f"{r.arch}, {r.objective}",
                 "params": r.params,
                 "tokens": tokens,
                 "unique_tokens": min(r.unique_tokens, tokens),
@@ -95,6 +96,15 @@ def data_constrained_points(runs) -> list[dict]:
 def _refit(points: list[dict], grid) -> tuple[dc.RefitResult | None, str | None]:
     if not points:
         return None, "no finished runs"
+    families = {p["family"] for p in points}
+    if len(families) > 1:
+        return None, (
+            f"the finished runs mix {len(families)} kinds of model ({'; '.join(sorted(families))}); "
+            "refit one kind at a time (--runs)"
+        )
+    sizes = len({p["params"] for p in points})
+    if sizes < 2:
+        return None, f"needs >= 2 model sizes, the runs have {sizes}"
     try:
         result = dc.refit(
             [p["params"] for p in points],

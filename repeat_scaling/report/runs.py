@@ -47,6 +47,7 @@ STATUS_MISSING = "missing"
 NOT_IDENTITY = (
     "sweep",
     "derived",
+    "eval",
     "mesh",
     "init_step",
     "data.store",

@@ -99,6 +99,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.repeated_epochs = 1
     c.data.prefetch = 2
 
+    # Evaluator settings of this experiment (keys of eval.metrics.EvalSettings and the
+    # evaluator's downstream_* flags), recorded in config.json; --eval_config overrides.
+    c.eval = ml_collections.ConfigDict()
+
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000
     c.train.batch_size = 8
@@ -169,7 +173,7 @@ def _to_dict(c: Any) -> Any:
     return c.to_dict() if isinstance(c, ml_collections.ConfigDict) else dict(c)
 
 
-FREE_FORM = {"data.prepare_options", "data.objective_options", "interventions"}
+FREE_FORM = {"data.prepare_options", "data.objective_options", "interventions", "eval"}
 
 
 def _check_keys(got: dict, schema: dict, prefix: str) -> None:
