@@ -321,3 +321,45 @@ def test_report_package_imports_neither_jax_nor_tensorflow():
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _retouch(path, **changes):
+    """Edit a written run's config.json: dotted key -> value."""
+    config = json.loads((path / "config.json").read_text())
+    for key, value in changes.items():
+        *groups, last = key.split(".")
+        node = config
+        for g in groups:
+            node = node.setdefault(g, {})
+        node[last] = value
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_findings_group_seeds_and_keep_other_settings_apart(tmp_path):
+    """Seeds average into one family; a learning-rate override is its own family with its
+    own label; the unique-data control is found by its token budget."""
+    from repeat_scaling.report import figures, findings
+
+    # Losses law(multiplier * N): a lower multiplier is a higher loss.
+    curve = {2: 1.0, 8: 0.5, 32: 0.05, 128: 0.3}
+    for e, mult in curve.items():
+        for seed in (0, 1):
+            p = write_run(
+                tmp_path, f"rep_e{e}_s{seed}", "small", 0.5, float(e), mult * (1 + seed / 50)
+            )
+            _retouch(p, seed=seed)
+        p = write_run(tmp_path, f"lr_e{e}", "small", 0.5, float(e), 1.0)
+        _retouch(p, **{"train.optimizer.learning_rate": 0.1})
+    write_run(tmp_path, "base_s0", "small", 0.0, 1.0)
+    runs = [runs_lib.load_run(str(p)) for p in sorted(tmp_path.iterdir())]
+    found = findings.analyse(runs)
+    dd = [f for f in found if f.kind == "double_descent"]
+    assert len(dd) == 2
+    main = next(f for f in dd if "learning_rate" not in f.family)
+    other = next(f for f in dd if "learning_rate=0.1" in f.family)
+    assert main.verdict == "reproduced" and main.numbers["peak_epochs"] == 32
+    assert main.numbers["seeds"] == [2, 2, 2, 2] and main.numbers["noise_std"] > 0
+    assert other.verdict == "not reproduced"  # flat: every E at multiplier 1
+    labels = {figures.run_label(r, runs) for r in runs}
+    assert "small, learning_rate=0.1, f=0.5 E=32, seed 0" in labels
+    assert "small, f=0.5 E=32, seed 1" in labels

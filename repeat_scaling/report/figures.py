@@ -74,12 +74,16 @@ def _cell(value):
 
 
 def run_label(run, runs) -> str:
-    """Legend label: model and repetition setting, plus what distinguishes the run."""
-    label = f"{run.model}, {run.setting}"
-    if len({r.objective for r in runs if r.config is not None}) > 1:
-        label += f", {run.objective}"
-    if run.regularisation != "none":
-        label += f", {run.regularisation}"
+    """Legend label: model and repetition setting, plus every other config key in which
+    the run differs from the other runs of its model (e.g. a learning rate or a
+    regulariser), and the seed when seeds differ."""
+    peers = [r for r in runs if r.config is not None and r.model == run.model]
+    label = runs_lib.family_label(run, runs_lib.REPETITION + runs_lib.SEED, peers)
+    if len({r.objective for r in runs if r.config is not None}) == 1:
+        label = label.replace(f", {run.objective}", "", 1)
+    label += f", {run.setting}"
+    if len({r.seed for r in peers}) > 1:
+        label += f", seed {run.seed}"
     if not run.finished:
         label += " (training)"
     return label
@@ -152,7 +156,7 @@ def degradation_curves(runs, out_dir: str) -> Figure:
                 key=lambda r: (r.repeated_fraction, r.repeated_epochs, r.name),
             )
             # One colour per run in every row, so a setting is the same line in both.
-            colours = {r.name: f"C{k % 10}" for k, r in enumerate(members)}
+            colours = {r.name: colour(k, len(members)) for k, r in enumerate(members)}
             for i, (key, ylabel) in enumerate(metrics):
                 ax = axes[i][j]
                 for r in members:
@@ -729,7 +733,8 @@ def probes(runs, out_dir: str) -> Figure:
                             "value": y,
                         }
                     )
-                ax.plot(xs, ys, "-" if r.finished else "--", marker=".", label=run_label(r, runs))
+                ax.plot(xs, ys, "-" if r.finished else "--", marker=".", label=run_label(r, runs),
+                        color=colour(runs.index(r), len(runs)))  # fmt: skip
             ax.set_xscale("log")
             ax.set_xlabel("training tokens seen")
             ax.set_ylabel(label)
