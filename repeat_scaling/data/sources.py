@@ -215,6 +215,9 @@ class JsonSource(_FileSource):
         super().__init__(spec, pattern, **kw)
         self.text_field = text_field
         self.stats.update(lines=0, malformed_lines=0)
+        # (lines, malformed) per file read to its end: the stats count each file once,
+        # however often the source is read (a validation carve-out reads it three times).
+        self._file_counts: dict[str, tuple[int, int]] = {}
 
     def _params(self) -> dict[str, Any]:
         return {"text_field": self.text_field}
@@ -222,25 +225,31 @@ class JsonSource(_FileSource):
     def _iter_native(self, split):
         for path in self._files_of(split):
             base = os.path.basename(path)
+            lines = bad = 0
             with _open_bytes(path) as f:
                 for lineno, raw in enumerate(f, 1):
                     if not raw.strip():
                         continue
-                    self.stats["lines"] += 1
+                    lines += 1
                     line = _decode(raw, f"{path}:{lineno}")
                     try:
                         text = json.loads(line)[self.text_field]
                         if not isinstance(text, str):
                             raise TypeError
                     except (ValueError, KeyError, TypeError, IndexError):
-                        self.stats["malformed_lines"] += 1
-                        self._check_malformed(path, lineno)
+                        bad += 1
+                        self._check_malformed(path, lineno, lines, bad)
                         continue
                     yield f"{base}:{lineno}", text
-                self._check_malformed(path, lineno=None)
+                self._check_malformed(path, None, lines, bad)
+            self._file_counts[path] = (lines, bad)
+            self.stats["lines"] = sum(n for n, _ in self._file_counts.values())
+            self.stats["malformed_lines"] = sum(b for _, b in self._file_counts.values())
 
-    def _check_malformed(self, path: str, lineno: int | None) -> None:
-        bad, total = self.stats["malformed_lines"], self.stats["lines"]
+    def _check_malformed(self, path: str, lineno: int | None, lines: int, malformed: int) -> None:
+        done = [c for p, c in self._file_counts.items() if p != path]
+        bad = malformed + sum(b for _, b in done)
+        total = lines + sum(n for n, _ in done)
         # Judge the fraction once enough lines were read (or at the end of each file).
         if bad and (lineno is None or total >= 1000) and bad > MALFORMED_JSON_MAX_FRACTION * total:
             raise SourceError(
