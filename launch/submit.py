@@ -36,6 +36,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from launch import sweeps  # noqa: E402
 from launch.backends import EVAL_MODES, LaunchError, Submission  # noqa: E402
+from repeat_scaling import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "experiment config file, `configs/x.py:arg`", lock_config=False
@@ -199,4 +200,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

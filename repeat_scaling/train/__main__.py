@@ -24,6 +24,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from repeat_scaling import cli
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/x.py[:arg]).")
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config.json).")
@@ -85,24 +87,12 @@ def _fail(msg: str) -> None:
     sys.exit(1)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with config-file / override errors as one line."""
-    try:
-        return FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        text = str(e).replace("\\n", "\n").replace("\\'", "'")
-        lines = [line.strip(" '\"") for line in text.splitlines() if line.strip(" '\"")]
-        msg = lines[-1] if "Traceback" in text else " ".join(lines)
-        _fail(f"bad command line: {msg}")
-        raise  # unreachable
-
-
 def run() -> None:
     """Console script ``repeat-scaling-train``."""
     from repeat_scaling import host_malloc
 
     host_malloc.configure()  # before jax starts XLA's thread pools
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":
