@@ -363,3 +363,18 @@ def test_findings_group_seeds_and_keep_other_settings_apart(tmp_path):
     labels = {figures.run_label(r, runs) for r in runs}
     assert "small, learning_rate=0.1, f=0.5 E=32, seed 0" in labels
     assert "small, f=0.5 E=32, seed 1" in labels
+
+
+def test_peak_shift_across_model_sizes(tmp_path):
+    from repeat_scaling.report import findings
+
+    # The smaller model peaks at the larger E, as Hernandez et al. find.
+    for model, worst in (("small", 128), ("medium", 32)):
+        for e in (2, 8, 32, 128, 512):
+            write_run(tmp_path, f"{model}_e{e}", model, 0.5, float(e), 0.1 if e == worst else 1.0)
+        write_run(tmp_path, f"{model}_base", model, 0.0, 1.0)
+    runs = [runs_lib.load_run(str(p)) for p in sorted(tmp_path.iterdir())]
+    shift = [f for f in findings.analyse(runs) if f.kind == "peak_shift"]
+    assert len(shift) == 1 and shift[0].verdict == "reproduced"
+    assert shift[0].numbers["models"] == ["small", "medium"]
+    assert shift[0].numbers["peak_epochs"] == [128.0, 32.0]

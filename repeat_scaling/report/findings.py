@@ -20,7 +20,10 @@ sweep axis and the seed (:meth:`runs.Run.identity`). For each family:
   setting (:func:`verdicts.lower_with`);
 - ``multi_epoch_degradation``: with all data repeated (f = 1), the loss rises with E at
   a fixed budget; the f = 0 runs of the family are its E = 1 point
-  (:func:`verdicts.rises_with`).
+  (:func:`verdicts.rises_with`);
+- ``peak_shift``: across families that differ only in the model size, each with a
+  reproduced peak, the peak moves to smaller E as N grows (the paper's poor region sits
+  at larger E for smaller models).
 
 Only finished runs count; the seed spread decides what is noise (:mod:`verdicts`).
 """
@@ -78,6 +81,7 @@ def analyse(runs) -> list[Finding]:
     families = runs_lib.group([r for r in done if r.repeated_fraction > 0], rep_drop)
     reps = [members[0] for members in families.values()]
     size_fits = fits_lib.fit_baselines(done, fits_lib.METRICS[0])
+    peaks: dict[tuple, list] = {}  # across model sizes: (params, model, peak E, names)
     for members in families.values():
         first = members[0]
         label = runs_lib.family_label(first, rep_drop, reps)
@@ -86,9 +90,34 @@ def analyse(runs) -> list[Finding]:
         if first.repeated_fraction >= 1.0:
             found += _multi_epoch(members, base, label, names)
         else:
-            found += _double_descent(first, members, base, done, label, names, size_fits)
+            dd = _double_descent(first, members, base, done, label, names, size_fits)
+            found += dd
+            if dd[0].verdict == v.REPRODUCED:
+                key = first.identity(runs_lib.MODEL_SIZE + rep_drop)
+                peaks.setdefault(key, []).append(
+                    (first.params or 0.0, first.model, dd[0].numbers["peak_epochs"], names)
+                )
     found += _dropout(done, baselines, reps)
+    found += [_peak_shift(sorted(p)) for p in peaks.values() if len(p) >= 2]
     return found
+
+
+def _peak_shift(peaks: list) -> Finding:
+    """Hernandez et al.: the poor region sits at larger E for smaller models."""
+    where = ", ".join(f"{m} (N = {n:.3g}): E = {e:g}" for n, m, e, _ in peaks)
+    es = [e for _, _, e, _ in peaks]
+    nums = {"models": [m for _, m, _, _ in peaks], "params": [n for n, _, _, _ in peaks],
+            "peak_epochs": es}  # fmt: skip
+    names = sorted({x for *_, ns in peaks for x in ns})
+    label = ", ".join(m for _, m, _, _ in peaks)
+    if all(a > b for a, b in zip(es, es[1:])):
+        why = f"the peak moves to smaller E as N grows: {where}"
+        return Finding("peak_shift", label, v.REPRODUCED, why, nums, names)
+    if all(a == b for a, b in zip(es, es[1:])):
+        why = f"the peak stays at the same E across sizes (grid resolution): {where}"
+    else:
+        why = f"the peak does not move to smaller E as N grows (paper: it does): {where}"
+    return Finding("peak_shift", label, v.NOT_REPRODUCED, why, nums, names)
 
 
 def _control(first, done) -> list:
