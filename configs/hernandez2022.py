@@ -10,6 +10,13 @@ are the unique baselines the report fits L(N) on (model-size multipliers).
 Scales (`:arg`):
 - `demo`: `dec_tiny` on the built-in corpus (byte vocabulary), 300 steps of 16 x 128
   tokens; f in {0, 10, 50}% x E in {10, 100}: 5 runs, minutes each on a 2-core CPU.
+- `cpu`: Hernandez (a)+(b) on a 2-core CPU, on the C4 sample in ../shared/data (byte
+  vocabulary; point `data.source`/`data.store` at your own C4 to use it): 1000 steps of
+  32 x 128 tokens (T = 4.1M, 31 tokens per parameter for `dec_tiny`); `dec_tiny` at
+  f in {50, 10}% x E in {2, 8, 32, 128, 512, 2048} with second seeds at three E each,
+  the f = 0 baseline (2 seeds) and the unique-data controls (f = 0 on (1 - f) T tokens:
+  500 and 900 steps); `dec_micro` on the same grid; f = 0 baselines of `dec_micro`,
+  `dec_tiny`, `dec_mini` for the L(N) fit (effective model size): 36 runs.
 - `small`: `d1m`, `d3m`, `d10m` on C4 (T5 SentencePiece vocabulary), 10k steps of
   64 x 512 tokens (328M tokens); f in {0, 10, 50}% x E in {10, 100, 1000}: 21 runs,
   hours each on one GPU.

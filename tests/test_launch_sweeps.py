@@ -322,3 +322,30 @@ def test_demo_sweep_spans_three_decades_of_epochs():
     for r in runs:
         per_param, subset = _plan_sizes(r, 14_261)
         assert per_param > 30 and (subset >= 1 or r.config.data.repeated_fraction == 0)
+
+
+def test_xue_cpu_campaign_grid_is_as_documented():
+    """configs/xue2023.py:cpu: t5_tiny, all data repeated at E = 1..256, dropout at the
+    largest E, seeds at both ends; every unique set is at least one example."""
+    config_lib = pytest.importorskip("repeat_scaling.train.config")
+    module = _load_config_module("xue2023")
+    runs = sweeps.expand(module.get_config("cpu"), "/r")
+    assert len(runs) == 12
+    mlm = [r for r in runs if r.config.data.objective == "span_corruption"]
+    plain = [r for r in mlm if r.config.model.dropout_rate == 0 and r.config.seed == 0]
+    assert sorted(r.config.data.repeated_epochs for r in plain) == list(module.CPU_EPOCHS)
+    for r in runs:
+        c = r.config
+        assert config_lib.validate(c).name == "t5_tiny" and c.data.source == "builtin"
+        f, e = c.data.repeated_fraction, c.data.repeated_epochs
+        assert (f, e) == (0.0, 1) or f == 1.0
+        # Span corruption at inputs 128 reads 141 store tokens per example; the built-in
+        # corpus holds 12,946 of them, more than the 12,800 examples of the budget.
+        slots = c.train.steps * c.train.batch_size
+        assert slots <= 12_946 and slots // e >= 1
+    worst = module.CPU_EPOCHS[-1]
+    dropped = [r for r in mlm if r.config.model.dropout_rate > 0]
+    assert {(r.config.data.repeated_epochs, r.config.train.dropout_start_step) for r in dropped} == {
+        (worst, 0), (worst, 400)}  # fmt: skip
+    assert sorted(r.config.seed for r in mlm if r.config.data.repeated_epochs == worst
+                  and r.config.model.dropout_rate == 0) == [0, 1]  # fmt: skip
