@@ -63,7 +63,9 @@ def _losses(workdir) -> dict[int, float]:
     return {d["step"]: d["loss"] for d in map(json.loads, lines)}
 
 
-def test_two_processes_match_one_process_and_restore(store_dir, tmp_path):
+@pytest.mark.parametrize("steps_per_call", [1, 3])  # 3: one lax.scan call per checkpoint
+def test_two_processes_match_one_process_and_restore(store_dir, tmp_path, steps_per_call):
+    spc = f"--config.train.steps_per_call={steps_per_call}"
     cache = tmp_path / "cache"
     port = _free_port()
     multi = tmp_path / "multi"
@@ -75,6 +77,7 @@ def test_two_processes_match_one_process_and_restore(store_dir, tmp_path):
                 f"--coordinator_address=localhost:{port}",
                 "--num_processes=2",
                 f"--process_id={i}",
+                spc,
             ),
             cwd=REPO,
             env=_env(2, cache / f"p{i}"),
@@ -85,7 +88,7 @@ def test_two_processes_match_one_process_and_restore(store_dir, tmp_path):
         for i in range(2)
     ]
     ref = subprocess.run(
-        _cmd(tmp_path / "ref", store_dir),
+        _cmd(tmp_path / "ref", store_dir, spc),
         cwd=REPO,
         env=_env(4, cache / "single"),
         capture_output=True,
@@ -107,7 +110,7 @@ def test_two_processes_match_one_process_and_restore(store_dir, tmp_path):
     # run continues exactly as the single-process reference.
     shutil.rmtree(multi / "checkpoints" / str(STEPS))
     r = subprocess.run(
-        _cmd(multi, store_dir),
+        _cmd(multi, store_dir, spc),
         cwd=REPO,
         env=_env(4, cache / "single"),
         capture_output=True,

@@ -3,7 +3,10 @@
 For each config x compute dtype, builds the train state on all local devices, feeds a
 random batch of the config's shapes (as the peers in ../shared/bench do: random init,
 random tokens), runs ``--warmup`` steps, then times ``--steps`` steps and prints one
-JSON line with the median step time:
+JSON line with the median step time. Steps run as the trainer runs them:
+``train.steps_per_call`` (resolved like the trainer: 0 = auto) steps per compiled call
+on stacked batches; the step time is the median call time / steps per call
+(``--set train.steps_per_call=1`` measures one step per call):
 
 * ``tokens_per_s``: all processed tokens (encoder + decoder for encoder-decoder);
 * ``model_tflops_per_s``: model training FLOPs (3 x forward, REFERENCE.md section 5,
@@ -132,6 +135,7 @@ def bench_one(spec: str, dtype: str, steps: int, warmup: int, sets: list[str]) -
         lengths = {"decoder": rows["decoder_target_tokens"].shape[1]}
     tokens_per_step = int(config.train.batch_size) * sum(lengths.values())
     flops_per_token = sizes.flops_per_token(cfg, lengths)["train"]
+    k = config_lib.steps_per_call(config, tokens_per_step * flops_per_token)
 
     mesh = sharding.make_mesh(dict(config.mesh.ici))
     tx, schedule = optimizers.make_optimizer(config.train.optimizer, int(config.train.steps))
@@ -145,21 +149,28 @@ def bench_one(spec: str, dtype: str, steps: int, warmup: int, sets: list[str]) -
         grad_accum=int(config.train.grad_accum),
         z_loss=float(config.train.z_loss),
         label_smoothing=float(config.train.label_smoothing),
+        steps_per_call=k,
     )
-    batch = loop.to_global(rows, sharding.batch_sharding(mesh))
+    batch_sh = sharding.batch_sharding(mesh)
+    if k > 1:
+        stacked = [synthetic_batch(config, cfg, seed=i) for i in range(k)]
+        rows = {name: np.stack([b[name] for b in stacked]) for name in rows}
+        batch_sh = step_lib.stacked_sharding(batch_sh)
+    batch = loop.to_global(rows, batch_sh)
+    calls, warmup_calls = -(-steps // k), -(-warmup // k)
     t0 = time.perf_counter()
     state, m = train_step(state, batch)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
-    for _ in range(max(warmup - 1, 0)):
+    for _ in range(max(warmup_calls - 1, 0)):
         state, m = train_step(state, batch)
     jax.block_until_ready(m)
     times = []
-    for _ in range(steps):
+    for _ in range(calls):
         t = time.perf_counter()
         state, m = train_step(state, batch)
         jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
+        times.append((time.perf_counter() - t) / k)
     step_time = statistics.median(times)
     peak = measure_peak_tflops(dtype)
     tflops = tokens_per_step * flops_per_token / step_time / 1e12
@@ -183,8 +194,10 @@ def bench_one(spec: str, dtype: str, steps: int, warmup: int, sets: list[str]) -
         "mfu": tflops / peak if peak else None,
         "model_gflop_per_step": tokens_per_step * flops_per_token / 1e9,
         "compile_s": compile_s,
-        "loss": float(np.asarray(m["loss"])),
+        "loss": float(np.asarray(m["loss"]).ravel()[-1]),
         "steps": steps,
+        "steps_per_call": k,
+        "timed_steps": calls * k,
     }
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -134,12 +134,33 @@ class Batcher:
         tokens = read_chunks(self.split, chunk, self.objective.raw_length)
         return self.objective(tokens, slots, self.seed)
 
+    def batches(self, start: int, n: int) -> dict[str, np.ndarray]:
+        """This host's rows of steps ``start .. start+n-1``, stacked: ``[n, rows, ...]``."""
+        per_step = [self.batch(start + i) for i in range(n)]
+        return {k: np.stack([b[k] for b in per_step]) for k in per_step[0]}
+
+    def repeated_examples(self, start: int, stop: int) -> np.ndarray:
+        """Examples from repeated chunks in the GLOBAL batch of each step in ``[start, stop)``.
+
+        Computed from the plan in blocks of ~1M slots (memory stays bounded on resume).
+        """
+        if stop > start:
+            self._check_step(start)
+            self._check_step(stop - 1)
+        B = self.global_batch_size
+        block = max(1, 2**20 // B)
+        counts = [np.zeros(0, np.int64)]
+        for a in range(start, stop, block):
+            b = min(a + block, stop)
+            _, is_rep, _ = self.plan.chunks(np.arange(a * B, b * B, dtype=np.int64))
+            counts.append(np.count_nonzero(is_rep.reshape(b - a, B), axis=1))
+        return np.concatenate(counts)
+
     def accounting(self, step: int) -> dict[str, int]:
         """Store tokens from repeated vs unique chunks in the GLOBAL batch of ``step``."""
         step = self._check_step(step)
         B, L = self.global_batch_size, self.objective.raw_length
-        _, is_rep, _ = self.plan.chunks(np.arange(step * B, (step + 1) * B, dtype=np.int64))
-        rep = int(np.count_nonzero(is_rep))
+        rep = int(self.repeated_examples(step, step + 1)[0])
         return {
             "step": step,
             "repeated_examples": rep,
@@ -152,6 +173,14 @@ class Batcher:
         """Batches ``step, step+1, ... num_steps-1``, built ahead by a background thread."""
         if step != self.num_steps:
             self._check_step(step)
+        return self._prefetched(self.batch(s) for s in range(step, self.num_steps))
+
+    def iter_spans(self, spans: Iterable[tuple[int, int]]) -> Iterator[dict[str, np.ndarray]]:
+        """:meth:`batches` of each ``(start, n)`` of ``spans``, built ahead by a thread."""
+        return self._prefetched(self.batches(start, n) for start, n in spans)
+
+    def _prefetched(self, items: Iterator[Any]) -> Iterator[Any]:
+        """Yield ``items``, computed up to ``prefetch`` ahead by a background thread."""
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         self._stops.append(stop)
@@ -167,8 +196,8 @@ class Batcher:
 
         def work():
             try:
-                for s in range(step, self.num_steps):
-                    if not put(self.batch(s)):
+                for item in items:
+                    if not put(item):
                         return
                 put(_DONE)
             except BaseException as e:  # noqa: BLE001 - re-raised in the consumer

@@ -13,6 +13,12 @@ Units and conventions:
 * ``train.steps`` counts optimizer updates; checkpoints and logs are keyed by the number
   of completed updates (a checkpoint at step 100 holds the state after 100 updates, and
   the next batch it consumes is batch 100).
+* ``train.steps_per_call`` (default 1): steps run by one compiled call (a ``lax.scan``
+  over that many batches; bit-identical losses and parameters to one step per call on
+  CPU). Calls are cut at checkpoints, evals and the end, so a value dividing
+  ``checkpoint_every`` and ``eval_every`` avoids compiling the one-step function too.
+  0 picks :func:`auto_steps_per_call` from the model FLOPs per step (many for tiny
+  models, 1 from 32 GFLOP per step).
 * ``train.peak_tflops`` is the dense peak TFLOP/s of ONE accelerator chip in the
   compute dtype (on CPU: of the whole host, since XLA:CPU devices share its cores);
   0 looks the chip up in a small table and leaves MFU null when unknown.
@@ -107,6 +113,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.steps = 1000
     c.train.batch_size = 8
     c.train.grad_accum = 1
+    c.train.steps_per_call = 1  # train steps per compiled call (lax.scan); 0: auto
     c.train.log_every = 10
     c.train.checkpoint_every = 100
     c.train.keep = 3
@@ -269,6 +276,8 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
     for key in ("checkpoint_every", "keep_period", "dropout_start_step", "eval_every"):
         if not isinstance(train[key], int) or train[key] < 0:
             bad(f"train.{key}", train[key], "an int >= 0")
+    if not isinstance(train["steps_per_call"], int) or train["steps_per_call"] < 0:
+        bad("train.steps_per_call", train["steps_per_call"], "an int >= 0 (0: auto)")
     if train["batch_size"] % train["grad_accum"]:
         bad(
             "train.grad_accum",
@@ -326,6 +335,24 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
                 f"(mesh data*fsdp*expert = {sizes['data']}*{sizes['fsdp']}*{sizes['expert']})"
             )
     return cfg
+
+
+#: ``train.steps_per_call=0`` aims one compiled call at about this many training FLOPs.
+AUTO_CALL_FLOPS = 32e9
+#: ... and runs at most this many steps per call.
+MAX_AUTO_STEPS_PER_CALL = 16
+
+
+def auto_steps_per_call(train_flops_per_step: float) -> int:
+    """Steps per compiled call for ``train.steps_per_call=0`` (1 from 32 GFLOP/step up)."""
+    n = int(AUTO_CALL_FLOPS // max(float(train_flops_per_step), 1.0))
+    return max(1, min(MAX_AUTO_STEPS_PER_CALL, n))
+
+
+def steps_per_call(config: Any, train_flops_per_step: float) -> int:
+    """``train.steps_per_call`` of a validated config, resolving 0 (auto)."""
+    n = int(config["train"]["steps_per_call"])
+    return n or auto_steps_per_call(train_flops_per_step)
 
 
 def interventions(config: Any, model_cfg: Any) -> tuple:

@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from importlib import metadata
 from typing import Any
 
@@ -214,6 +215,20 @@ def to_global(batch: dict[str, np.ndarray], batch_sharding: Any) -> dict[str, ja
     }
 
 
+def call_spans(start: int, stop: int, periods=(), marks=()) -> Iterator[tuple[int, int]]:
+    """``(first step, steps)`` of each call from ``start`` to ``stop``: a call ends at the
+    next multiple of any positive ``periods`` entry, at any of ``marks``, or at ``stop``.
+
+    From any start that is a call end, the following calls are the same as an
+    uninterrupted run's (checkpoints are written only at call ends)."""
+    s = start
+    while s < stop:
+        ends = [stop] + [(s // p + 1) * p for p in periods if p > 0]
+        end = min(ends + [m for m in marks if m > s])
+        yield s, end - s
+        s = end
+
+
 # ----------------------------------------------------------------------------------
 # SIGTERM
 # ----------------------------------------------------------------------------------
@@ -277,6 +292,9 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     else:
         init_record = None
     derived = derived_facts(config, model_cfg, objective)
+    derived["steps_per_call"] = config_lib.steps_per_call(
+        config, derived["tokens_per_step"] * derived["flops_per_token"]["train"]
+    )
     derived["init_from"] = init_record
     derived["interventions"] = [
         dataclasses.asdict(c) if dataclasses.is_dataclass(c) else c for c in clamps
@@ -318,19 +336,24 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     else:
         state, _ = state_lib.create_train_state(model_cfg, tx, mesh, int(config.seed), rules)
     start = int(jax.device_get(state["step"]))
-    train_step = step_lib.make_train_step(
-        info,
-        model_cfg,
-        tx,
-        schedule,
-        seed=int(config.seed),
-        grad_accum=int(tc.grad_accum),
-        z_loss=float(tc.z_loss),
-        label_smoothing=float(tc.label_smoothing),
-        dropout_start_step=int(tc.dropout_start_step),
-        rules=rules,
-        interventions=clamps,
-    )
+    steps_per_call = int(derived["steps_per_call"])
+    step_fns = {
+        n: step_lib.make_train_step(
+            info,
+            model_cfg,
+            tx,
+            schedule,
+            seed=int(config.seed),
+            grad_accum=int(tc.grad_accum),
+            z_loss=float(tc.z_loss),
+            label_smoothing=float(tc.label_smoothing),
+            dropout_start_step=int(tc.dropout_start_step),
+            rules=rules,
+            interventions=clamps,
+            steps_per_call=n,
+        )
+        for n in {1, steps_per_call}
+    }  # each compiles on its first call
     eval_step = None
     heldout = []
     if tc.eval_every:
@@ -359,6 +382,7 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
         prefetch=int(config.data.prefetch),
     )
     batch_sh = sharding.batch_sharding(mesh, rules)
+    stacked_sh = step_lib.stacked_sharding(batch_sh)
     units = metrics.hardware_units(
         jax.devices()[0].platform, jax.device_count(), jax.process_count()
     )
@@ -367,12 +391,9 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     train_flops = float(derived["flops_per_token"]["train"])
     tokens_per_step = int(derived["tokens_per_step"])
 
-    # Token accounting up to the start step (cheap: computed from the plan).
-    seen = {"unique": 0, "repeated": 0}
-    for s in range(start):
-        acc = batcher.accounting(s)
-        seen["unique"] += int(acc["unique_tokens"])
-        seen["repeated"] += int(acc["repeated_tokens"])
+    # Token accounting (store tokens of repeated / unique chunks) from the plan.
+    B, L = int(tc.batch_size), int(objective.raw_length)
+    repeated_seen = int(batcher.repeated_examples(0, start).sum())
 
     writer = metrics.MetricsWriter(
         workdir,
@@ -386,59 +407,78 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     prof_stop = prof_start + int(tc.profile_steps)
     profiling = False
     last: dict[str, Any] = {}
-    pending: list[tuple[int, Any, float]] = []  # (step, metrics on device, step time)
+    # (first step, metrics on device (scalars, or [n] for n steps), time per step)
+    pending: list[tuple[int, Any, float]] = []
 
     def drain(force: bool = False) -> None:
-        """Fetch metrics of finished steps; check finiteness; write logged steps."""
+        """Fetch metrics of finished calls; check finiteness; write logged steps."""
         nonlocal last
         while pending and (force or len(pending) > 1):
-            s, m, dt = pending.pop(0)
-            host = {k: float(v) for k, v in jax.device_get(m).items()}
-            if host["finite"] < 1.0:
-                raise NonFiniteLossError(
-                    f"non-finite loss/gradient at step {s} (loss={host['loss']}, "
-                    f"grad_norm={host['grad_norm']}); stopped without saving, "
-                    f"last good checkpoint: {ckpt.latest_step()}"
-                )
-            if s % log_every == 0 or s == total_steps:
-                record = {
-                    "step": s,
-                    "loss": host["loss"],
-                    "accuracy": host["accuracy"],
-                    "z_loss": host["z_loss"],
-                    "aux_loss": host["aux_loss"],
-                    "learning_rate": host["learning_rate"],
-                    "grad_norm": host["grad_norm"],
-                    "tokens_seen": s * tokens_per_step,
-                    "unique_tokens_seen": seen_at[s][0],
-                    "repeated_tokens_seen": seen_at[s][1],
-                    "step_time_s": dt,
-                    **metrics.throughput(dt, tokens_per_step, train_flops, peak_total),
-                }
-                writer.write(record)
-                last = record
-            seen_at.pop(s, None)
+            first, m, dt = pending.pop(0)
+            fetched = {k: np.atleast_1d(v) for k, v in jax.device_get(m).items()}
+            for i in range(len(fetched["loss"])):
+                s = first + i
+                host = {k: float(v[i]) for k, v in fetched.items()}
+                if host["finite"] < 1.0:
+                    raise NonFiniteLossError(
+                        f"non-finite loss/gradient at step {s} (loss={host['loss']}, "
+                        f"grad_norm={host['grad_norm']}); stopped without saving, "
+                        f"last good checkpoint: {ckpt.latest_step()}"
+                    )
+                if s % log_every == 0 or s == total_steps:
+                    record = {
+                        "step": s,
+                        "loss": host["loss"],
+                        "accuracy": host["accuracy"],
+                        "z_loss": host["z_loss"],
+                        "aux_loss": host["aux_loss"],
+                        "learning_rate": host["learning_rate"],
+                        "grad_norm": host["grad_norm"],
+                        "tokens_seen": s * tokens_per_step,
+                        "unique_tokens_seen": seen_at[s][0],
+                        "repeated_tokens_seen": seen_at[s][1],
+                        "step_time_s": dt,
+                        **metrics.throughput(dt, tokens_per_step, train_flops, peak_total),
+                    }
+                    writer.write(record)
+                    last = record
+                seen_at.pop(s, None)
+
+    def spans():
+        """Steps of each compiled call: ``steps_per_call`` at a time, cut at checkpoints,
+        evals, the profile window and the end (the same cuts whatever the start step)."""
+        marks = (prof_start, prof_stop) if prof_start >= 0 else ()
+        periods = (steps_per_call, ckpt.save_every, int(tc.eval_every))
+        return call_spans(start, total_steps, periods, marks)
 
     seen_at: dict[int, tuple[int, int]] = {}
     t_prev = time.perf_counter()
     try:
         with _SigtermFlag() as sigterm:
-            it = batcher.iter_from(start)
-            for s in range(start, total_steps):
+            it = batcher.iter_spans(spans())
+            for call, (s, n) in enumerate(spans(), start + 1):
                 if s == prof_start and primary:
                     jax.profiler.start_trace(str(workdir / "profile"))
                     profiling = True
                 rows = next(it)
-                acc = batcher.accounting(s)
-                seen["unique"] += int(acc["unique_tokens"])
-                seen["repeated"] += int(acc["repeated_tokens"])
-                state, m = train_step(state, to_global(rows, batch_sh))
-                done = s + 1
-                seen_at[done] = (seen["unique"], seen["repeated"])
-                # Step time = time between dispatches; drain() waits for the previous
-                # step's metrics, so in the steady state this is the device time per step.
+                reps = repeated_seen + np.cumsum(batcher.repeated_examples(s, s + n))
+                for i, r in enumerate(reps.tolist(), s + 1):
+                    seen_at[i] = ((i * B - r) * L, r * L)
+                repeated_seen = int(reps[-1])
+                if n == steps_per_call > 1:
+                    state, m = step_fns[n](state, to_global(rows, stacked_sh))
+                    calls = [(s + 1, m)]
+                else:  # one step per call (steps_per_call=1, or a span cut short)
+                    calls = []
+                    for i in range(n):
+                        one = to_global({k: v[i] for k, v in rows.items()}, batch_sh)
+                        state, m = step_fns[1](state, one)
+                        calls.append((s + i + 1, m))
+                done = s + n
+                # Step time = time between dispatches / steps; drain() waits for the
+                # previous call's metrics, so in the steady state this is device time.
                 now = time.perf_counter()
-                pending.append((done, m, now - t_prev))
+                pending.extend((first, m, (now - t_prev) / n) for first, m in calls)
                 t_prev = now
                 drain()
                 if profiling and done >= prof_stop:
@@ -449,7 +489,8 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
                     drain(force=True)
                     writer.write_eval(done, _evaluate(eval_step, state, heldout, batch_sh))
                 due = ckpt.save_every and done % ckpt.save_every == 0
-                stop = sigterm.should_stop(done)
+                # multi-host: the sync-point counter must advance by one per call
+                stop = sigterm.should_stop(call if steps_per_call > 1 else done)
                 if due or stop or done == total_steps:
                     drain(force=True)  # never checkpoint a state produced by a NaN step
                     ckpt.save(state, force=True)

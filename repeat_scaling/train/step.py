@@ -138,10 +138,14 @@ def make_train_step(
     rules: Any = sharding.DEFAULT_RULES,
     jit: bool = True,
     interventions: tuple = (),
+    steps_per_call: int = 1,
 ) -> Callable:
     """Build the train step; with ``jit`` it is compiled with explicit shardings.
 
     ``interventions``: parsed attention clamps applied while their window holds the step.
+    ``steps_per_call`` > 1: the function takes that many batches stacked on a leading
+    axis (sharded by :func:`stacked_sharding`), runs the steps in a ``lax.scan`` and
+    returns every step's metrics stacked (same per-step computation as one step per call).
     """
     mesh: Mesh = info.mesh
     deterministic = not uses_dropout(cfg)
@@ -155,7 +159,7 @@ def make_train_step(
     )
     grad_fn = jax.grad(loss_fn, has_aux=True)
     base_key = state_lib.dropout_base_key(seed)
-    batch_spec = sharding.batch_sharding(mesh, rules).spec
+    batch_sh = sharding.batch_sharding(mesh, rules)
     k = int(grad_accum)
 
     def train_step(state, batch):
@@ -173,8 +177,7 @@ def make_train_step(
             def split(x):
                 x = x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
                 if mesh.size > 1:
-                    spec = PartitionSpec(None, *batch_spec)
-                    x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+                    x = jax.lax.with_sharding_constraint(x, stacked_sharding(batch_sh))
                 return x
 
             micro = jax.tree.map(split, batch)
@@ -226,13 +229,15 @@ def make_train_step(
         }
         return new_state, metrics
 
+    fn, in_batch_sh = train_step, batch_sh
+    if steps_per_call > 1:
+        fn, in_batch_sh = functools.partial(jax.lax.scan, train_step), stacked_sharding(batch_sh)
     if not jit:
-        return train_step
+        return fn
     replicated = NamedSharding(mesh, PartitionSpec())
-    batch_sh = sharding.batch_sharding(mesh, rules)
     compiled = jax.jit(
-        train_step,
-        in_shardings=(info.shardings, batch_sh),
+        fn,
+        in_shardings=(info.shardings, in_batch_sh),
         out_shardings=(info.shardings, replicated),
         donate_argnums=(0,),
         compiler_options=compiler_options(mesh),
@@ -244,6 +249,11 @@ def make_train_step(
 
     run.lower = lambda state, batch: _lower(compiled, mesh, rules, state, batch)  # type: ignore[attr-defined]
     return run
+
+
+def stacked_sharding(batch_sharding: NamedSharding) -> NamedSharding:
+    """Sharding of batches stacked on a new leading (step) axis: that axis unsharded."""
+    return NamedSharding(batch_sharding.mesh, PartitionSpec(None, *batch_sharding.spec))
 
 
 def _lower(compiled, mesh, rules, state, batch):
