@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _base import BYTE_VOCAB_SIZE, adamw, default_config, model_fields  # noqa: E402
 
-
 #: The demo's repeated epochs: 3 decades at f = 50%.
 DEMO_EPOCHS = (1, 4, 16, 64, 256, 1024)
 

@@ -35,6 +35,7 @@ def get_config(arg=""):
     return c
 """
 
+
 @pytest.mark.slow
 def test_mini_sweep_report_writes_findings(tmp_path, shared_data):
     cfg = tmp_path / "mini.py"
