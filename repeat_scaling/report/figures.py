@@ -336,15 +336,15 @@ def double_descent(runs, rows: list[dict], out_dir: str) -> Figure:
             members
         )
     several = len({(arch, obj) for arch, obj, _ in panels}) > 1
-    reps = [m[0] for m in families.values()]
+    everyone = [r for m in families.values() for r in m]
     fig, axes = _grid(len(panels))
     for ax, ((arch, objective, frac), fams) in zip(axes, sorted(panels.items())):
         fams = sorted(
-            fams, key=lambda m: (m[0].params or 0, runs_lib.family_label(m[0], rep_drop, reps))
+            fams, key=lambda m: (m[0].params or 0, runs_lib.family_label(m[0], rep_drop, everyone))
         )
         for k, members in enumerate(fams):
             c = colour(k, len(fams))
-            label = runs_lib.family_label(members[0], rep_drop, reps)
+            label = runs_lib.family_label(members[0], rep_drop, everyone)
             for key, style, hollow in (("test_loss", "-o", False), (None, ":o", True)):
                 by_e: dict[float, list[float]] = {}
                 for r in members:

@@ -79,12 +79,12 @@ def analyse(runs) -> list[Finding]:
     base_drop = runs_lib.REPETITION + runs_lib.SEED
     baselines = runs_lib.group([r for r in done if r.repeated_fraction == 0], base_drop)
     families = runs_lib.group([r for r in done if r.repeated_fraction > 0], rep_drop)
-    reps = [members[0] for members in families.values()]
+    everyone = [r for members in families.values() for r in members]
     size_fits = fits_lib.fit_baselines(done, fits_lib.METRICS[0])
     peaks: dict[tuple, list] = {}  # across model sizes: (params, model, peak E, names)
     for members in families.values():
         first = members[0]
-        label = runs_lib.family_label(first, rep_drop, reps)
+        label = runs_lib.family_label(first, rep_drop, everyone)
         base = baselines.get(first.identity(base_drop), [])
         names = sorted(r.name for r in members + base)
         if first.repeated_fraction >= 1.0:
@@ -92,12 +92,13 @@ def analyse(runs) -> list[Finding]:
         else:
             dd = _double_descent(first, members, base, done, label, names, size_fits)
             found += dd
-            if dd[0].verdict == v.REPRODUCED:
+            peak = next((f for f in dd if f.kind == "double_descent"), None)
+            if peak is not None and peak.verdict == v.REPRODUCED:
                 key = first.identity(runs_lib.MODEL_SIZE + rep_drop)
                 peaks.setdefault(key, []).append(
-                    (first.params or 0.0, first.model, dd[0].numbers["peak_epochs"], names)
+                    (first.params or 0.0, first.model, peak.numbers["peak_epochs"], names)
                 )
-    found += _dropout(done, baselines, reps)
+    found += _dropout(done)
     found += [_peak_shift(sorted(p)) for p in peaks.values() if len(p) >= 2]
     return found
 
@@ -138,6 +139,12 @@ def _control(first, done) -> list:
 
 def _double_descent(first, members, base, done, label, names, size_fits) -> list[Finding]:
     points = _by_epochs(members)
+    means = _means(points)
+    # The worst setting: the peak when there is one, else the highest mean loss (a
+    # family of one E, e.g. the induction-head runs, is compared at that E).
+    worst_e = max(means, key=means.get) if means else None
+    if len(points) < 2:  # not a sweep over E: only the probes can be compared
+        return _probe_drops(first, members, base, worst_e, label, names)
     base_losses = runs_lib.finals(base, "test_loss")
     peak = v.interior_peak(points, base_losses)
     control = _control(first, done)
@@ -145,7 +152,6 @@ def _double_descent(first, members, base, done, label, names, size_fits) -> list
     statement = peak.why
     if control_losses:
         c = v.mean(control_losses)
-        means = _means(points)
         top = max(means.values())
         last = means[max(means)]
         peak.numbers.update(control_loss=c, peak_over_control=top - c, last_over_control=last - c)
@@ -160,21 +166,26 @@ def _double_descent(first, members, base, done, label, names, size_fits) -> list
         peak_e, _means(points), _means(_by_epochs(members, "repeated_loss"))
     )
     out.append(Finding("memorisation", label, mem.verdict, mem.why, mem.numbers, names))
-    worst_e = peak.numbers.get("peak_epochs")
     at_peak = [r for r in members if r.repeated_epochs == worst_e]
-    out.append(_effective(first, at_peak, peak, size_fits, label))
+    out.append(_effective(first, at_peak, peak, worst_e, size_fits, label))
+    return out + _probe_drops(first, members, base, worst_e, label, names)
+
+
+def _probe_drops(first, members, base, worst_e, label, names) -> list[Finding]:
+    """Probe scores of the worst setting against the baseline (above chance only)."""
+    out = []
+    at_worst = [r for r in members if r.repeated_epochs == worst_e]
     for key, kind in PROBE_FINDINGS:
         chance = first.chance(key)
-        if chance is None:
+        if chance is None or not runs_lib.finals(base, key):
             continue
-        drop = v.score_drop(runs_lib.finals(base, key), runs_lib.finals(at_peak, key), chance)
-        if drop.verdict != v.NOT_ENOUGH or runs_lib.finals(base, key):
-            why = f"at E = {worst_e:g}: {drop.why}" if worst_e is not None else drop.why
-            out.append(Finding(kind, label, drop.verdict, why, drop.numbers, names))
+        drop = v.score_drop(runs_lib.finals(base, key), runs_lib.finals(at_worst, key), chance)
+        why = f"at E = {worst_e:g}: {drop.why}" if worst_e is not None else drop.why
+        out.append(Finding(kind, label, drop.verdict, why, drop.numbers, names))
     return out
 
 
-def _effective(first, at_peak, peak, size_fits, label) -> Finding:
+def _effective(first, at_peak, peak, worst_e, size_fits, label) -> Finding:
     fit = size_fits.get(fits_lib.family_of(first))
     names = sorted(r.name for r in at_peak)
     sizes = len({p[0] for p in fit.points}) if fit else 0
@@ -185,16 +196,14 @@ def _effective(first, at_peak, peak, size_fits, label) -> Finding:
     loss = v.mean(runs_lib.finals(at_peak, "test_loss"))
     n_eff = fit.effective_params(loss)
     n = first.params
-    nums.update(peak_epochs=peak.numbers.get("peak_epochs"), loss=loss, params=n)
+    nums.update(peak_epochs=worst_e, loss=loss, params=n)
     if n_eff is None or not math.isfinite(n_eff) or not n:
         why = f"the fit cannot be inverted at loss {loss:.4f}"
         return Finding("effective_size", label, v.NOT_ENOUGH, why, nums, names)
     mult = n_eff / n
     smallest = min(p[0] for p in fit.points)
     nums.update(effective_params=n_eff, multiplier=mult, fit=fit.best.describe())
-    where = (
-        f"N_eff / N = {mult:.3g} at E = {peak.numbers.get('peak_epochs'):g} ({fit.best.describe()})"
-    )
+    where = f"N_eff / N = {mult:.3g} at E = {worst_e:g} ({fit.best.describe()})"
     if n_eff < smallest:
         where += f"; extrapolated below the smallest baseline ({smallest:.3g})"
     degraded = peak.numbers.get("over_baseline", 0.0) > peak.numbers.get("threshold_right", 0.0)
@@ -206,13 +215,15 @@ def _effective(first, at_peak, peak, size_fits, label) -> Finding:
 
 def _multi_epoch(members, base, label, names) -> list[Finding]:
     points = _by_epochs(members)
+    if len(points) < 2 and not base:  # one setting (e.g. a regulariser at one E)
+        return []
     if base:
         points.setdefault(1.0, []).extend(runs_lib.finals(base, "test_loss"))
     res = v.rises_with(points)
     return [Finding("multi_epoch_degradation", label, res.verdict, res.why, res.numbers, names)]
 
 
-def _dropout(done, baselines, reps) -> list[Finding]:
+def _dropout(done) -> list[Finding]:
     """Dropout vs none at the same repeated setting, against the unique baseline."""
     out = []
     drop = runs_lib.DROPOUT + runs_lib.SEED

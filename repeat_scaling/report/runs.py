@@ -541,19 +541,22 @@ def finals(runs, key: str) -> list[float]:
 
 
 def family_label(run, drop: Sequence[str], others: Sequence) -> str:
-    """``model, objective, f=..`` plus every identity key that differs between the
-    families in ``others`` (runs, one per family)."""
+    """``model, objective, f=..`` plus every identity key in which ``run`` departs from
+    the most common value among ``others`` (the runs it is shown beside)."""
     parts = [run.model, run.objective]
     if REPETITION[0] not in drop:
         parts.append(f"f={run.repeated_fraction:g}")
     mine = dict(run.identity(drop))
-    keys = set()
-    for other in others:
-        theirs = dict(other.identity(drop))
-        keys |= {k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)}
+    theirs = [dict(other.identity(drop)) for other in others]
     # Shown already, or implied by the model name.
     skip = {"data.objective", *REPETITION, *MODEL_SIZE[:-1]}
-    for k in sorted(keys - skip):
-        if k in mine:
+    for k in sorted(set(mine) - skip):
+        values = [t.get(k) for t in theirs]
+        if len(set(values)) < 2:
+            continue
+        # Name a key only where this run departs from the most common value (first seen
+        # on ties), so the plain family stays "model, objective, f".
+        usual = max(dict.fromkeys(values), key=values.count)
+        if mine[k] != usual:
             parts.append(f"{k.split('.')[-1]}={mine[k].strip(chr(39))}")
     return ", ".join(parts)
