@@ -57,6 +57,8 @@ class PowerLawFit:
         """The N at which the fit reaches ``value`` (inf when value <= e0)."""
         if not math.isfinite(value) or value <= 0:
             return math.nan
+        if not (self.nc > 0 and math.isfinite(self.nc) and self.alpha > 0):
+            return math.nan  # a degenerate fit (e.g. flat in N) cannot be inverted
         gap = value - self.e0
         if gap <= 0:
             return math.inf
@@ -187,6 +189,8 @@ class MetricSpec:
         return self.upper - value if self.higher_is_better else value
 
 
+#: A fitted exponent below this is no power law (the metric is flat in N).
+MIN_ALPHA = 1e-3
 #: A probe score counts as a circuit only above its chance level plus this margin.
 CHANCE_MARGIN = 0.05
 
@@ -231,19 +235,30 @@ def fit_baseline(metric: MetricSpec, family: tuple, points) -> BaselineFit:
     values = [p[1] for p in pairs]
     for form in FORMS:
         try:
-            result.fits[form] = fit_power_law(sizes, values, form)
+            fit = fit_power_law(sizes, values, form)
         except FitError as e:
             result.failures[form] = str(e)
+            continue
+        if fit.nc > 0 and math.isfinite(fit.nc) and fit.alpha > MIN_ALPHA:
+            result.fits[form] = fit
+        else:
+            result.failures[form] = (
+                f"degenerate fit (Nc = {fit.nc:.3g}, alpha = {fit.alpha:.3g}): the metric "
+                "does not fall with N"
+            )
     return result
 
 
 def family_of(run) -> tuple:
     """Runs comparable across model sizes: (arch, objective, token budget, identity),
     the identity being everything trained except the size, its learning rate, the
-    repetition setting, the regularisers and the seed (:meth:`runs.Run.identity`)."""
+    repetition setting, the regularisers, the seed and the run fine-tuned from
+    (:meth:`runs.Run.identity`)."""
     from repeat_scaling.report import runs as runs_lib
 
+    # init_from too: the fine-tuning report compares fine-tuned runs with from-scratch ones.
     drop = runs_lib.MODEL_SIZE + runs_lib.REPETITION + runs_lib.REGULARISATION + runs_lib.SEED
+    drop += ("init_from",)
     return (run.arch, run.objective, run.total_tokens, run.identity(drop))
 
 
