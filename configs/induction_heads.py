@@ -12,6 +12,13 @@ Scales (`:arg`):
 - `demo`: `attn2_tiny` (d_model 64, 4 heads) on the built-in corpus (byte vocabulary),
   600 steps of 16 x 128 tokens, a checkpoint every 100 steps; f = 0 and f = 50% with
   E = 100: 2 runs.
+- `cpu`: Hernandez (c) on a 2-core CPU: `attn2_tiny` on synthetic byte text with bursty
+  in-document copies (`CPU_SOURCE`), 1000 steps of 16 x 256 tokens; f = 0 and f = 50% at
+  E = 100, two seeds: 4 runs (about 4 min each alone). Measured (f = 0, one seed): a
+  previous-token head forms (0.42) but no induction head (prefix matching 0.043 against a
+  chance level of 0.031), so the report finds the drop untestable ("not enough runs");
+  Olsson et al. see induction heads after billions of tokens: use `small` on an
+  accelerator.
 - `small`: 2 layers, d_model 512, 8 heads of 64, on C4, 20k steps of 32 x 1024 tokens,
   checkpoints every 500 steps; f = 0 and f = 50% with E in {100, 1000}; 2 seeds: 6 runs.
 - `paper`: 2 layers, d_model 768, 12 heads, 100k steps of 256 x 1024 tokens (26B),
@@ -26,7 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _base import adamw, default_config, model_fields  # noqa: E402
 
-SCALES = ("demo", "small", "paper")
+SCALES = ("demo", "cpu", "small", "paper")
+#: The CPU campaign's text: bursty in-document copies of 2-8 words in ~250-byte documents,
+#: so that copying from the context pays within a 256-byte window.
+CPU_SOURCE = "synthetic:num_docs=40000,doc_words=40,p_copy=0.3,seed=1"
 C4 = "tfds:c4/en:3.1.0"
 T5_VOCAB = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
 
@@ -51,6 +61,15 @@ def get_config(arg: str = "demo"):
         c.data.length = 128
         c.train.steps, c.train.batch_size = 600, 16
         every, epochs, seeds = 100, [100], [0]
+        adamw(c, lr=3e-3, warmup=20, schedule="cosine")
+    elif arg == "cpu":
+        c.model = model_fields("attn2_tiny")
+        c.data.source, c.data.vocab = CPU_SOURCE, "byte"
+        c.data.store = "demo_out/stores/synthetic-copies-byte"
+        c.data.length = 256
+        c.train.steps, c.train.batch_size = 1000, 16  # 4.1M tokens, 50 per parameter
+        c.eval.update(dict(test_batches=64, memorisation_examples=64))
+        every, epochs, seeds = 250, [100], [0, 1]
         adamw(c, lr=3e-3, warmup=20, schedule="cosine")
     elif arg == "small":
         c.model = _attention_only("attn2_d512", 512, 8)

@@ -211,7 +211,7 @@ PAPER_CONFIGS = {  # config file -> number of runs at demo / small / paper scale
     "hernandez2022": (5, 21, 287),
     "xue2023": (5, 12, 53),
     "muennighoff2023": (8, 18, 75),
-    "induction_heads": (2, 6, 5),
+    "induction_heads": (2, 6, 5),  # and 4 at `cpu`
 }
 
 
@@ -349,3 +349,15 @@ def test_xue_cpu_campaign_grid_is_as_documented():
         (worst, 0), (worst, 400)}  # fmt: skip
     assert sorted(r.config.seed for r in mlm if r.config.data.repeated_epochs == worst
                   and r.config.model.dropout_rate == 0) == [0, 1]  # fmt: skip
+
+
+def test_induction_cpu_campaign_grid():
+    config_lib = pytest.importorskip("repeat_scaling.train.config")
+    module = _load_config_module("induction_heads")
+    runs = sweeps.expand(module.get_config("cpu"), "/r")
+    assert len(runs) == 4
+    for r in runs:
+        assert config_lib.validate(r.config).attention_only
+        assert r.config.data.source == module.CPU_SOURCE
+    settings = sorted((r.config.data.repeated_fraction, r.config.seed) for r in runs)
+    assert settings == [(0.0, 0), (0.0, 1), (0.5, 0), (0.5, 1)]
