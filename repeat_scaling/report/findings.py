@@ -40,7 +40,7 @@ from repeat_scaling.report import fits as fits_lib
 from repeat_scaling.report import runs as runs_lib
 from repeat_scaling.report import verdicts as v
 
-F_KEY, E_KEY = runs_lib.REPETITION
+E_KEY = runs_lib.REPETITION[1]
 PROBE_FINDINGS = (("prefix_matching", "prefix_matching_drop"), ("copying_score", "copying_drop"))
 FINDINGS_NAME = "findings.json"
 
