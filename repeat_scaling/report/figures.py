@@ -78,7 +78,7 @@ def run_label(run, runs) -> str:
     the run differs from the other runs of its model (e.g. a learning rate or a
     regulariser), and the seed when seeds differ."""
     peers = [r for r in runs if r.config is not None and r.model == run.model]
-    label = runs_lib.family_label(run, runs_lib.REPETITION + runs_lib.SEED, peers)
+    label = runs_lib.family_label(run, runs_lib.ACROSS_REPETITION, peers)
     if len({r.objective for r in runs if r.config is not None}) == 1:
         label = label.replace(f", {run.objective}", "", 1)
     label += f", {run.setting}"
@@ -265,7 +265,7 @@ def run_rows(runs, effective: dict) -> list[dict]:
             {
                 "run": r.name,
                 # Runs alike in everything but f, E and the seed share this key.
-                "family": hash(r.identity(runs_lib.REPETITION + runs_lib.SEED)),
+                "family": hash(r.identity(runs_lib.ACROSS_REPETITION)),
                 "model": r.model,
                 "arch": r.arch,
                 "objective": r.objective,
@@ -320,8 +320,7 @@ def double_descent(runs, rows: list[dict], out_dir: str) -> Figure:
     )
     fig_info.write_points(out_dir, DOUBLE_DESCENT_HEADER, rows)
     done = [r for r in runs if r.config is not None and r.final("test_loss") is not None]
-    rep_drop = runs_lib.REPETITION[1:] + runs_lib.SEED
-    base_drop = runs_lib.REPETITION + runs_lib.SEED
+    rep_drop, base_drop = runs_lib.E_SWEEP, runs_lib.ACROSS_REPETITION
     families = runs_lib.group([r for r in done if 0 < r.repeated_fraction < 1], rep_drop)
     if not families:
         fig_info.notes.append(

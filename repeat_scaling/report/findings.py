@@ -40,7 +40,6 @@ from repeat_scaling.report import fits as fits_lib
 from repeat_scaling.report import runs as runs_lib
 from repeat_scaling.report import verdicts as v
 
-E_KEY = runs_lib.REPETITION[1]
 PROBE_FINDINGS = (("prefix_matching", "prefix_matching_drop"), ("copying_score", "copying_drop"))
 FINDINGS_NAME = "findings.json"
 
@@ -75,8 +74,7 @@ def analyse(runs) -> list[Finding]:
     """Every finding the finished runs can test."""
     done = [r for r in runs if r.config is not None and r.finished]
     found: list[Finding] = []
-    rep_drop = (E_KEY,) + runs_lib.SEED
-    base_drop = runs_lib.REPETITION + runs_lib.SEED
+    rep_drop, base_drop = runs_lib.E_SWEEP, runs_lib.ACROSS_REPETITION
     baselines = runs_lib.group([r for r in done if r.repeated_fraction == 0], base_drop)
     families = runs_lib.group([r for r in done if r.repeated_fraction > 0], rep_drop)
     everyone = [r for members in families.values() for r in members]
@@ -123,7 +121,7 @@ def _peak_shift(peaks: list) -> Finding:
 
 def _control(first, done) -> list:
     """f = 0 runs like ``first`` but trained on its (1 - f) T unique tokens only."""
-    drop = runs_lib.REPETITION + runs_lib.SEED + ("train.steps",)
+    drop = runs_lib.ACROSS_REPETITION + ("train.steps",)
     want = (1.0 - first.repeated_fraction) * (first.total_tokens or 0.0)
     key = first.identity(drop)
     return [
@@ -227,7 +225,7 @@ def _dropout(done) -> list[Finding]:
     """Dropout vs none at the same repeated setting, against the unique baseline."""
     out = []
     drop = runs_lib.DROPOUT + runs_lib.SEED
-    base_drop = runs_lib.DROPOUT + runs_lib.REPETITION + runs_lib.SEED
+    base_drop = runs_lib.DROPOUT + runs_lib.ACROSS_REPETITION
     groups = runs_lib.group([r for r in done if r.repeated_fraction > 0], drop)
     undropped = {k: [r for r in g if r.regularisation == "none"] for k, g in groups.items()}
     plain_base = runs_lib.group([r for r in done if r.repeated_fraction == 0], base_drop)

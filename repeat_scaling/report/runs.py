@@ -79,6 +79,10 @@ MODEL_SIZE = (
     "model.num_decoder_layers",
     "train.optimizer.learning_rate",
 )
+# Family keys: an E sweep (runs alike but for E and the seed), and a repetition family
+# (alike but for f, E and the seed: a repeated setting and its f = 0 baseline).
+E_SWEEP = REPETITION[1:] + SEED
+ACROSS_REPETITION = REPETITION + SEED
 DROPOUT = ("model.dropout_rate", "train.dropout_start_step")
 # Regularisers a repeated run is compared across (Xue et al.): effective sizes measure a
 # regularised run against the unregularised baselines.
