@@ -70,12 +70,14 @@ flags.DEFINE_bool("tpu_keep_on_failure", False, "tpu: keep nodes of failed runs"
 flags.DEFINE_string("tpu_log_dir", "launch_logs", "tpu: local directory for run logs")
 
 flags.DEFINE_integer("slurm_nodes", 1, "slurm: nodes per run")
-flags.DEFINE_integer("slurm_gpus_per_node", 8, "slurm: GPUs per node")
+flags.DEFINE_integer("slurm_gpus_per_node", 8, "slurm: GPUs per node (0: a CPU job)")
+flags.DEFINE_integer("slurm_tasks_per_node", 1, "slurm: tasks per node (1: all GPUs in one task)")
 flags.DEFINE_integer("slurm_cpus_per_task", 0, "slurm: CPUs per task (0: default)")
 flags.DEFINE_string("slurm_time", "24:00:00", "slurm: time limit")
 flags.DEFINE_string("slurm_partition", "", "slurm: partition")
 flags.DEFINE_string("slurm_account", "", "slurm: account")
-flags.DEFINE_integer("slurm_eval_gpus", 1, "slurm: GPUs of the evaluator job")
+flags.DEFINE_integer("slurm_eval_gpus", 1, "slurm: GPUs of the evaluator job (0: CPU)")
+flags.DEFINE_integer("slurm_poll_seconds", 30, "slurm: watching evaluator's training-job check")
 flags.DEFINE_multi_string("slurm_setup", [], "slurm: shell line before srun (repeatable)")
 
 FLAGS = flags.FLAGS
@@ -136,11 +138,13 @@ def build_backend(backend: str):
         SlurmOptions(
             nodes=FLAGS.slurm_nodes,
             gpus_per_node=FLAGS.slurm_gpus_per_node,
+            tasks_per_node=FLAGS.slurm_tasks_per_node,
             cpus_per_task=FLAGS.slurm_cpus_per_task,
             time=FLAGS.slurm_time,
             partition=FLAGS.slurm_partition,
             account=FLAGS.slurm_account,
             eval_gpus=FLAGS.slurm_eval_gpus,
+            poll_seconds=FLAGS.slurm_poll_seconds,
             setup=tuple(FLAGS.slurm_setup),
         )
     )

@@ -199,9 +199,10 @@ def test_slurm_scripts_and_sbatch(fake_cli, tmp_path):
     w0, w1 = root / runs[0].name, root / runs[1].name
     assert fake_cli() == [
         ["sbatch", "--parsable", str(w0 / "slurm" / "train.sbatch")],
-        ["sbatch", "--parsable", "--dependency=after:1001", str(w0 / "slurm" / "eval.sbatch")],
+        ["sbatch", "--parsable", "--dependency=after:1001", str(w0 / "slurm" / "eval.sbatch"),
+         "1001"],
         ["sbatch", "--parsable", str(w1 / "slurm" / "eval.sbatch")],
-    ]
+    ]  # fmt: skip
     assert (w0 / "slurm" / "train.sbatch").read_text().splitlines() == [
         "#!/bin/bash",
         "#SBATCH --job-name=d25m_f10_e100_s0",
@@ -212,22 +213,57 @@ def test_slurm_scripts_and_sbatch(fake_cli, tmp_path):
         "#SBATCH --time=2:00:00",
         "#SBATCH --partition=gpu",
         "#SBATCH --account=lab",
-        "#SBATCH --signal=TERM@120",
         f"#SBATCH --output={w0}/logs/slurm-train-%j.out",
+        "#SBATCH --signal=TERM@120",
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
         "set -euo pipefail",
         "cd /src/repeat_scaling",
         "source .venv/bin/activate",
-        "# One task per node; jax.distributed.initialize() reads the SLURM environment.",
+        "# Every task passes its process count, process id and GPUs (from the SLURM",
+        "# environment) to jax.distributed.initialize.",
+        "status=0",
         "srun --kill-on-bad-exit=1 python3 -m repeat_scaling.train "
         f"--config=configs/hernandez2022.py:paper --workdir={w0} "
-        "--config.data.repeated_fraction=0.1 --config.data.repeated_epochs=100",
+        "--config.data.repeated_fraction=0.1 --config.data.repeated_epochs=100 || status=$?",
+        'if [ "$status" -eq 143 ]; then',
+        "  # SIGTERM (time limit near, scancel --signal=TERM): a checkpoint was saved;",
+        "  # the requeued job resumes from it.",
+        '  echo "trainer preempted (exit 143): requeueing job $SLURM_JOB_ID" >&2',
+        '  scontrol requeue "$SLURM_JOB_ID"',
+        "fi",
+        'exit "$status"',
     ]
     eval0 = (w0 / "slurm" / "eval.sbatch").read_text().splitlines()
     assert "#SBATCH --nodes=1" in eval0 and "#SBATCH --gpus-per-node=1" in eval0
-    assert eval0[-1] == f"srun python3 -m repeat_scaling.evaluate --workdir={w0} --watch"
-    assert eval0[-2] == f"until [ -f {w0}/config.json ]; do sleep 30; done"
+    assert "#SBATCH --requeue" not in eval0 and "export JAX_PLATFORMS=cpu" not in "".join(eval0)
+    watcher = f"srun python3 -m repeat_scaling.evaluate --workdir={w0} --watch &"
+    last_pass = f"  exec srun python3 -m repeat_scaling.evaluate --workdir={w0}"
+    assert watcher in eval0 and last_pass in eval0
+    assert 'train_job="${1:?usage: sbatch eval.sbatch TRAIN_JOB_ID}"' in eval0
     eval1 = (w1 / "slurm" / "eval.sbatch").read_text().splitlines()
     assert eval1[-1] == f"srun python3 -m repeat_scaling.evaluate --workdir={w1}"
+    assert "#SBATCH --kill-on-invalid-dep=yes" in eval1
+
+
+def test_slurm_layout_and_cpu_options():
+    """Tasks per node and a CPU job (gpus_per_node=0) in the script; bad values refused."""
+    opts = SlurmOptions(nodes=2, gpus_per_node=0, tasks_per_node=2, eval_gpus=0, repo="/r")
+    (run,) = sweeps.expand(_config(), "/root", only="*_f10_*")
+    script = SlurmBackend(opts).train_script(Submission(**SUB), run).splitlines()
+    assert "#SBATCH --ntasks-per-node=2" in script and "#SBATCH --nodes=2" in script
+    assert not any("--gpus" in line for line in script)
+    assert "export JAX_PLATFORMS=cpu  # a CPU job (no GPUs asked for)" in script
+    gpu = SlurmOptions(gpus_per_node=8, tasks_per_node=8)
+    assert "#SBATCH --gpus-per-node=8" in SlurmBackend(gpu).train_script(Submission(**SUB), run)
+    for bad, message in [
+        (dict(gpus_per_node=8, tasks_per_node=3), "--slurm_tasks_per_node=3 does not divide"),
+        (dict(tasks_per_node=0), "--slurm_tasks_per_node=0; expected an int >= 1"),
+        (dict(gpus_per_node=-1), "--slurm_gpus_per_node=-1; expected an int >= 0"),
+        (dict(poll_seconds=0), "--slurm_poll_seconds=0; expected an int >= 1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            SlurmOptions(**bad)
 
 
 def test_slurm_through_submit_cli(fake_cli, tmp_path):
@@ -256,11 +292,11 @@ def test_slurm_through_submit_cli(fake_cli, tmp_path):
     ]
     script = (root / "d85m_f10_e100_s0" / "slurm" / "train.sbatch").read_text()
     assert "#SBATCH --nodes=2\n" in script and "#SBATCH --gpus-per-node=4\n" in script
-    assert script.splitlines()[-1] == (
+    assert (
         "srun --kill-on-bad-exit=1 python -m repeat_scaling.train "
         f"--config=configs/hernandez2022.py:paper --workdir={root}/d85m_f10_e100_s0 "
         "--config.model.name=d85m --config.model.d_ff=2048 --config.model.d_model=768 "
         "--config.model.num_decoder_layers=12 --config.model.num_heads=12 "
         "--config.data.repeated_fraction=0.1 "
-        "--config.data.repeated_epochs=100 --config.seed=0"
-    )
+        "--config.data.repeated_epochs=100 --config.seed=0 || status=$?"
+    ) in script.splitlines()
