@@ -340,19 +340,49 @@ EVAL_FLAG = (
 )
 
 
+def readme_commands() -> list[list[str]]:
+    """The `launch/submit.py` commands of the README's "On SLURM" section: GPU, CPU."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### On SLURM") :]
+    section = section[: section.index("\n## ")]
+    blocks = re.findall(r"```\n(.*?)```", section, re.S)
+    commands = [shlex.split(b.replace("\\\n", " ")) for b in blocks]
+    return [c for c in commands if c[:2] == ["python", "launch/submit.py"]]
+
+
+def _readme_command(index: int, root) -> list[str]:
+    """README command `index` run with this interpreter under `root`."""
+    cmd = [sys.executable, *readme_commands()[index][1:]]
+    return [f"--root={root}" if a.startswith("--root=") else a for a in cmd]
+
+
+def test_readme_gpu_command_layout(tmp_path):
+    """The README's GPU command (dry run): 2 nodes, one task of 8 GPUs each, requeue."""
+    cmd = _readme_command(0, tmp_path) + ["--dry_run", "--only=d85m_f0_*"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (script,) = tmp_path.glob("*/slurm/train.sbatch")
+    lines = script.read_text().splitlines()
+    for line in ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--requeue"]:
+        assert f"#SBATCH {line}" in lines
+    assert "#SBATCH --signal=TERM@120" in lines and "source .venv/bin/activate" in lines
+    assert (
+        f"sbatch --parsable --dependency=after:$TRAIN_JOB_ID {script.parent}/eval.sbatch "
+        "$TRAIN_JOB_ID" in proc.stdout
+    )
+
+
 def _submit(slurm, root, store, *extra) -> tuple[str, list[str]]:
-    """`launch/submit.py --backend=slurm` as the README shows it, on the CPU; returns its
-    output and the job ids it submitted."""
-    cmd = [
-        sys.executable, "launch/submit.py", "--config=configs/demo.py", "--backend=slurm",
-        f"--root={root}", f"--only={RUN}", "--slurm_nodes=1", "--slurm_tasks_per_node=2",
-        "--slurm_gpus_per_node=0", "--slurm_eval_gpus=0", "--slurm_time=10:00",
+    """The README's CPU command with a tiny run added; returns its output and the ids
+    of the jobs it submitted."""
+    cmd = _readme_command(1, root) + [
         "--slurm_poll_seconds=1", f"--config.data.store={store}", "--config.data.source=",
         "--config.data.length=64", "--config.train.batch_size=8",
         f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=10",
         "--config.train.log_every=1", "--config.train.progress_bar=off", EVAL_FLAG,
         "--eval_flag=--poll_seconds=1", *extra,
     ]  # fmt: skip
+    assert f"--only={RUN}" in cmd and "--slurm_gpus_per_node=0" in cmd, cmd
     env = dict(slurm.env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
