@@ -254,52 +254,236 @@ def append_line(path: WPath, line: str) -> None:
 
 
 # ----------------------------------------------------------------------------------
-# A writer lock on GCS
+# One writer per workdir: a lock object with compare-and-swap writes (local and GCS)
 # ----------------------------------------------------------------------------------
-class GcsLockError(RuntimeError):
-    """Another live process holds the lock object (or took it over from this one)."""
+class LockError(WorkdirError):
+    """Another live process holds the lock (or took it over from this one); one line."""
 
 
-class GcsLock:
-    """Best-effort exclusive lock: an object ``{"owner", "token", "heartbeat"}`` at ``path``.
+#: Alias of :class:`LockError` (raised by both lock backends).
+GcsLockError = LockError
 
-    Every write and delete of the lock object carries a GCS generation precondition
-    (``ifGenerationMatch``), so it only succeeds on the exact object version this process
-    last read or wrote:
 
-    * ``acquire`` creates the object with ``ifGenerationMatch=0`` (GCS rejects the upload
-      if the object exists, so two processes racing for a free lock cannot both win). A
-      lock whose heartbeat is older than ``stale_s`` (its holder was killed without
-      releasing it), or whose owner is a dead process on this host, is taken over by
-      rewriting it with ``ifGenerationMatch=<the generation read>``: of two processes that
-      saw the same stale lock, only the first rewrite succeeds. The lock is then re-read,
-      and acquiring fails unless it names this holder.
-    * A daemon thread re-reads the lock every ``heartbeat_s`` and rewrites the heartbeat
-      with ``ifGenerationMatch=<the generation read>`` only while the lock still names this
-      holder (``token``, random per acquisition). A holder that was paused past
-      ``stale_s`` and taken over finds another owner (or a failed precondition), stops
-      heart-beating and is marked :attr:`lost`; it never overwrites the new owner's lock.
-    * ``check`` re-reads the lock and raises :class:`GcsLockError` unless this process
-      still holds it (the results writer calls it before every upload).
-    * ``release`` deletes the object only if it still names this holder, with
-      ``ifGenerationMatch=<the generation read>``.
+class WorkdirLock:
+    """Best-effort exclusive lock: a record ``{"owner", "host", "pid", "token", "heartbeat"}``
+    at ``path``, local or gs://. The trainer holds ``WORKDIR/train.lock``, the evaluator
+    ``WORKDIR/eval/results.lock``; :func:`workdir_lock` picks the backend.
 
-    Best effort: clock skew between hosts beyond ``stale_s`` can let a live holder be taken
-    over (it then finds out at its next ``check`` or heartbeat). Emulators that ignore
-    preconditions still get the owner re-reads.
+    Every write and delete of the record is a compare-and-swap on its *generation*
+    (GCS: the object generation with an ``ifGenerationMatch`` precondition; local: a
+    counter in the record, compared and replaced under an ``flock`` of the lock's
+    directory, the file replaced by an atomic rename), so it only succeeds on the exact
+    version this process last read or wrote:
+
+    * ``acquire`` creates the record only if absent (generation 0: two processes racing
+      for a free lock cannot both win). A record whose heartbeat is older than
+      ``stale_s`` (its holder hung or was killed on another host), or whose owner is a
+      dead process on this host, is taken over by rewriting it at the generation read:
+      of two processes that saw the same stale lock only the first rewrite succeeds.
+      :attr:`took_over` then says whose lock it was. The record is re-read, and
+      acquiring fails unless it names this holder.
+    * A daemon thread re-reads the record every ``heartbeat_s`` and rewrites the
+      heartbeat at the generation read only while it still names this holder (``token``,
+      random per acquisition). A holder paused past ``stale_s`` and taken over finds
+      another owner (or a failed compare), stops heart-beating and is marked
+      :attr:`lost`; it never overwrites the new owner's record.
+    * ``check`` re-reads the record and raises :class:`LockError` unless this process
+      still holds it (the results writer calls it before every upload, the trainer
+      before every checkpoint).
+    * ``release`` deletes the record only if it still names this holder.
+
+    Best effort: clock skew between hosts beyond ``stale_s`` can let a live holder be
+    taken over (it then finds out at its next ``check`` or heartbeat). Emulators that
+    ignore GCS preconditions still get the owner re-reads.
     """
 
     def __init__(self, path: WPath, *, heartbeat_s: float = 60.0, stale_s: float = 300.0):
         self.path = path
         self.heartbeat_s = heartbeat_s
         self.stale_s = stale_s
-        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.host = socket.gethostname()
+        self.owner = f"{self.host}:{os.getpid()}"
         self.token = ""
         self.lost = False
+        #: One line naming the stale holder whose lock ``acquire`` took over (else None).
+        self.took_over: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    # -- object access with generations --------------------------------------------------
+    # -- backend: the record with its generation -------------------------------------------
+    def _read(self) -> tuple[dict[str, Any] | None, int | None]:
+        """``(record, generation)``; ``(None, None)`` when absent; ``{}`` when unreadable."""
+        raise NotImplementedError
+
+    def _write(self, if_generation: int) -> int:
+        """Write this holder's record if the generation is ``if_generation`` (0: only if
+        absent); returns the new generation. FileExistsError on a mismatch."""
+        raise NotImplementedError
+
+    def _delete(self, if_generation: int) -> None:
+        """Delete the record if its generation is ``if_generation`` (else nothing)."""
+        raise NotImplementedError
+
+    def _record(self) -> dict[str, Any]:
+        host, _, pid = self.owner.rpartition(":")
+        return {
+            "owner": self.owner,
+            "host": host,
+            "pid": int(pid) if pid.isdigit() else pid,
+            "token": self.token,
+            "heartbeat": time.time(),
+        }
+
+    # -- the protocol ----------------------------------------------------------------------
+    def _mine(self, record: dict[str, Any] | None) -> bool:
+        return bool(self.token) and record is not None and record.get("token") == self.token
+
+    def _holder_alive(self, record: dict[str, Any]) -> bool:
+        owner = str(record.get("owner", ""))
+        host, _, pid = owner.rpartition(":")
+        if host == socket.gethostname() and pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True
+        beat = record.get("heartbeat")
+        return isinstance(beat, (int, float)) and time.time() - beat < self.stale_s
+
+    @staticmethod
+    def _describe(record: dict[str, Any]) -> str:
+        beat = record.get("heartbeat")
+        age = f"{time.time() - beat:.0f} s ago" if isinstance(beat, (int, float)) else "?"
+        return f"{record.get('owner', '?')} (heartbeat {age})"
+
+    def acquire(self) -> None:
+        """Take the lock (or a stale one over); :class:`LockError` if a live holder has it."""
+        import uuid
+
+        record, generation = self._read()
+        self.took_over = None
+        if record is not None and self._holder_alive(record):
+            raise LockError(f"lock {self.path} is held by {self._describe(record)}")
+        self.token = uuid.uuid4().hex
+        try:
+            self._write(0 if generation is None else generation)
+        except FileExistsError:
+            self.token = ""
+            raise LockError(f"lock {self.path} was taken by another process") from None
+        mine, _ = self._read()  # emulators ignore preconditions: the owner decides
+        if not self._mine(mine):
+            self.token = ""
+            owner = "?" if mine is None else mine.get("owner", "?")
+            raise LockError(f"lock {self.path} was taken by {owner}")
+        if record is not None:
+            self.took_over = f"took over the stale lock {self.path} of {self._describe(record)}"
+        self.lost = False
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._beat, name="workdir-lock", daemon=True)
+        self._thread.start()
+        atexit.register(self.release)  # released on normal exit even if never closed
+
+    def check(self) -> None:
+        """Raise :class:`LockError` unless the record still names this holder."""
+        record, _ = self._read()
+        if self.lost or not self._mine(record):
+            self.lost = True
+            owner = "nobody" if record is None else record.get("owner", "?")
+            raise LockError(f"lock {self.path} is no longer held by {self.owner} ({owner} has it)")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                record, generation = self._read()
+                if not self._mine(record):
+                    self.lost = True
+                    return
+                self._write(generation)
+            except FileExistsError:  # changed since the read: another holder took it over
+                self.lost = True
+                return
+            except (OSError, LockError):
+                pass  # transient; the next beat retries
+
+    def release(self) -> None:
+        """Stop the heartbeat and delete the record if still ours (idempotent)."""
+        if self._thread is None:
+            return
+        atexit.unregister(self.release)
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._thread = None
+        try:
+            record, generation = self._read()
+        except (LockError, OSError):
+            return
+        if self._mine(record):
+            self._delete(generation)
+        self.token = ""
+
+
+class LocalLock(WorkdirLock):
+    """:class:`WorkdirLock` on a local file system: the generation is a counter in the
+    record, compared and replaced under an exclusive ``flock`` of the lock's directory
+    (held only for the read-compare-rename)."""
+
+    def _mutex(self):
+        import contextlib
+        import fcntl
+
+        @contextlib.contextmanager
+        def held():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # closing the descriptor releases the flock
+
+        return held()
+
+    def _read_unlocked(self) -> tuple[dict[str, Any] | None, int | None]:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None, None
+        try:
+            record = json.loads(text)
+        except ValueError:
+            record = {}
+        if not isinstance(record, dict):
+            record = {}
+        generation = record.get("generation")
+        return record, generation if isinstance(generation, int) and generation > 0 else 1
+
+    def _read(self) -> tuple[dict[str, Any] | None, int | None]:
+        with self._mutex():
+            return self._read_unlocked()
+
+    def _write(self, if_generation: int) -> int:
+        with self._mutex():
+            _, generation = self._read_unlocked()
+            if (generation or 0) != int(if_generation):
+                raise FileExistsError(str(self.path))
+            new = int(if_generation) + 1
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({**self._record(), "generation": new}), encoding="utf-8")
+            os.replace(tmp, self.path)
+            return new
+
+    def _delete(self, if_generation: int) -> None:
+        with self._mutex():
+            _, generation = self._read_unlocked()
+            if generation == int(if_generation):
+                self.path.unlink(missing_ok=True)
+
+
+class GcsLock(WorkdirLock):
+    """:class:`WorkdirLock` on GCS: the object generation, with ``ifGenerationMatch``
+    preconditions on every upload and delete."""
+
     def _fs_key(self) -> tuple[Any, str, str]:
         import fsspec
 
@@ -307,11 +491,8 @@ class GcsLock:
         return fsspec.filesystem("gs"), bucket, key
 
     def _read(self) -> tuple[dict[str, Any] | None, int | None]:
-        """``(record, generation)`` of the lock object; ``(None, None)`` when absent.
-
-        An unreadable record is ``{}`` (a stale lock). The content is downloaded with
-        ``ifGenerationMatch`` of the metadata just read, so both describe one version.
-        """
+        """The content is downloaded with ``ifGenerationMatch`` of the metadata just
+        read, so both describe one version."""
         fs, bucket, key = self._fs_key()
         for _ in range(5):
             try:
@@ -329,13 +510,11 @@ class GcsLock:
             except ValueError:
                 record = {}
             return (record if isinstance(record, dict) else {}), generation
-        raise GcsLockError(f"lock {self.path} keeps changing; another process is using it")
+        raise LockError(f"lock {self.path} keeps changing; another process is using it")
 
     def _write(self, if_generation: int) -> int:
-        """Upload this holder's record if the object's generation is ``if_generation``
-        (0: only if absent); returns the new generation. FileExistsError on a mismatch."""
         fs, bucket, key = self._fs_key()
-        record = json.dumps({"owner": self.owner, "token": self.token, "heartbeat": time.time()})
+        record = json.dumps(self._record())
         body = (
             "--==0==\nContent-Type: application/json; charset=UTF-8\n\n"
             + json.dumps({"name": key})
@@ -355,97 +534,16 @@ class GcsLock:
         return int(out["generation"])
 
     def _delete(self, if_generation: int) -> None:
-        """Delete the object if its generation is ``if_generation`` (else nothing)."""
         fs, bucket, key = self._fs_key()
         try:
             fs.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=str(if_generation))
         except (FileNotFoundError, FileExistsError):
             pass  # already gone, or replaced by another holder: not ours to delete
 
-    def _mine(self, record: dict[str, Any] | None) -> bool:
-        return bool(self.token) and record is not None and record.get("token") == self.token
 
-    def _holder_alive(self, record: dict[str, Any]) -> bool:
-        owner = str(record.get("owner", ""))
-        host, _, pid = owner.rpartition(":")
-        if host == socket.gethostname() and pid.isdigit():
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                return True
-        beat = record.get("heartbeat")
-        return isinstance(beat, (int, float)) and time.time() - beat < self.stale_s
-
-    # -- the protocol ----------------------------------------------------------------------
-    def acquire(self) -> None:
-        """Take the lock (or a stale one over); :class:`GcsLockError` if a live holder has it."""
-        import uuid
-
-        record, generation = self._read()
-        if record is not None and self._holder_alive(record):
-            beat = record.get("heartbeat")
-            age = f"{time.time() - beat:.0f} s ago" if isinstance(beat, (int, float)) else "?"
-            raise GcsLockError(
-                f"lock {self.path} is held by {record.get('owner', '?')} (heartbeat {age})"
-            )
-        self.token = uuid.uuid4().hex
-        try:
-            self._write(0 if generation is None else generation)
-        except FileExistsError:
-            self.token = ""
-            raise GcsLockError(f"lock {self.path} was taken by another process") from None
-        record, _ = self._read()  # emulators ignore preconditions: the owner decides
-        if not self._mine(record):
-            self.token = ""
-            owner = "?" if record is None else record.get("owner", "?")
-            raise GcsLockError(f"lock {self.path} was taken by {owner}")
-        self.lost = False
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._beat, name="gcs-lock", daemon=True)
-        self._thread.start()
-        atexit.register(self.release)  # released on normal exit even if never closed
-
-    def check(self) -> None:
-        """Raise :class:`GcsLockError` unless the lock object still names this holder."""
-        record, _ = self._read()
-        if self.lost or not self._mine(record):
-            self.lost = True
-            owner = "nobody" if record is None else record.get("owner", "?")
-            raise GcsLockError(
-                f"lock {self.path} is no longer held by {self.owner} ({owner} has it)"
-            )
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
-            try:
-                record, generation = self._read()
-                if not self._mine(record):
-                    self.lost = True
-                    return
-                self._write(generation)
-            except FileExistsError:  # changed since the read: another holder took it over
-                self.lost = True
-                return
-            except (OSError, GcsLockError):
-                pass  # transient; the next beat retries
-
-    def release(self) -> None:
-        """Stop the heartbeat and delete the lock object if still ours (idempotent)."""
-        if self._thread is None:
-            return
-        atexit.unregister(self.release)
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._thread = None
-        try:
-            record, generation = self._read()
-        except GcsLockError:
-            return
-        if self._mine(record):
-            self._delete(generation)
-        self.token = ""
+def workdir_lock(path: WPath, **kwargs: float) -> WorkdirLock:
+    """The :class:`WorkdirLock` for ``path``: :class:`LocalLock` or :class:`GcsLock`."""
+    return (LocalLock if isinstance(path, pathlib.Path) else GcsLock)(path, **kwargs)
 
 
 # ----------------------------------------------------------------------------------

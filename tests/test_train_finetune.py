@@ -113,9 +113,8 @@ def test_finetune_from_run_starts_from_source_params(source_run, c4_byte_store, 
     derived = json.loads((work / "config.json").read_text())["derived"]
     assert derived["init_from"] == rec
 
-    # Rerun with more steps: resumes from its own checkpoint (init_from ignored; the
-    # checkpoint directory RUN/checkpoints/4 names the same source) ...
-    c.train.steps = 3
+    # Rerun: resumes from its own checkpoint (init_from ignored; the checkpoint
+    # directory RUN/checkpoints/4 names the same source) ...
     c.init_from = str(source_run / "checkpoints" / "4")
     assert loop.train(c, work)["resumed_from"] == 2
     c.init_from = str(source_run)

@@ -256,7 +256,7 @@ def test_taken_over_lock_is_never_overwritten_or_deleted(gcs):
     w = results.ResultsWriter(wd)
     assert w.append({"step": 1, "test_loss": 2.0})
     other = workdir_io.GcsLock(path, heartbeat_s=3600, stale_s=0)
-    _fs().pipe_file(key, json.dumps({"owner": "otherhost:9", "token": w._gcs_lock.token,
+    _fs().pipe_file(key, json.dumps({"owner": "otherhost:9", "token": w._lock.token,
                                      "heartbeat": 0}).encode())  # fmt: skip
     other.acquire()
     with pytest.raises(results.ResultsLockedError, match="cannot write .*no longer held"):

@@ -65,7 +65,7 @@ from repeat_scaling.data.store import TokenStore
 from repeat_scaling.eval import downstream, metrics, probes
 from repeat_scaling.eval.results import ResultsWriter
 from repeat_scaling.models.config import ModelConfig
-from repeat_scaling.train import checkpointing
+from repeat_scaling.train import checkpointing, record
 
 
 class EvalError(ValueError):
@@ -113,7 +113,9 @@ class Run:
         if not path.is_file():
             raise EvalError(f"{path} not found: --workdir={workdir} is not a training workdir")
         try:
-            config = json.loads(path.read_text())
+            config = record.effective_config(
+                json.loads(path.read_text()), record.read_resume_log(workdir)
+            )
             model_cfg = ModelConfig.from_dict(config["model"])
             data, train = config["data"], config["train"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:

@@ -7,19 +7,17 @@ writer re-reads the file when it opens it, so a restarted evaluator skips steps 
 recorded and never duplicates a line. A truncated tail left by a kill is terminated with a
 newline before the next append (it is then a corrupt line, reported and skipped).
 
-Only one writer per results file at a time: the writer holds an exclusive ``flock`` on
-``eval/results.lock`` (released by the kernel when the process exits, even on kill -9);
-a second evaluator on the same workdir fails with a clear error instead of racing.
+Only one writer per results file at a time: the writer holds the
+:class:`~repeat_scaling.workdir_io.WorkdirLock` ``eval/results.lock`` (the trainer's lock
+mechanism: owner host:pid and a heartbeat every 60 s; taken over when its holder is a dead
+process on this host, e.g. after kill -9, or its heartbeat is older than 5 minutes); a
+second evaluator on the same workdir fails with a clear error instead of racing.
 
 On a gs:// workdir (:mod:`repeat_scaling.workdir_io`) an object cannot be appended to:
 each ``append`` re-uploads the whole results object (one upload per evaluated step; the
-upload is atomic, so readers see the old or the new file). The lock is then the
-best-effort :class:`~repeat_scaling.workdir_io.GcsLock` object ``eval/results.lock``
-(created with ``ifGenerationMatch=0``, heartbeat every 60 s, taken over when its holder
-is a dead process on this host or its heartbeat is older than 5 minutes; every rewrite
-and delete carries a generation precondition). Before each upload the writer re-reads
-the lock and raises :class:`ResultsLockedError` if another evaluator has taken it over
-(e.g. after this one was paused for longer than 5 minutes).
+upload is atomic, so readers see the old or the new file). Before each upload the writer
+re-reads the lock and raises :class:`ResultsLockedError` if another evaluator has taken
+it over (e.g. after this one was paused for longer than 5 minutes).
 
 Reading: a line that is not a JSON object with an integer ``step`` is reported (a warning
 naming the file and line number) and skipped, never fatal. When the same step appears
@@ -28,7 +26,6 @@ twice (only possible by hand-editing), the first record wins.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
@@ -110,40 +107,25 @@ class ResultsWriter:
 
     def __init__(self, workdir: str | os.PathLike, warn: Callable[[str], None] | None = None):
         self.path = results_path(workdir)
-        self._gcs_lock: workdir_io.GcsLock | None = None
-        self._lock = None
-        if isinstance(self.path, pathlib.Path):
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._lock = open(self.path.parent / LOCK_NAME, "a+")  # held open while writing
-            try:
-                fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self._lock.close()
-                raise ResultsLockedError(
-                    f"another evaluator is writing {self.path} "
-                    f"(lock {self.path.parent / LOCK_NAME})"
-                ) from None
-        else:
-            lock = workdir_io.GcsLock(self.path.parent / LOCK_NAME)
-            try:
-                lock.acquire()
-            except workdir_io.GcsLockError as e:
-                raise ResultsLockedError(
-                    f"another evaluator is writing {self.path} ({e})"
-                ) from None
-            self._gcs_lock = lock
+        workdir_io.mkdirs(self.path.parent)
+        lock = workdir_io.workdir_lock(self.path.parent / LOCK_NAME)
+        try:
+            lock.acquire()
+        except workdir_io.LockError as e:
+            raise ResultsLockedError(f"another evaluator is writing {self.path} ({e})") from None
+        if lock.took_over:
+            (warn or logging.warning)(lock.took_over)
+        self._lock: workdir_io.WorkdirLock | None = lock
         self._warn = warn or logging.warning
         self.records = read_results(self.path, warn=self._warn)
         self._done = {r["step"] for r in self.records}
 
     def close(self) -> None:
-        """Release the writer lock (also released when the process exits)."""
-        if self._gcs_lock is not None:
-            self._gcs_lock.release()
-            self._gcs_lock = None
-        if self._lock is not None and not self._lock.closed:
-            fcntl.flock(self._lock.fileno(), fcntl.LOCK_UN)
-            self._lock.close()
+        """Release the writer lock (a killed writer's lock is taken over: see
+        :class:`~repeat_scaling.workdir_io.WorkdirLock`)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __del__(self):
         try:
@@ -181,6 +163,11 @@ class ResultsWriter:
         if step in self._done:
             return False
         line = json.dumps(_jsonable(record), allow_nan=False, separators=(",", ":")) + "\n"
+        if self._lock is not None:
+            try:
+                self._lock.check()  # taken over while paused: never clobber
+            except workdir_io.LockError as e:
+                raise ResultsLockedError(f"cannot write {self.path}: {e}") from None
         if isinstance(self.path, pathlib.Path):
             self._terminate_partial_tail()
             with open(self.path, "ab") as f:
@@ -188,11 +175,6 @@ class ResultsWriter:
                 f.flush()
                 os.fsync(f.fileno())
         else:  # no appends on object stores: re-upload the whole (small) object
-            if self._gcs_lock is not None:
-                try:
-                    self._gcs_lock.check()  # taken over while paused: never clobber
-                except workdir_io.GcsLockError as e:
-                    raise ResultsLockedError(f"cannot write {self.path}: {e}") from None
             text = workdir_io.read_text(self.path, "")
             if text and not text.endswith("\n"):
                 text += "\n"

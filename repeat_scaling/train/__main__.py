@@ -75,9 +75,13 @@ def main(argv: list[str]) -> None:
         print(str(e), file=sys.stderr, flush=True)
         sys.exit(PREEMPTED_EXIT)
     last = summary.get("last_metrics") or {}
+    loss = f"loss {last['loss']:.4f}" if last.get("loss") is not None else "no loss logged"
+    resumed = summary["resumed_from"]
+    done = summary["final_step"]
+    how = "already trained, nothing to do" if resumed == done else f"resumed from {resumed}"
     print(
-        f"done: step {summary['final_step']} (resumed from {summary['resumed_from']}), "
-        f"loss {last.get('loss', float('nan')):.4f}, workdir {FLAGS.workdir}",
+        f"done: step {summary['final_step']} ({how}), {loss} (step {last.get('step', '?')}), "
+        f"workdir {FLAGS.workdir}",
         file=sys.stderr,
     )
 

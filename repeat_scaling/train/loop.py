@@ -4,17 +4,25 @@
 work (everything that can fail on bad input fails before anything is compiled):
 
 1. validate the config (:mod:`repeat_scaling.train.config`) against the devices;
-2. open the token store (preparing it first when ``data.source`` is given and the store
+2. take the workdir's lock (``WORKDIR/train.lock``, :class:`~repeat_scaling.workdir_io.
+   WorkdirLock`): one trainer per workdir; a second one stops at once with one line
+   naming the holder; a stale lock (dead holder on this host, old heartbeat) is taken over;
+3. open the token store (preparing it first when ``data.source`` is given and the store
    does not exist), build the objective and the repetition plan;
-3. check ``init_from`` (fine-tuning, :mod:`repeat_scaling.train.init_from`) unless the
+4. check ``init_from`` (fine-tuning, :mod:`repeat_scaling.train.init_from`) unless the
    workdir already has checkpoints (then it resumes, and a different ``init_from`` than
    the recorded one is an error);
-4. write ``config.json`` (resolved config + ``derived``), ``data_plan.json`` and, for a
-   new fine-tuning run, ``init_from.json``;
-5. create the state sharded, restore the latest committed checkpoint (the data
+5. a resume compares the resolved config with the recorded ``config.json``
+   (:mod:`repeat_scaling.train.record`): a difference that changes what was trained is a
+   one-line error naming each key, before anything is restored or overwritten;
+6. create the state sharded, restore the latest committed checkpoint (the data
    position is the step number, so nothing else is needed to resume exactly), or, for a
    new fine-tuning run, restore the source parameters with a fresh optimizer state;
-6. loop: batch(step) -> ``make_array_from_process_local_data`` -> step -> metrics;
+7. a new run writes its record (``config.json``: resolved config + ``derived``,
+   ``data_plan.json`` and, when fine-tuning, ``init_from.json``), once; a resume appends
+   the accepted changes to ``resume_log.jsonl``. A start that fails before its first
+   checkpoint leaves no record (and no new empty workdir);
+8. loop: batch(step) -> ``make_array_from_process_local_data`` -> step -> metrics;
    checkpoint every ``train.checkpoint_every`` steps, on SIGTERM and at the end;
    stop with :class:`NonFiniteLossError` on a NaN/Inf loss or gradient, without saving
    the bad state (the last good checkpoint stays the latest).
@@ -26,7 +34,9 @@ the traced step counter; the in-loop held-out eval runs the model without them.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,11 +47,13 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 from repeat_scaling import sharding, workdir_io
 from repeat_scaling.train import checkpointing, distributed, metrics, optimizers
 from repeat_scaling.train import config as config_lib
 from repeat_scaling.train import init_from as init_from_lib
+from repeat_scaling.train import record as record_lib
 from repeat_scaling.train import state as state_lib
 from repeat_scaling.train import step as step_lib
 
@@ -278,13 +290,106 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     model_cfg = config_lib.validate(
         config, num_devices=jax.device_count(), process_count=jax.process_count()
     )
+    primary = jax.process_index() == 0
+    created = isinstance(workdir, pathlib.Path) and not workdir.exists()
+    lock = _take_lock(workdir) if primary else None
+    wrote: list[Any] = []  # record files this start wrote (removed if nothing is committed)
+    failed = True
+    try:
+        out = _train_locked(config, workdir, model_cfg, lock, wrote)
+        failed = False
+        return out
+    finally:
+        if failed and primary and not checkpointing.committed_steps(workdir):
+            for path in wrote:  # a start that committed nothing leaves no record
+                path.unlink(missing_ok=True)
+        if lock is not None:
+            lock.release()
+        if failed and created and primary and not any(p.is_file() for p in workdir.rglob("*")):
+            shutil.rmtree(workdir, ignore_errors=True)  # nor an empty new workdir
+
+
+def _take_lock(workdir: Any) -> workdir_io.WorkdirLock:
+    """The trainer's lock on ``workdir`` (one trainer per workdir), taken before anything
+    is written; a live holder is a one-line :class:`~repeat_scaling.workdir_io.LockError`."""
+    workdir_io.mkdirs(workdir)
+    lock = workdir_io.workdir_lock(workdir / record_lib.LOCK)
+    try:
+        lock.acquire()
+    except workdir_io.LockError as e:
+        raise workdir_io.LockError(
+            f"another trainer is running in {workdir}: {e}; wait for it or stop it"
+        ) from None
+    if lock.took_over:
+        logging.warning("%s", lock.took_over)
+    return lock
+
+
+def _last_logged(workdir: Any, step: int) -> dict[str, Any]:
+    """The last record of ``train/metrics.jsonl`` at or before ``step`` ({} if none)."""
+    text = workdir_io.read_text(workdir / "train" / "metrics.jsonl", "") or ""
+    last: dict[str, Any] = {}
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            last = rec
+    return last
+
+
+def _check_more_steps(
+    config: Any, recorded: dict[str, Any], done: int, store: Any, objective: Any, plan: Any
+) -> None:
+    """A changed ``train.steps`` must keep the data and learning rates of the ``done``
+    steps already trained (ConfigError naming what would change)."""
+    from repeat_scaling.data import pipeline
+
+    old_steps, new_steps = int(recorded["train"]["steps"]), int(config.train.steps)
+    change = f"train.steps: {old_steps} (recorded) vs {new_steps} (now)"
+    steps = np.arange(done)
+    old_lr = optimizers.make_optimizer(config.train.optimizer, old_steps)[1]
+    new_lr = optimizers.make_optimizer(config.train.optimizer, new_steps)[1]
+    if done and not np.allclose(
+        np.asarray(old_lr(steps)), np.asarray(new_lr(steps)), rtol=1e-6, atol=0
+    ):
+        raise config_lib.ConfigError(
+            f"{change} changes the learning rates of the {done} steps already trained "
+            "(the schedule decays over train.steps unless train.optimizer.decay_steps is "
+            "set); use a new --workdir"
+        )
+    d = config.data
+    old_plan = pipeline.build_plan(
+        store.split("train"),
+        objective,
+        old_steps,
+        int(config.train.batch_size),
+        float(d.repeated_fraction),
+        int(d.repeated_epochs),
+        int(config.seed),
+    )
+    slots = np.arange(min(done * int(config.train.batch_size), old_plan.num_slots))
+    if slots.size and not all(
+        np.array_equal(a, b) for a, b in zip(old_plan.chunks(slots), plan.chunks(slots))
+    ):
+        raise config_lib.ConfigError(
+            f"{change} changes the data of the {done} steps already trained (the repeated "
+            "subset is a fraction of all training tokens); use a new --workdir"
+        )
+
+
+def _train_locked(
+    config: Any, workdir: Any, model_cfg: Any, lock: Any, wrote: list[Any]
+) -> dict[str, Any]:
     tc = config.train
     clamps = config_lib.interventions(config, model_cfg)
     store, objective, plan = build_data(config, model_cfg)
     # Fine-tuning source: checked before anything is written to the workdir.
     source = None
     init_from, init_step = str(config.get("init_from", "")), int(config.get("init_step", -1))
-    if checkpointing.committed_steps(workdir):
+    committed = checkpointing.committed_steps(workdir)
+    if committed:
         init_record = init_from_lib.check_resume(workdir, init_from, init_step)
     elif init_from:
         source = init_from_lib.resolve(init_from, init_step, model_cfg, store.vocab)
@@ -299,19 +404,18 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     derived["interventions"] = [
         dataclasses.asdict(c) if dataclasses.is_dataclass(c) else c for c in clamps
     ]
+    resolved = resolved_config(config, model_cfg, derived)
+    # The record: compared before anything is overwritten or restored.
+    recorded = record_lib.read_json(workdir / record_lib.CONFIG) if committed else None
+    if committed and recorded is None:
+        raise config_lib.ConfigError(
+            f"{workdir} has checkpoints {committed} but no readable {record_lib.CONFIG}; "
+            "it cannot be resumed safely"
+        )
+    changes = record_lib.check_resume(workdir, recorded, resolved) if recorded else []
+    if any(k == "train.steps" for k, _, _ in changes):
+        _check_more_steps(config, recorded, committed[-1], store, objective, plan)
     primary = jax.process_index() == 0
-    if primary:
-        workdir_io.mkdirs(workdir)
-        if source is not None:
-            write_json(workdir / init_from_lib.RECORD, init_record)
-        write_json(workdir / "config.json", resolved_config(config, model_cfg, derived))
-        summary = dict(plan.summary())
-        tpe = int(objective.tokens_per_example)
-        summary.setdefault("tokens_per_example", tpe)
-        summary.setdefault("raw_tokens_per_chunk", int(objective.raw_length))
-        summary.setdefault("total_tokens", derived["total_tokens"])
-        write_json(workdir / "data_plan.json", summary)
-    distributed.sync("workdir_written")
 
     dcn = {a: int(n) for a, n in dict(config.mesh.dcn).items()}
     mesh = sharding.make_mesh(
@@ -336,6 +440,22 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     else:
         state, _ = state_lib.create_train_state(model_cfg, tx, mesh, int(config.seed), rules)
     start = int(jax.device_get(state["step"]))
+    if primary:
+        if recorded is None:  # a new run (or one that committed nothing): its record
+            if source is not None:
+                write_json(workdir / init_from_lib.RECORD, init_record)
+                wrote.append(workdir / init_from_lib.RECORD)
+            write_json(workdir / record_lib.CONFIG, resolved)
+            wrote.append(workdir / record_lib.CONFIG)
+            summary = dict(plan.summary())
+            summary.setdefault("tokens_per_example", int(objective.tokens_per_example))
+            summary.setdefault("raw_tokens_per_chunk", int(objective.raw_length))
+            summary.setdefault("total_tokens", derived["total_tokens"])
+            write_json(workdir / record_lib.DATA_PLAN, summary)
+            wrote.append(workdir / record_lib.DATA_PLAN)
+        elif changes:
+            record_lib.append_resume_log(workdir, start, changes)
+    distributed.sync("workdir_written")
     steps_per_call = int(derived["steps_per_call"])
     step_fns = {
         n: step_lib.make_train_step(
@@ -358,15 +478,19 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     heldout = []
     if tc.eval_every:
         from repeat_scaling.data import pipeline
+        from repeat_scaling.data.batcher import BatcherError
 
         eval_step = step_lib.make_eval_step(info, model_cfg, rules)
-        heldout = pipeline.heldout_batches(
-            store.split("validation"),
-            objective,
-            int(tc.batch_size),
-            int(tc.eval_batches),
-            int(config.seed),
-        )
+        try:
+            heldout = pipeline.heldout_batches(
+                store.split("validation"),
+                objective,
+                int(tc.batch_size),
+                int(tc.eval_batches),
+                int(config.seed),
+            )
+        except BatcherError as e:
+            raise config_lib.ConfigError(f"train.eval_batches={tc.eval_batches}: {e}") from None
 
     from repeat_scaling.data.batcher import Batcher
 
@@ -493,6 +617,8 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
                 stop = sigterm.should_stop(call if steps_per_call > 1 else done)
                 if due or stop or done == total_steps:
                     drain(force=True)  # never checkpoint a state produced by a NaN step
+                    if lock is not None and lock.lost:  # taken over while this one hung
+                        lock.check()
                     ckpt.save(state, force=True)
                     writer.flush()  # gs://: metrics up to every checkpoint survive a kill
                 if stop:
@@ -505,6 +631,8 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
         batcher.close()
         writer.close()
         ckpt.close()
+    if not last and primary:  # nothing left to train: report the last logged step
+        last = _last_logged(workdir, start)
     return {"final_step": total_steps, "resumed_from": start, "last_metrics": last}
 
 

@@ -1,0 +1,277 @@
+"""Run records that cannot lie: one trainer per workdir, resumes that must match the
+record, verified checkpoints and stores, I/O errors that stop the trainer.
+
+Every test starts from a copy of one tiny trained workdir (module fixture, 8 steps of
+``configs/demo.py``'s decoder on the built-in corpus, checkpoints at 4 and 8) and checks
+that nothing already committed (checkpoints, metrics, config.json, data_plan.json) was
+lost.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from repeat_scaling import workdir_io
+from repeat_scaling.train import checkpointing, loop, record
+from repeat_scaling.train import config as config_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "configs"))
+import demo  # noqa: E402
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    from repeat_scaling.prepare import prepare_store
+
+    out = tmp_path_factory.mktemp("store") / "builtin-byte"
+    prepare_store("builtin", "byte", str(out), progress=False, log=lambda *_: None)
+    return out
+
+
+def tiny_config(store_dir, **overrides):
+    c = demo.get_config("dec")
+    c.data.store = str(store_dir)
+    c.data.source = ""
+    c.data.length = 32
+    c.train.batch_size = 8
+    c.train.steps = STEPS
+    c.train.log_every = 1
+    c.train.checkpoint_every = 4
+    c.train.keep = 3
+    c.train.progress_bar = "off"
+    c.train.optimizer.decay_steps = 100  # the schedule does not depend on train.steps
+    for k, v in overrides.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+@pytest.fixture(scope="module")
+def trained(store_dir, tmp_path_factory):
+    wd = tmp_path_factory.mktemp("trained") / "run"
+    loop.train(tiny_config(store_dir), wd)
+    return wd
+
+
+def snapshot(wd: pathlib.Path) -> dict:
+    """What a workdir has committed: checkpoint steps and the record's bytes."""
+    return {
+        "steps": checkpointing.committed_steps(wd),
+        "config": (wd / "config.json").read_bytes(),
+        "plan": (wd / "data_plan.json").read_bytes(),
+        "metrics": (wd / "train" / "metrics.jsonl").read_text().splitlines(),
+    }
+
+
+def assert_kept(wd: pathlib.Path, before: dict) -> None:
+    """Nothing committed was lost: every checkpoint, the record, the logged lines."""
+    after = snapshot(wd)
+    assert set(before["steps"]) <= set(after["steps"]), (before["steps"], after["steps"])
+    assert after["config"] == before["config"] and after["plan"] == before["plan"]
+    assert after["metrics"][: len(before["metrics"])] == before["metrics"]
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    wd = tmp_path / "run"
+    shutil.copytree(trained, wd)
+    return wd, snapshot(wd)
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+# ----------------------------------------------------------------------------------
+# One trainer per workdir
+# ----------------------------------------------------------------------------------
+def _cli(workdir, store_dir, *args):
+    cmd = [
+        sys.executable,
+        "-m",
+        "repeat_scaling.train",
+        "--config=configs/demo.py",
+        f"--workdir={workdir}",
+        f"--config.data.store={store_dir}",
+        "--config.data.source=",
+        "--config.data.length=32",
+        "--config.train.batch_size=8",
+        "--config.train.log_every=1",
+        "--config.train.checkpoint_every=5",
+        "--config.train.progress_bar=off",
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_second_trainer_exits_at_once_naming_the_holder(store_dir, tmp_path):
+    wd = tmp_path / "w"
+    first = _cli(wd, store_dir, "--config.train.steps=5000")
+    try:
+        metrics = wd / "train" / "metrics.jsonl"
+        deadline = time.monotonic() + 240
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 6):
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "first trainer logged no steps"
+            time.sleep(0.5)
+        config_before = (wd / "config.json").read_bytes()
+        t0 = time.monotonic()
+        second = _cli(wd, store_dir, "--config.train.optimizer.learning_rate=0.01")
+        _, err = second.communicate(timeout=120)
+        elapsed = time.monotonic() - t0
+        assert second.returncode == 1, err[-3000:]
+        lines = [s for s in err.splitlines() if s.strip()]
+        assert "Traceback" not in err and lines[-1].startswith("error: another trainer is")
+        assert f"{socket.gethostname()}:{first.pid}" in lines[-1], lines[-1]
+        assert first.poll() is None  # the holder trains on, undisturbed
+        assert (wd / "config.json").read_bytes() == config_before
+        print(f"second trainer refused in {elapsed:.1f} s")
+    finally:
+        first.terminate()  # SIGTERM: saves a checkpoint and exits 143
+        _, err = first.communicate(timeout=120)
+    assert first.returncode == 143, err[-3000:]
+    saved = checkpointing.committed_steps(wd)
+    lrs = [json.loads(s)["learning_rate"] for s in (wd / "train" / "metrics.jsonl").open()]
+    assert saved and len(lrs) >= saved[-1]
+    # one schedule (warmup to 3e-3), never the second trainer's lr=0.01
+    assert max(lrs) <= 3e-3 + 1e-9
+    assert json.loads((wd / "config.json").read_text())["train"]["optimizer"][
+        "learning_rate"
+    ] == pytest.approx(3e-3)
+    assert not (wd / record.LOCK).exists()  # released on exit
+
+
+def test_stale_lock_is_taken_over_and_finished_run_reports_its_loss(store_dir, run_copy, caplog):
+    wd, before = run_copy
+    lock = wd / record.LOCK
+    gone = f"{socket.gethostname()}:{dead_pid()}"
+    lock.write_text(json.dumps({"owner": gone, "heartbeat": time.time(), "generation": 3}))
+    summary = loop.train(tiny_config(store_dir), wd)
+    assert any(f"took over the stale lock {lock} of {gone}" in r.message for r in caplog.records)
+    assert not lock.exists()
+    # rerunning the finished run: nothing trained, the last logged loss reported
+    last = json.loads(before["metrics"][-1])
+    assert summary["resumed_from"] == STEPS and summary["last_metrics"]["loss"] == last["loss"]
+    assert_kept(wd, before)
+
+
+def test_lock_heartbeat_staleness(tmp_path):
+    path = tmp_path / "train.lock"
+    for age, free in ((3600, True), (5, False)):
+        path.write_text(json.dumps({"owner": "otherhost:1", "heartbeat": time.time() - age}))
+        lock = workdir_io.workdir_lock(path, stale_s=60)
+        if free:
+            lock.acquire()
+            assert "otherhost:1 (heartbeat 3600 s ago)" in lock.took_over
+            rec = json.loads(path.read_text())
+            assert rec["host"] == socket.gethostname() and rec["pid"] == os.getpid()
+            assert isinstance(rec["heartbeat"], float)
+            other = workdir_io.workdir_lock(path)
+            other.owner = "otherhost:2"
+            with pytest.raises(workdir_io.LockError, match=f"held by {lock.owner}"):
+                other.acquire()
+            lock.release()
+            assert not path.exists()
+        else:
+            with pytest.raises(workdir_io.LockError, match="held by otherhost:1"):
+                lock.acquire()
+            assert path.exists()
+
+
+# ----------------------------------------------------------------------------------
+# Resumes must match the record
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (
+            {"train.optimizer.learning_rate": 0.01},
+            ["train.optimizer.learning_rate: 0.003 (recorded) vs 0.01 (now)"],
+        ),
+        (
+            {"data.repeated_fraction": 0.5, "data.repeated_epochs": 4, "train.batch_size": 16},
+            [
+                "data.repeated_fraction: 0.0 (recorded) vs 0.5 (now)",
+                "data.repeated_epochs: 1 (recorded) vs 4 (now)",
+                "train.batch_size: 8 (recorded) vs 16 (now)",
+            ],
+        ),
+        ({"model.d_model": 32}, ["model.d_model: 64 (recorded) vs 32 (now)"]),
+    ],
+)
+def test_resume_with_another_config_is_refused(store_dir, run_copy, overrides, named):
+    wd, before = run_copy
+    with pytest.raises(config_lib.ConfigError) as e:
+        loop.train(tiny_config(store_dir, **overrides), wd)
+    msg = str(e.value)
+    assert "\n" not in msg and "refusing to resume" in msg
+    for n in named:
+        assert n in msg, msg
+    assert_kept(wd, before)
+    assert not (wd / record.RESUME_LOG).exists()
+
+
+def test_resumable_changes_are_logged_never_written_into_the_record(store_dir, run_copy):
+    wd, before = run_copy
+    # more steps: the plan orders its slots by their total count, so the past would change
+    with pytest.raises(config_lib.ConfigError, match="train.steps: 8 .* changes the data"):
+        loop.train(tiny_config(store_dir, **{"train.steps": STEPS + 2}), wd)
+    c = tiny_config(store_dir, **{"train.keep": 5, "train.log_every": 2})
+    c.eval.test_batches = 3
+    summary = loop.train(c, wd)
+    assert summary["resumed_from"] == STEPS
+    assert_kept(wd, before)  # config.json and data_plan.json as the run that made them
+    (entry,) = record.read_resume_log(wd)
+    assert entry["step"] == STEPS
+    assert entry["changes"] == {
+        "eval.test_batches": [None, 3],
+        "train.keep": [3, 5],
+        "train.log_every": [1, 2],
+    }
+    recorded = json.loads(before["config"])
+    effective = record.effective_config(recorded, record.read_resume_log(wd))
+    assert effective["train"]["keep"] == 5 and recorded["train"]["keep"] == 3
+
+
+def test_more_steps_that_change_the_past_are_refused(store_dir, trained):
+    recorded = json.loads((trained / "config.json").read_text())
+    for overrides, why in (
+        (
+            {"train.optimizer.decay_steps": 0, "train.optimizer.warmup_steps": 0},
+            "changes the learning rates of the 8 steps",
+        ),
+    ):
+        old = tiny_config(store_dir, **overrides)
+        new = tiny_config(store_dir, **{**overrides, "train.steps": 40})
+        model_cfg = config_lib.validate(old)
+        store, objective, plan = loop.build_data(new, model_cfg)
+        rec = {**recorded, "train": {**recorded["train"], "steps": STEPS}}
+        with pytest.raises(config_lib.ConfigError, match=f"train.steps: 8 .* {why}"):
+            loop._check_more_steps(new, rec, STEPS, store, objective, plan)
+
+
+def test_failed_start_leaves_no_record(store_dir, tmp_path):
+    wd = tmp_path / "new"
+    # fails after the data is built (held-out batches for the in-loop eval)
+    c = tiny_config(store_dir, **{"train.eval_every": 2, "train.eval_batches": 10**6})
+    with pytest.raises(config_lib.ConfigError, match="eval_batches=1000000: held-out split"):
+        loop.train(c, wd)
+    assert not (wd / "config.json").exists() and not (wd / "data_plan.json").exists()
+    assert not (wd / record.LOCK).exists()
