@@ -320,6 +320,22 @@ def test_scan_unrolled_remat_and_param_share_agree():
     np.testing.assert_allclose(_call(a, tok), _call(b, tok), atol=1e-5)
 
 
+def test_scan_unroll_emits_the_stack_without_a_loop():
+    """``scan_unroll`` >= the layer count: the same stacked weights, no while loop."""
+    tok = _tokens((2, 8))
+    scanned = _model(TINY_DEC, 1)
+    flat = convert.canonical_to_model(
+        TINY_DEC.replace(scan_unroll=2), convert.model_to_canonical(scanned)
+    )
+    np.testing.assert_allclose(_call(flat, tok), _call(scanned, tok), atol=1e-6)
+    for m, loops in ((scanned, True), (flat, False)):
+        graphdef, state = nnx.split(m)
+        hlo = jax.jit(lambda s, t, g=graphdef: nnx.merge(g, s)(t)).lower(state, tok).as_text()
+        assert ("stablehlo.while" in hlo) == loops
+    with pytest.raises(ValueError, match=r"scan_unroll=0; expected an int >= 1"):
+        TINY_DEC.replace(scan_unroll=0)
+
+
 def test_dropout_staging_and_determinism():
     cfg = TINY_DEC.replace(dropout_rate=0.3, attention_dropout_rate=0.1, droppath_rate=0.1)
     model = _model(cfg)

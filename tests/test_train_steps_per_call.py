@@ -147,3 +147,21 @@ def test_batcher_spans_and_accounting_match_per_step(store_dir):
         got[1]["decoder_target_tokens"][0], b.batch(2)["decoder_target_tokens"]
     )
     b.close()
+
+
+def test_unrolled_layer_stack_trains_like_the_loop(store_dir, tmp_path):
+    """``model.scan_unroll`` >= the layer count: the same parameters and math as straight-
+    line code; XLA orders a few reductions differently, so floats agree to the last bits
+    (measured: grad_norm 1 ulp apart at step 5, parameters <= 1.2e-7 apart at step 6)."""
+    kw = {"train.steps": 6, "train.checkpoint_every": 6}
+    (_, ma, _, ca, pa) = _run(store_dir, tmp_path / "u1", 1, **kw)
+    (_, mb, _, cb, pb) = _run(store_dir, tmp_path / "u2", 1, **kw, **{"model.scan_unroll": 2})
+    assert ca == cb and [r["step"] for r in ma] == [r["step"] for r in mb] == list(range(1, 7))
+    for a, b in zip(ma, mb, strict=True):
+        assert a["tokens_seen"] == b["tokens_seen"]
+        np.testing.assert_allclose(
+            [a["loss"], a["grad_norm"]], [b["loss"], b["grad_norm"]], rtol=1e-5
+        )
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
+        assert x.shape == y.shape
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-5)

@@ -15,6 +15,10 @@ Conventions:
 * MoE: ``num_experts > 0`` makes every ``moe_every``-th layer (1-based: layers
   moe_every, 2*moe_every, ...) a top-``top_k`` mixture of experts.
 * ``param_share``: all layers of a stack share one set of weights (ALBERT-style).
+* ``scan_unroll``: layers per iteration of the scanned stack's loop (``lax.scan``
+  ``unroll``); a value >= the layer count emits the stack as straight-line code. The
+  parameters and the numbers are the same; only the compiled program differs (for 2-layer
+  CPU models it saves the loop's stacked residual buffers, see the README's benchmarks).
 * ``dtype`` is the compute dtype; parameters are stored in ``param_dtype`` (float32).
 * ``attention_impl``: "einsum" (explicit einsums, float32 softmax; supports attention
   dropout and returning weights), "xla" / "cudnn" (``jax.nn.dot_product_attention``;
@@ -70,6 +74,7 @@ class ModelConfig:
     router_z_loss_coef: float = 0.001
     param_share: bool = False
     scan_layers: bool = True
+    scan_unroll: int = 1
     remat_policy: str = "none"
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -127,6 +132,8 @@ class ModelConfig:
             bad("attention_impl", f"one of {ATTENTION_IMPLS}")
         if self.attention_impl != "einsum" and self.attention_dropout_rate:
             bad("attention_impl", "'einsum' when attention_dropout_rate > 0")
+        if not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
+            bad("scan_unroll", "an int >= 1 (layers per loop iteration)")
         if self.remat_policy not in REMAT_POLICIES:
             bad("remat_policy", f"one of {REMAT_POLICIES}")
         if self.dtype not in DTYPES:

@@ -823,7 +823,12 @@ class LayerStack(nnx.Module):
                 return y, (a, w, c)
 
             idxs = jnp.arange(self.num_units)
-            x, (a, w, new_cache) = jax.lax.scan(step, x, (None if shared else state, idxs, cache))
+            x, (a, w, new_cache) = jax.lax.scan(
+                step,
+                x,
+                (None if shared else state, idxs, cache),
+                unroll=min(cfg.scan_unroll, self.num_units),
+            )
             aux = aux + a.sum(axis=0)
             per_unit = [jax.tree.map(lambda t, i=i: t[i], w) for i in range(self.num_units)]
         layers_attn: list[tuple] = []

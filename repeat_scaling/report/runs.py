@@ -64,6 +64,7 @@ NOT_IDENTITY = (
     "train.eval_batches",
     "train.peak_tflops",
     "train.steps_per_call",
+    "model.scan_unroll",
 )
 # The sweep axes of the papers' figures.
 SEED = ("seed",)
