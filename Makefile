@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo bench clean slurm
 
 # .venv/.installed is refreshed whenever setup.py changes.
 $(VENV)/.installed: setup.py constraints-cpu.txt
@@ -20,7 +20,12 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check repeat_scaling tests configs launch
 	$(VENV)/bin/ruff format --check repeat_scaling tests configs launch
 
-test: lint
+# tests/test_launch_slurm.py starts a real slurmctld + slurmd: installs slurm-wlm and munge
+# with apt-get when run as root (a no-op once installed); others install them by hand.
+slurm:
+	-bash .ci/install_slurm.sh
+
+test: lint slurm
 	$(PY) -m pytest -q tests
 
 # prepare the built-in corpus -> demo sweep (train + evaluate) -> report in demo_out/report
