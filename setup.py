@@ -46,6 +46,8 @@ setup(
             "safetensors>=0.4",
             # Local GCS emulator for the gs:// workdir tests (tests/test_workdir_gcs.py).
             "gcp-storage-emulator>=2024.8",
+            # TensorBoard's own event reader, for the evaluator's scalars (its tests).
+            "tensorboard>=2.15",
         ],
     },
     entry_points={

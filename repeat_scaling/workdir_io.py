@@ -151,8 +151,8 @@ def join(root: str, *parts: str) -> str:
 # ----------------------------------------------------------------------------------
 # Whole-file reads and writes
 # ----------------------------------------------------------------------------------
-def write_text_atomic(path: WPath, text: str) -> None:
-    """Replace ``path`` with ``text`` so readers see the old or the new file, never half.
+def write_bytes_atomic(path: WPath, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so readers see the old or the new file, never half.
 
     Local: write ``<name>.tmp`` then rename. GCS: one object upload (atomic per object).
     Parent directories are created locally.
@@ -160,10 +160,15 @@ def write_text_atomic(path: WPath, text: str) -> None:
     if isinstance(path, pathlib.Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     else:
-        path.write_text(text, encoding="utf-8")
+        path.write_bytes(data)
+
+
+def write_text_atomic(path: WPath, text: str) -> None:
+    """:func:`write_bytes_atomic` of ``text`` in UTF-8."""
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path: WPath, obj: Any, *, default: Any = None) -> None:
