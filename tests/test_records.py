@@ -275,3 +275,92 @@ def test_failed_start_leaves_no_record(store_dir, tmp_path):
         loop.train(c, wd)
     assert not (wd / "config.json").exists() and not (wd / "data_plan.json").exists()
     assert not (wd / record.LOCK).exists()
+
+
+# ----------------------------------------------------------------------------------
+# Verified checkpoints
+# ----------------------------------------------------------------------------------
+def _largest(directory: pathlib.Path) -> pathlib.Path:
+    return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def corrupt(wd: pathlib.Path, how: str, step: int = STEPS) -> None:
+    d = wd / "checkpoints" / str(step)
+    if how == "flip":  # 64 bytes of the largest params data file
+        f = _largest(d / "params" / "ocdbt.process_0" / "d")
+        data = bytearray(f.read_bytes())
+        mid = len(data) // 2
+        data[mid : mid + 64] = bytes(b ^ 0xFF for b in data[mid : mid + 64])
+        f.write_bytes(bytes(data))
+    elif how == "truncate":  # the largest train-state data file, cut in half
+        f = _largest(d / "train" / "ocdbt.process_0" / "d")
+        os.truncate(f, f.stat().st_size // 2)
+    else:  # the train state's tree metadata
+        (d / "train" / "_METADATA").unlink()
+
+
+def _abstract(store_dir):
+    from repeat_scaling import sharding
+    from repeat_scaling.train import optimizers
+    from repeat_scaling.train import state as state_lib
+
+    c = tiny_config(store_dir)
+    model_cfg = config_lib.validate(c)
+    tx, _ = optimizers.make_optimizer(c.train.optimizer, STEPS)
+    mesh = sharding.make_mesh({"data": -1})
+    return state_lib.abstract_state(model_cfg, tx, mesh, sharding.DEFAULT_RULES).abstract
+
+
+@pytest.mark.parametrize("how", ["truncate", "metadata"])
+def test_corrupt_latest_checkpoint_falls_back_to_the_newest_good(store_dir, run_copy, how):
+    wd, before = run_copy
+    corrupt(wd, how)
+    warnings = []
+    ckpt = checkpointing.Checkpointer(wd, save_every=4)
+    state = ckpt.restore_latest_good(_abstract(store_dir), warn=warnings.append)
+    ckpt.close()
+    assert int(state["step"]) == 4
+    (w,) = warnings
+    assert "checkpoint step 8 is corrupt or unreadable" in w and "resuming from step 4" in w
+    assert checkpointing.committed_steps(wd) == [4]
+    (kept,) = (wd / checkpointing.CORRUPT_DIR).iterdir()  # moved aside, not deleted
+    assert kept.name.startswith("8-")
+    assert_kept(wd, {**before, "steps": [4]})
+
+
+def test_flipped_params_bytes_resume_from_the_good_checkpoint_and_the_evaluator_retries(
+    store_dir, trained, run_copy, caplog
+):
+    from repeat_scaling.eval import evaluator, metrics, results
+
+    wd, before = run_copy
+    corrupt(wd, "flip")
+    # the evaluator: an error for step 8, never a null metric counted as done
+    small = metrics.EvalSettings(batch_size=8, test_batches=1, memorisation_examples=8,
+                                 copy_examples=8, random_repeat_examples=8, icl_examples=8,
+                                 probe_sequences=8, frequency_tokens=200_000)  # fmt: skip
+    ev = evaluator.Evaluator(wd, small, evaluator.eval_mesh(1), warn=lambda m: None)
+    with pytest.raises(
+        evaluator.EvalError,
+        match="step 8: checkpoint .* (does not match the checksums|restored non-finite)",
+    ):
+        ev.run_all()
+    ev.writer.close()
+    assert [r["step"] for r in results.read_results(results.results_path(wd))] == [4]
+    errors = (wd / "eval" / results.ERRORS_NAME).read_text().splitlines()
+    assert [json.loads(e)["step"] for e in errors] == [8]
+    # the trainer: falls back to step 4 and retrains 5..8 exactly
+    summary = loop.train(tiny_config(store_dir), wd)
+    assert summary["resumed_from"] == 4
+    assert any("checkpoint step 8 is corrupt" in r.message for r in caplog.records)
+
+    def losses(lines):
+        return [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, lines)]
+
+    after = snapshot(wd)
+    assert losses(after["metrics"]) == losses(before["metrics"])  # bit for bit
+    assert after["steps"] == before["steps"] and after["config"] == before["config"]
+    # the evaluator's next pass retries step 8 (now a good checkpoint)
+    ev = evaluator.Evaluator(wd, small, evaluator.eval_mesh(1), warn=lambda m: None)
+    assert [r["step"] for r in ev.run_all()] == [8]
+    ev.writer.close()

@@ -63,7 +63,7 @@ from repeat_scaling import sharding, workdir_io
 from repeat_scaling.data import pipeline
 from repeat_scaling.data.store import TokenStore
 from repeat_scaling.eval import downstream, metrics, probes
-from repeat_scaling.eval.results import ResultsWriter
+from repeat_scaling.eval.results import ERRORS_NAME, ResultsWriter
 from repeat_scaling.models.config import ModelConfig
 from repeat_scaling.train import checkpointing, record
 
@@ -259,6 +259,8 @@ class Evaluator:
             )
         self.mesh = mesh if mesh is not None else eval_mesh(0)
         self.writer = ResultsWriter(workdir, warn=self.warn)
+        #: Steps of this process that could not be evaluated, with the reason.
+        self.failed: dict[int, str] = {}
         self._data: dict[str, Any] | None = None
         self._runner: metrics.ModelRunner | None = None
         self._generator: downstream.Generator | None = None
@@ -351,7 +353,7 @@ class Evaluator:
             if step not in committed_steps(self.run.workdir):
                 self.warn(f"checkpoint step {step} was deleted before evaluation; skipped")
                 return None
-            raise EvalError(str(e).splitlines()[0]) from None
+            return self._failed(step, str(e).splitlines()[0])
         d = self.data()
         run = self.run
         consumed = min(step * run.batch_size, run.plan.num_slots)
@@ -391,6 +393,9 @@ class Evaluator:
                 "eval_time_s": time.perf_counter() - t0,
             }
         )
+        loss = rec.get("test_loss")
+        if loss is None or not np.isfinite(loss):
+            return self._failed(step, f"test_loss={loss} is not a finite number")
         self.writer.append(rec)
         logging.info(
             "step %d: test_loss %.4f, prefix_matching %s (%.1f s)",
@@ -409,6 +414,16 @@ class Evaluator:
                 rec["downstream_examples"],
             )
         return rec
+
+    def _failed(self, step: int, message: str) -> None:
+        """Record that ``step`` could not be evaluated; it stays pending (retried)."""
+        self.writer.record_error(step, message)
+        self.failed[int(step)] = message
+        self.warn(
+            f"step {step} not evaluated: {message} (recorded in eval/{ERRORS_NAME}; "
+            "retried on the next pass)"
+        )
+        return None
 
     def task_metrics(self, model, step: int) -> dict[str, Any]:
         """The store's task metrics of checkpoint ``step`` (module docstring)."""
@@ -459,10 +474,18 @@ class Evaluator:
                 f"no committed checkpoint in {checkpointing.checkpoint_dir(self.run.workdir)}"
             )
         while True:
+            self.failed = {}
             for step in self.pending():
                 rec = self.evaluate_step(step)
                 if rec is not None:
                     written.append(rec)
+            if not watch and self.failed:
+                first = min(self.failed)
+                raise EvalError(
+                    f"{len(self.failed)} checkpoint(s) not evaluated ({len(written)} were): "
+                    f"step {first}: {self.failed[first]} (recorded in eval/{ERRORS_NAME}; "
+                    "rerun to retry)"
+                )
             if not watch or self.writer.done(self.run.final_step):
                 return written
             if timeout_seconds and time.monotonic() - start > timeout_seconds:

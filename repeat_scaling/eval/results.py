@@ -38,6 +38,9 @@ from absl import logging
 from repeat_scaling import workdir_io
 
 RESULTS_NAME = "results.jsonl"
+#: Steps that could not be evaluated (corrupt checkpoint, non-finite metrics): one line
+#: each, never counted as done, retried by the next pass.
+ERRORS_NAME = "errors.jsonl"
 LOCK_NAME = "results.lock"
 
 
@@ -154,6 +157,14 @@ class ResultsWriter:
                 f.write(b"\n")
                 f.flush()
                 os.fsync(f.fileno())
+
+    def record_error(self, step: int, message: str) -> None:
+        """Append ``{"step", "error", "time"}`` to ``eval/errors.jsonl`` (the step stays
+        pending: the next pass retries it)."""
+        import time
+
+        line = {"step": int(step), "error": message, "time": time.time()}
+        workdir_io.append_line(self.path.parent / ERRORS_NAME, json.dumps(line))
 
     def append(self, record: dict[str, Any]) -> bool:
         """Write ``record`` as one line unless its step is done; returns True if written."""

@@ -431,13 +431,12 @@ def _train_locked(
         keep_period=int(tc.keep_period),
         async_save=bool(tc.async_checkpointing),
     )
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state = ckpt.restore(latest, info.abstract)
-    elif source is not None:
+    # The newest committed checkpoint that verifies (falling back past corrupt ones).
+    state = ckpt.restore_latest_good(info.abstract, warn=lambda m: logging.warning("%s", m))
+    if state is None and source is not None:
         params = source.load_params(model_cfg, info.abstract["params"], mesh, rules)
         state = state_lib.state_from_params(model_cfg, tx, info, params, int(config.seed), rules)
-    else:
+    elif state is None:
         state, _ = state_lib.create_train_state(model_cfg, tx, mesh, int(config.seed), rules)
     start = int(jax.device_get(state["step"]))
     if primary:
