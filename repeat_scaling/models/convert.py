@@ -7,7 +7,9 @@ scanned (stacked) and unrolled models convert alike.
 * Hugging Face ``T5ForConditionalGeneration`` (T5 v1.1: ``feed_forward_proj="gated-gelu"``,
   ``tie_word_embeddings=False``): PyTorch Linear weights are [out, in] (transposed), the
   relative bias lives in block 0 as [buckets, heads]. ``export_hf_t5`` writes
-  ``config.json`` + ``model.safetensors`` that ``from_pretrained`` loads.
+  ``config.json`` + ``model.safetensors`` that ``from_pretrained`` loads; given the real
+  vocabulary size it drops the padded rows of the embedding and the output projection
+  (the import pads them again with zeros).
 * T5X checkpoints (``t5x/examples/t5`` parameter names, kernels flattened to
   [d, H*dk] / [H*dk, d]): either an orbax PyTree checkpoint directory (T5X with orbax)
   or a legacy T5X directory (msgpack ``checkpoint`` file + tensorstore zarr arrays).
@@ -258,12 +260,24 @@ def canonical_to_hf(cfg: ModelConfig, c: Canonical) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}
 
 
-def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
-    """Hugging Face T5Config fields for ``cfg`` (T5 v1.1)."""
+def _vocab_rows(cfg: ModelConfig, vocab_size: int | None) -> int:
+    """The embedding rows to export: ``vocab_size`` (the real vocabulary) or all of them."""
+    if vocab_size is None:
+        return cfg.vocab_size
+    if not 0 < int(vocab_size) <= cfg.vocab_size:
+        raise ConversionError(
+            f"vocab_size={vocab_size}; expected 1..{cfg.vocab_size} (model {cfg.name!r} has "
+            f"{cfg.vocab_size} embedding rows)"
+        )
+    return int(vocab_size)
+
+
+def hf_config_dict(cfg: ModelConfig, vocab_size: int | None = None) -> dict[str, Any]:
+    """Hugging Face T5Config fields for ``cfg`` (T5 v1.1); ``vocab_size``: the real one."""
     return {
         "architectures": ["T5ForConditionalGeneration"],
         "model_type": "t5",
-        "vocab_size": cfg.vocab_size,
+        "vocab_size": _vocab_rows(cfg, vocab_size),
         "d_model": cfg.d_model,
         "d_kv": cfg.head_dim,
         "d_ff": cfg.d_ff,
@@ -318,17 +332,33 @@ def load_hf_t5(path: str | os.PathLike, **overrides: Any) -> tuple[ModelConfig, 
     return cfg, canonical_to_model(cfg, canon)
 
 
-def export_hf_t5(cfg: ModelConfig, model: nnx.Module, path: str | os.PathLike) -> None:
-    """Write ``config.json`` + ``model.safetensors`` in the Hugging Face T5 layout."""
+def export_hf_t5(
+    cfg: ModelConfig, model: nnx.Module, path: str | os.PathLike, vocab_size: int | None = None
+) -> None:
+    """Write ``config.json`` + ``model.safetensors`` in the Hugging Face T5 layout.
+
+    ``vocab_size``: the real vocabulary size (the store's, e.g. 359 for the byte
+    vocabulary); the padded rows above it are dropped, so HF ``generate`` can only emit
+    ids the vocabulary has. None keeps every row of the model (``cfg.vocab_size``).
+
+    transformers >= 5 always ties T5's ``lm_head`` to the embedding in its config (the
+    stored ``tie_word_embeddings=False`` becomes ``scale_decoder_outputs=False``), so a
+    plain ``from_pretrained`` of this untied T5 v1.1 keeps both weights but logs that they
+    differ; ``from_pretrained(path, tie_word_embeddings=False)`` loads it silently.
+    """
     from safetensors.numpy import save_file
 
     path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
     _check_convertible(cfg)
+    rows = _vocab_rows(cfg, vocab_size)
     sd = canonical_to_hf(cfg, model_to_canonical(model))
+    for key in ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+        sd[key] = np.ascontiguousarray(sd[key][:rows])
+    sd["lm_head.weight"] = np.ascontiguousarray(sd["lm_head.weight"][:rows])
+    os.makedirs(path, exist_ok=True)
     save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(hf_config_dict(cfg), f, indent=2)
+        json.dump(hf_config_dict(cfg, rows), f, indent=2)
 
 
 # ----------------------------------------------------------------------------------------
@@ -462,3 +492,31 @@ def canonical_to_t5x(cfg: ModelConfig, c: Canonical) -> dict[str, np.ndarray]:
             parts.append("kernel")
         out[f"{stack}/layers_{i}/{'/'.join(parts)}"] = arr
     return out
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"a/b": x}`` -> ``{"a": {"b": x}}`` (the inverse of :func:`_flatten`)."""
+    tree: dict[str, Any] = {}
+    for name, leaf in flat.items():
+        node = tree
+        *parents, last = name.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = leaf
+    return tree
+
+
+def export_t5x(cfg: ModelConfig, model: nnx.Module, path: str | os.PathLike, step: int) -> None:
+    """Write a T5X checkpoint directory (orbax PyTree: ``target`` params + ``state/step``).
+
+    Parameter names and kernel shapes are T5X's (:func:`canonical_to_t5x`), with every
+    embedding row of the model (T5X pads its vocabularies to a multiple of 128 too); it
+    reads back with :func:`load_t5x_checkpoint` and the same ModelConfig. No optimizer
+    state is written.
+    """
+    import orbax.checkpoint as ocp
+
+    _check_convertible(cfg)
+    flat = canonical_to_t5x(cfg, model_to_canonical(model))
+    tree = {"target": _nest(flat), "state": {"step": np.int64(step)}}
+    ocp.PyTreeCheckpointer().save(os.path.abspath(os.fspath(path)), tree)
