@@ -24,6 +24,7 @@ def test_scalars_flatten_numbers_and_skip_the_rest():
         "done": True,
         "icl_score": math.nan,
         "checkpoint": "4",
+        "num_devices": 8,
     }
     assert dict(eval_tb.scalars(record)) == {
         "eval/test_loss": 2.5,
@@ -41,3 +42,9 @@ def test_each_step_once_after_a_re_evaluation(tmp_path):
     assert got["eval/copying_loss"] == [(10, pytest.approx(4.0)), (20, pytest.approx(3.5))]
     names = sorted(p.name for p in (tmp_path / "tensorboard" / "eval").iterdir())
     assert names == [eval_tb.event_file_name(10), eval_tb.event_file_name(20)]
+    # Results recorded without event files get theirs; existing ones are left alone.
+    records = [{"step": 10, "test_loss": 1.0}, {"step": 30, "test_loss": 1.5}]
+    assert eval_tb.write_missing(tmp_path, records) == 1
+    got = _read(tmp_path / "tensorboard" / "eval")
+    assert [s for s, _ in got["eval/test_loss"]] == [10, 20, 30]
+    assert got["eval/test_loss"][0][1] == pytest.approx(2.9)

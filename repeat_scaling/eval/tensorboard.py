@@ -19,7 +19,7 @@ import math
 import os
 import struct
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from repeat_scaling import workdir_io
@@ -28,8 +28,8 @@ from repeat_scaling import workdir_io
 SUBDIR = ("tensorboard", "eval")
 #: Tag prefix of the evaluator's scalars (the trainer's are ``train/...``).
 TAG_PREFIX = "eval/"
-#: Record fields that are not metrics.
-NOT_SCALARS = frozenset({"step"})
+#: Numeric record fields that are not metrics.
+NOT_SCALARS = frozenset({"step", "num_devices"})
 
 
 def event_file_name(step: int) -> str:
@@ -84,3 +84,14 @@ def write_step(workdir: str | os.PathLike, record: Mapping[str, Any]) -> None:
     directory = workdir_io.workdir_path(workdir).joinpath(*SUBDIR)
     data = event_file_bytes(step, record, time.time())
     workdir_io.write_bytes_atomic(directory / event_file_name(step), data)
+
+
+def write_missing(workdir: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> int:
+    """Write the event files of ``records`` that have none yet (results recorded before
+    the event files existed); returns how many were written."""
+    directory = workdir_io.workdir_path(workdir).joinpath(*SUBDIR)
+    have = {p.name for p in directory.iterdir()} if directory.exists() else set()
+    todo = [r for r in records if event_file_name(r["step"]) not in have]
+    for r in todo:
+        write_step(workdir, r)
+    return len(todo)
