@@ -48,7 +48,15 @@ setup(
             "gcp-storage-emulator>=2024.8",
             # TensorBoard's own event reader, for the evaluator's scalars (its tests).
             "tensorboard>=2.15",
+            # The TPU compiler (libtpu, matched to jax by jax's own `tpu` extra) for the
+            # compile check (`python -m repeat_scaling.compile`, `submit.py --backend=tpu`),
+            # which compiles for abstract TPU devices on a CPU host. Training never needs
+            # it. libtpu is published for Linux x86_64 only.
+            "jax[tpu]; platform_system == 'Linux' and platform_machine == 'x86_64'",
         ],
+        # GPU targets of the compile check (`--topology=h100x8`): the CUDA PJRT plugin
+        # compiles for a described H100 without a GPU or the CUDA libraries.
+        "compile-gpu": ["jax[cuda12-local]; platform_system == 'Linux'"],
     },
     entry_points={
         "console_scripts": [

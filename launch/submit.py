@@ -13,7 +13,9 @@ apply to every run (before the run's own overrides). Backends:
   resumes unfinished ones.
 - `tpu`: Cloud TPU VMs / pods via the gcloud CLI (`--tpu_*` flags; ROOT is a
   gs://BUCKET/PATH URL, which the trainer and evaluator read and write directly, or
-  a path every worker shares).
+  a path every worker shares). Every run is first compiled for the accelerator type
+  on this machine (`repeat_scaling.compile`): a run that does not fit in HBM refuses
+  the sweep before any VM exists (`--notpu_compile_check` skips the check).
 - `slurm`: one sbatch script per run, submitted with sbatch (`--slurm_*` flags; ROOT
   on a shared file system).
 
@@ -36,6 +38,8 @@ from ml_collections import config_flags  # noqa: E402
 
 from launch import sweeps  # noqa: E402
 from launch.backends import EVAL_MODES, LaunchError, Submission  # noqa: E402
+from launch.backends.tpu import DEFAULT_PYTHON as TPU_PYTHON  # noqa: E402
+from launch.backends.tpu import DEFAULT_SETUP as TPU_SETUP  # noqa: E402
 from repeat_scaling import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -55,7 +59,7 @@ flags.DEFINE_float("grace_s", 300.0, "local: seconds children get to save after 
 
 flags.DEFINE_string("tpu_zone", "", "tpu: zone, e.g. us-central2-b")
 flags.DEFINE_string("tpu_accelerator_type", "", "tpu: e.g. v4-32, v5litepod-64")
-flags.DEFINE_string("tpu_runtime_version", "", "tpu: e.g. tpu-ubuntu2204-base")
+flags.DEFINE_string("tpu_runtime_version", "", "tpu: runtime image ('': the type's default)")
 flags.DEFINE_string("tpu_project", "", "tpu: GCP project (default: gcloud's)")
 flags.DEFINE_bool("tpu_spot", False, "tpu: spot capacity")
 flags.DEFINE_bool("tpu_preemptible", False, "tpu: preemptible capacity (older TPU types)")
@@ -63,9 +67,11 @@ flags.DEFINE_bool("tpu_queued", False, "tpu: request nodes as queued resources")
 flags.DEFINE_string("tpu_name_prefix", "rs", "tpu: prefix of node names")
 flags.DEFINE_enum("tpu_eval_on", "worker0", ["worker0", "vm"], "tpu: where the evaluator runs")
 flags.DEFINE_string("tpu_eval_accelerator_type", "v5litepod-1", "tpu: evaluator VM type")
-flags.DEFINE_string(
-    "tpu_setup", "python3 -m pip install -q -U 'jax[tpu]' -e .", "tpu: install command"
-)
+flags.DEFINE_string("tpu_eval_zone", "", "tpu: evaluator VM zone ('': --tpu_zone)")
+flags.DEFINE_string("tpu_eval_runtime_version", "", "tpu: evaluator VM runtime ('': its type's)")
+flags.DEFINE_string("tpu_setup", TPU_SETUP, "tpu: install command (in the code directory)")
+flags.DEFINE_string("tpu_setup_extra", "", "tpu: commands after the setup (copy the store)")
+flags.DEFINE_bool("tpu_compile_check", True, "tpu: compile every run for the type here first")
 flags.DEFINE_bool("tpu_keep_on_failure", False, "tpu: keep nodes of failed runs")
 flags.DEFINE_string("tpu_log_dir", "launch_logs", "tpu: local directory for run logs")
 
@@ -127,7 +133,11 @@ def build_backend(backend: str):
             name_prefix=FLAGS.tpu_name_prefix,
             eval_on=FLAGS.tpu_eval_on,
             eval_accelerator_type=FLAGS.tpu_eval_accelerator_type,
+            eval_zone=FLAGS.tpu_eval_zone,
+            eval_runtime_version=FLAGS.tpu_eval_runtime_version,
             setup=FLAGS.tpu_setup,
+            setup_extra=FLAGS.tpu_setup_extra,
+            compile_check=FLAGS.tpu_compile_check,
             keep_on_failure=FLAGS.tpu_keep_on_failure,
             log_dir=FLAGS.tpu_log_dir,
         )
@@ -182,7 +192,7 @@ def submit() -> int:
             f"--config.{k}={sweeps.format_flag_value(v)}" for k, v in overrides.items()
         ),
         eval_flags=tuple(FLAGS.eval_flag),
-        python=FLAGS.python or ("python3" if FLAGS.backend == "tpu" else sys.executable),
+        python=FLAGS.python or (TPU_PYTHON if FLAGS.backend == "tpu" else sys.executable),
         eval_mode=FLAGS.eval_mode,
         dry_run=FLAGS.dry_run,
     )

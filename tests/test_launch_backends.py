@@ -13,7 +13,7 @@ import pytest
 from launch import sweeps
 from launch.backends import Submission
 from launch.backends.slurm import SlurmBackend, SlurmOptions
-from launch.backends.tpu import TpuBackend, TpuOptions, node_name
+from launch.backends.tpu import DEFAULT_SETUP, TpuBackend, TpuOptions, node_name
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,6 +67,10 @@ def _config(steps=1000):
 
 SUB = dict(config_file="configs/hernandez2022.py", config_arg="paper", python="python3")
 ZONE = ["--zone=us-central2-b", "--project=proj"]
+PYCHECK = (
+    'cd ~/repeat_scaling && {py} -c \'import sys; print("python", sys.version.split()[0]); '
+    "sys.exit(0 if sys.version_info >= (3, 11) else 3)'"
+)
 
 
 def test_tpu_commands_executed(fake_cli, tmp_path):
@@ -93,12 +97,13 @@ def test_tpu_commands_executed(fake_cli, tmp_path):
         [*tpu, "describe", node, *ZONE, "--format=value(state)"],
         [*tpu, "create", node, *ZONE, "--accelerator-type=v4-32",
          "--version=tpu-ubuntu2204-base", "--spot"],
+        # python3 is the runtime's own interpreter: checked before the setup installs into it
+        [*tpu, "ssh", node, *ZONE, "--worker=all", f"--command={PYCHECK.format(py='python3')}"],
         [*tpu, "scp", str(tmp_path / "code.tgz"), f"{node}:/tmp/repeat_scaling.tar.gz", *ZONE,
          "--worker=all"],
         [*tpu, "ssh", node, *ZONE, "--worker=all",
          "--command=mkdir -p ~/repeat_scaling && tar -xzf /tmp/repeat_scaling.tar.gz -C "
-         "~/repeat_scaling && cd ~/repeat_scaling && "
-         "python3 -m pip install -q -U 'jax[tpu]' -e ."],
+         f"~/repeat_scaling && cd ~/repeat_scaling && {DEFAULT_SETUP}"],
         [*tpu, "ssh", node, *ZONE, "--worker=all", f"--command={train}"],
         [*tpu, "ssh", node, *ZONE, "--worker=0",
          "--command=cd ~/repeat_scaling && JAX_PLATFORMS=cpu python3 -m "
@@ -118,34 +123,40 @@ def test_tpu_queued_resources_eval_vm(fake_cli, tmp_path):
         queued=True, eval_on="vm", name_prefix="exp", tarball=str(tmp_path / "code.tgz"),
         log_dir=str(tmp_path / "logs"), poll_s=0.01,
     )  # fmt: skip
-    sub = Submission(**SUB, eval_mode="after")
+    sub = Submission(**{**SUB, "python": ".venv/bin/python"}, eval_mode="after")
     assert TpuBackend(opts, out=io.StringIO()).submit(sub, [run]) == 0
     calls = [c[1:6] for c in fake_cli()]
     node, qr = "exp-d25m-f0-e1-s0", "exp-d25m-f0-e1-s0-qr"
-    assert calls == [
-        ["storage", "cat", "gs://bkt/sweep/d25m_f0_e1_s0/eval/results.jsonl"],
-        ["compute", "tpus", "tpu-vm", "describe", node],
-        ["compute", "tpus", "queued-resources", "create", qr],
-        ["compute", "tpus", "queued-resources", "describe", qr],
-        ["compute", "tpus", "tpu-vm", "scp", str(tmp_path / "code.tgz")],
-        ["compute", "tpus", "tpu-vm", "ssh", node],
-        ["compute", "tpus", "tpu-vm", "describe", f"{node}-eval"],
-        ["compute", "tpus", "queued-resources", "create", f"{qr[:-3]}-eval-qr"],
-        ["compute", "tpus", "queued-resources", "describe", f"{node}-eval-qr"],
-        ["compute", "tpus", "tpu-vm", "scp", str(tmp_path / "code.tgz")],
-        ["compute", "tpus", "tpu-vm", "ssh", f"{node}-eval"],
-        ["compute", "tpus", "tpu-vm", "ssh", node],  # trainer, every worker
-        ["compute", "tpus", "tpu-vm", "ssh", f"{node}-eval"],  # evaluator on its own VM
-        ["compute", "tpus", "queued-resources", "delete", qr],
-        ["compute", "tpus", "queued-resources", "delete", f"{node}-eval-qr"],
-    ]
+    assert (
+        calls
+        == [
+            ["storage", "cat", "gs://bkt/sweep/d25m_f0_e1_s0/eval/results.jsonl"],
+            ["compute", "tpus", "tpu-vm", "describe", node],
+            ["compute", "tpus", "queued-resources", "create", qr],
+            ["compute", "tpus", "queued-resources", "describe", qr],
+            ["compute", "tpus", "tpu-vm", "scp", str(tmp_path / "code.tgz")],
+            ["compute", "tpus", "tpu-vm", "ssh", node],  # setup
+            ["compute", "tpus", "tpu-vm", "ssh", node],  # Python >= 3.11
+            ["compute", "tpus", "tpu-vm", "describe", f"{node}-eval"],
+            ["compute", "tpus", "queued-resources", "create", f"{qr[:-3]}-eval-qr"],
+            ["compute", "tpus", "queued-resources", "describe", f"{node}-eval-qr"],
+            ["compute", "tpus", "tpu-vm", "scp", str(tmp_path / "code.tgz")],
+            ["compute", "tpus", "tpu-vm", "ssh", f"{node}-eval"],
+            ["compute", "tpus", "tpu-vm", "ssh", f"{node}-eval"],
+            ["compute", "tpus", "tpu-vm", "ssh", node],  # trainer, every worker
+            ["compute", "tpus", "tpu-vm", "ssh", f"{node}-eval"],  # evaluator on its own VM
+            ["compute", "tpus", "queued-resources", "delete", qr],
+            ["compute", "tpus", "queued-resources", "delete", f"{node}-eval-qr"],
+        ]
+    )
     full = fake_cli()
     assert full[2][6:] == ["--node-id=exp-d25m-f0-e1-s0", "--zone=us-central2-b",
                            "--accelerator-type=v5litepod-64",
                            "--runtime-version=v2-alpha-tpuv5-lite"]  # fmt: skip
-    assert "--accelerator-type=v5litepod-1" in full[7]
-    assert full[12][-1] == (
-        "--command=cd ~/repeat_scaling && python3 -m repeat_scaling.evaluate "
+    assert full[6][-1] == "--command=" + PYCHECK.format(py=".venv/bin/python")
+    assert "--accelerator-type=v5litepod-1" in full[8]
+    assert full[14][-1] == (
+        "--command=cd ~/repeat_scaling && .venv/bin/python -m repeat_scaling.evaluate "
         "--workdir=gs://bkt/sweep/d25m_f0_e1_s0"
     )
     assert full[-1][-2:] == ["--force", "--quiet"]
