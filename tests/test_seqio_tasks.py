@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 seqio = pytest.importorskip("seqio")
-from repeat_scaling.data import seqio_tasks  # noqa: E402
+from repeat_scaling.data import objectives, seqio_tasks  # noqa: E402
+from repeat_scaling.data.vocab import load_vocab_info  # noqa: E402
 
 BYTE_VOCAB = 359
 
@@ -76,7 +77,70 @@ def test_prefix_and_causal_lm_and_ul2(tasks):
         assert ex["targets"].shape == (64,) and 1 not in ex["targets"]
     starts = set()
     for ex in _examples("t_ul2", {"inputs": 128, "targets": 128}, n=12):
-        text = bytes(int(t) - 3 for t in ex["inputs"][:5]).decode()
-        assert text in ("[NLU]", "[NLG]", "[S2S]")
-        starts.add(text)
+        assert ex["inputs"][0] in MODE_IDS.values()  # one extra id, not the paradigm's text
+        starts.add(int(ex["inputs"][0]))
     assert len(starts) >= 2  # a mixture of denoisers
+
+
+# The native objective's scheme: R [NLU], X [NLG], S [S2S] are the three lowest extra ids.
+VOCAB = load_vocab_info("byte")
+MODE_IDS = {n: objectives.mode_token_id(VOCAB, n) for n in "RXS"}
+
+
+def _undo(inputs, targets):
+    """Tokens and noise mask of a span-corrupted example (without mode token and EOS)."""
+    spans, cur = {}, None
+    for t in targets[:-1]:
+        if t >= BYTE_VOCAB - 100:
+            cur = int(t)
+            spans[cur] = []
+        else:
+            spans[cur].append(int(t))
+    tokens, mask = [], []
+    for t in inputs[1:-1]:
+        piece = spans[int(t)] if t >= BYTE_VOCAB - 100 else [int(t)]
+        tokens += piece
+        mask += [t >= BYTE_VOCAB - 100] * len(piece)
+    return np.array(tokens, np.int32), np.array(mask)
+
+
+def test_ul2_mode_ids_are_the_native_ones():
+    assert MODE_IDS == {"R": 259, "X": 260, "S": 261}  # [NLU], [NLG], [S2S]
+    assert [n for n, _ in seqio_tasks.ul2_denoisers()] == list(seqio_tasks.UL2_TASKS)
+    rates = [d.rate for _, d in seqio_tasks.ul2_denoisers()]
+    assert rates == [d["rate"] for d in objectives.default_ul2_denoisers()]
+    # The TF op and the native op make the same example from the same tokens and mask.
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, 259, size=(1, 90)).astype(np.int32)
+    for name, density, span in (("R", 0.15, 3.0), ("X", 0.5, 8.0)):
+        u = rng.random((1, objectives.span_uniforms_needed(90, density, span)))
+        mask = objectives.noise_mask_batch(u, 90, density, span)
+        i, t = objectives.span_corrupt_batch(tokens, mask, VOCAB, MODE_IDS[name])
+        tf_ex = seqio_tasks.corrupt(tokens[0], mask[0], BYTE_VOCAB, MODE_IDS[name])
+        np.testing.assert_array_equal(np.append(tf_ex["inputs"].numpy(), 1), i[0])
+        np.testing.assert_array_equal(np.append(tf_ex["targets"].numpy(), 1), t[0])
+
+
+def test_ul2_tasks_make_the_native_example(tasks):
+    """Each seqio UL2 task's example, rebuilt by the native objective from the same text
+    and the same noise mask (span denoisers) or split point (S): identical, id for id."""
+    native = objectives.make_objective(
+        "ul2", VOCAB, "encoder_decoder", inputs_length=128, targets_length=128
+    )
+    for name, d in seqio_tasks.ul2_denoisers():
+        mode = MODE_IDS[d.name]
+        assert native.mode_token(d) == mode
+        for ex in _examples(f"t_ul2_{name}", {"inputs": 128, "targets": 128}, n=2):
+            inputs, targets = ex["inputs"], ex["targets"]
+            assert inputs[0] == mode and inputs[-1] == 1 and targets[-1] == 1
+            assert not np.isin(inputs[1:], list(MODE_IDS.values())).any()
+            assert not np.isin(targets, list(MODE_IDS.values())).any()
+            if d.is_span:
+                tokens, mask = _undo(inputs, targets)
+                i, t = objectives.span_corrupt_batch(tokens[None], mask[None], VOCAB, mode)
+            else:
+                tokens = np.concatenate([inputs[1:-1], targets[:-1]]).astype(np.int32)
+                i, t = native._split_example(tokens, d, len(targets) - 1)
+                i, t = i[None], t[None]
+            np.testing.assert_array_equal(i[0], inputs)
+            np.testing.assert_array_equal(t[0], targets)

@@ -17,9 +17,9 @@ Objectives (``name``) and architectures (``arch``):
 - ``ul2``: a mixture of denoisers (R/X = span corruption with their own density and span
   length, S = prefix LM), chosen per example at configurable rates; the inputs start with
   a mode token: ``[NLU]`` (R), ``[NLG]`` (X), ``[S2S]`` (S), which are the three LOWEST
-  extra ids (``sentinel(extra_ids-1)``, ``(extra_ids-2)``, ``(extra_ids-3)``) and are
-  never used as sentinels (a configuration needing more sentinels than remain is an
-  error).
+  extra ids (``sentinel(extra_ids-1)``, ``(extra_ids-2)``, ``(extra_ids-3)``;
+  :func:`mode_token_id`, which the seqio UL2 tasks use too) and are never used as
+  sentinels (a configuration needing more sentinels than remain is an error).
 - ``prefix_lm`` (both archs): split point uniform, inputs = prefix + EOS, targets =
   continuation + EOS.
 - ``causal_lm`` (decoder-only): targets = the chunk, inputs = targets shifted right.
@@ -59,6 +59,8 @@ OBJECTIVES = ("span_corruption", "ul2", "causal_lm", "prefix_lm")
 ARCHS = ("encoder_decoder", "decoder_only")
 MODE_TOKENS = {"R": 0, "X": 1, "S": 2}  # offset from the lowest extra id upwards
 NUM_MODE_TOKENS = 3
+#: The UL2 paper's paradigm token of each denoiser kind (the mode token's meaning).
+PARADIGMS = {"R": "[NLU]", "X": "[NLG]", "S": "[S2S]"}
 PACK_SLACK = 8  # positions per sequence kept free for the per-document overhead of packing
 
 
@@ -120,6 +122,23 @@ def _check_span_params(noise_density: float, mean_noise_span_length: float) -> N
 
 
 # --------------------------------------------------------------------------- denoisers
+def mode_token_id(vocab: VocabInfo, name: str) -> int:
+    """The UL2 mode (paradigm) token of denoiser kind ``name`` (R, X or S): one extra id.
+
+    R (``[NLU]``), X (``[NLG]``) and S (``[S2S]``) are the three lowest extra ids, in that
+    order (byte vocabulary: 259, 260, 261), so sentinels (counting down from the top) never
+    reach them while at most ``extra_ids - 3`` are used. The one definition of the scheme:
+    the native objectives and the seqio UL2 tasks (``data/seqio_tasks.py``) both use it.
+    """
+    if name not in MODE_TOKENS:
+        raise ObjectiveError(f"unknown denoiser name {name!r}; expected one of 'R', 'S', 'X'")
+    if vocab.extra_ids < NUM_MODE_TOKENS + 1:
+        raise ObjectiveError(
+            f"ul2 needs >= {NUM_MODE_TOKENS + 1} extra ids, vocab has {vocab.extra_ids}"
+        )
+    return vocab.sentinel(vocab.extra_ids - 1 - MODE_TOKENS[name])
+
+
 @dataclasses.dataclass(frozen=True)
 class Denoiser:
     """One UL2 denoiser (or the single denoiser of span_corruption / prefix_lm).
@@ -488,7 +507,7 @@ class Objective:
         """Mode token id of a denoiser (None when the objective uses none)."""
         if not d.mode_token:
             return None
-        return self.vocab.sentinel(self.vocab.extra_ids - 1 - MODE_TOKENS[d.name])
+        return mode_token_id(self.vocab, d.name)
 
     def _split_max_target(self, d: Denoiser, L: int) -> int:
         return max(1, min(L - 1, _round(2 * d.target_fraction * L)))

@@ -18,8 +18,20 @@ Registered names (``prefix`` defaults to ``repeat_scaling_c4``):
 - ``{prefix}_causal_lm``: ``targets`` only, concatenated and split into ``targets``-length
   segments (decoder-only LM, use with ``seqio.DecoderFeatureConverter``).
 - ``{prefix}_ul2_{r1,r2,x1,x2,x3,x4,s}`` and the Mixture ``{prefix}_ul2``: UL2's mixture of
-  denoisers (R: mean span 3 / 8 at 15%; X: 3 / 8 at 50%, 64 at 15% / 50%; S: prefix LM),
-  each input starting with its paradigm token text (``[NLU]``, ``[NLG]``, ``[S2S]``).
+  denoisers (R: mean span 3 / 8 at 15%; X: 3 / 8 at 50%, 64 at 15% / 50%; S: prefix LM)
+  with the native ``ul2`` objective's denoisers and rates
+  (``objectives.default_ul2_denoisers``: R 1/3, S 1/3, X 1/3), each input starting with
+  the native mode token: ONE extra id per paradigm (``[NLU]`` R, ``[NLG]`` X, ``[S2S]``
+  S; ``objectives.mode_token_id``: the three lowest extra ids, 259/260/261 for the byte
+  vocabulary), never the paradigm's text. Sentinels count down from the top and never
+  reach them (more spans than ``extra_ids - 3`` is an error, as natively).
+
+Where the two paths differ: their random draws (span segmentation, S split point,
+denoiser choice) come from TF stateless ops keyed by seqio's seeds here and from Philox
+keyed by (seed, slot) natively, and T5's chunking (random chunk, concatenate, split) is
+not the store's repetition plan; the S task splits uniformly at random as T5's prefix LM,
+the native S draws at most ``round(2 * target_fraction * L)`` targets. Given the same
+tokens and noise mask (or split point) both produce the same example, id for id.
 
 The t5 package is not a dependency: the span-corruption ops are implemented here with
 TensorFlow ops following ``t5.data.preprocessors`` (random_spans_noise_mask,
@@ -35,22 +47,23 @@ import os
 import seqio
 import tensorflow as tf
 
-from repeat_scaling.data.vocab import seqio_vocabulary
+from repeat_scaling.data import objectives
+from repeat_scaling.data.vocab import load_vocab_info, seqio_vocabulary
 
 DEFAULT_TFDS_NAME = "c4/en:3.1.0"
 MAX_CHUNK_TOKENS = 65536
 CONCAT_BATCH = 128
 
-# (name, mean_noise_span_length, noise_density, paradigm token); None = prefix LM (S).
-UL2_DENOISERS = (
-    ("r1", 3.0, 0.15, "[NLU]"),
-    ("r2", 8.0, 0.15, "[NLU]"),
-    ("x1", 3.0, 0.5, "[NLG]"),
-    ("x2", 8.0, 0.5, "[NLG]"),
-    ("x3", 64.0, 0.15, "[NLG]"),
-    ("x4", 64.0, 0.5, "[NLG]"),
-    ("s", None, None, "[S2S]"),
-)
+#: Task suffixes of ``objectives.default_ul2_denoisers()``, in its order.
+UL2_TASKS = ("r1", "r2", "s", "x1", "x2", "x3", "x4")
+
+
+def ul2_denoisers() -> list[tuple[str, objectives.Denoiser]]:
+    """``(task suffix, Denoiser)`` of the UL2 mixture: the native objective's defaults."""
+    denoisers = objectives.parse_denoisers(objectives.default_ul2_denoisers())
+    if len(denoisers) != len(UL2_TASKS):
+        raise ValueError(f"UL2_TASKS {UL2_TASKS} do not name the {len(denoisers)} denoisers")
+    return list(zip(UL2_TASKS, denoisers, strict=True))
 
 
 # ------------------------------------------------------------------------------------------
@@ -154,11 +167,20 @@ def split_tokens(dataset, length):
     return dataset.map(lambda x: {"targets": x["targets"][: x["_len"]]})
 
 
-def _paradigm_ids(output_features, token):
-    """Token ids of a UL2 paradigm token's text (None when there is none)."""
-    if token is None:
-        return None
-    return [int(i) for i in output_features["inputs"].vocabulary.encode(token)]
+def corrupt(tokens, noise_mask, vocab_size, mode_token=None):
+    """Span-corrupt one example: ``{"inputs", "targets"}`` before EOS (seqio adds it).
+
+    Inputs: the non-noise tokens with one sentinel per noise span, after the mode token
+    when one is given; targets: each sentinel followed by its span. The same example as
+    ``objectives.span_corrupt_batch`` for the same tokens and mask (which also adds EOS).
+    """
+    inputs = noise_span_to_unique_sentinel(tokens, noise_mask, vocab_size)
+    if mode_token is not None:
+        inputs = tf.concat([tf.constant([mode_token], inputs.dtype), inputs], 0)
+    return {
+        "inputs": inputs,
+        "targets": noise_span_to_unique_sentinel(tokens, tf.logical_not(noise_mask), vocab_size),
+    }
 
 
 def span_corruption(
@@ -167,13 +189,25 @@ def span_corruption(
     output_features,
     noise_density=0.15,
     mean_noise_span_length=3.0,
-    paradigm_token=None,
+    mode_token=None,
 ):
-    """T5 span corruption: chunk, concat, split to fit ``inputs``, denoise with sentinels."""
-    prefix = _paradigm_ids(output_features, paradigm_token)
-    budget = sequence_length["inputs"] - (0 if prefix is None else len(prefix))
+    """T5 span corruption: chunk, concat, split to fit ``inputs``, denoise with sentinels.
+
+    ``mode_token``: a UL2 mode token id (``objectives.mode_token_id``) put first in the
+    inputs; the segments are one token shorter so that the inputs still fit.
+    """
+    budget = sequence_length["inputs"] - (0 if mode_token is None else 1)
     tokens_length, _ = random_spans_helper(budget, noise_density, mean_noise_span_length)
-    vocab_size = output_features["inputs"].vocabulary.vocab_size
+    vocabulary = output_features["inputs"].vocabulary
+    vocab_size = vocabulary.vocab_size
+    _, spans = objectives.noise_counts(tokens_length, noise_density, mean_noise_span_length)
+    free = vocabulary.extra_ids - (0 if mode_token is None else objectives.NUM_MODE_TOKENS)
+    if spans > free:
+        raise ValueError(
+            f"span corruption (density={noise_density}, span={mean_noise_span_length}) of "
+            f"{tokens_length} tokens needs {spans} sentinels; the vocabulary has {free} "
+            "free extra ids: use a shorter inputs length"
+        )
     dataset = select_random_chunk(dataset)
     dataset = reduce_concat_tokens(dataset)
     dataset = split_tokens(dataset, tokens_length)
@@ -184,23 +218,20 @@ def span_corruption(
         mask = random_spans_noise_mask(
             tf.size(tokens), noise_density, seeds, mean_noise_span_length
         )
-        inputs = noise_span_to_unique_sentinel(tokens, mask, vocab_size)
-        if prefix is not None:
-            inputs = tf.concat([tf.constant(prefix, inputs.dtype), inputs], 0)
-        return {
-            "inputs": inputs,
-            "targets": noise_span_to_unique_sentinel(tokens, tf.logical_not(mask), vocab_size),
-        }
+        return corrupt(tokens, mask, vocab_size, mode_token)
 
     return denoise(dataset)
 
 
-def prefix_lm(dataset, sequence_length, output_features, paradigm_token=None):
-    """T5 prefix LM: ``inputs``-length segments split at a uniform random point."""
-    prefix = _paradigm_ids(output_features, paradigm_token)
+def prefix_lm(dataset, sequence_length, output_features, mode_token=None):
+    """T5 prefix LM: ``inputs``-length segments split at a uniform random point.
+
+    ``mode_token``: a UL2 mode token id put first in the inputs (segments one shorter).
+    """
+    length = sequence_length["inputs"] - (0 if mode_token is None else 1)
     dataset = select_random_chunk(dataset)
     dataset = reduce_concat_tokens(dataset)
-    dataset = split_tokens(dataset, sequence_length["inputs"])
+    dataset = split_tokens(dataset, length)
     dataset = dataset.filter(lambda x: tf.size(x["targets"]) >= 2)
 
     @seqio.map_over_dataset(num_seeds=1)
@@ -208,8 +239,8 @@ def prefix_lm(dataset, sequence_length, output_features, paradigm_token=None):
         tokens = x["targets"]
         k = tf.random.stateless_uniform([], seed, 1, tf.size(tokens), tf.int32)
         inputs = tokens[:k]
-        if prefix is not None:
-            inputs = tf.concat([tf.constant(prefix, inputs.dtype), inputs], 0)
+        if mode_token is not None:
+            inputs = tf.concat([tf.constant([mode_token], inputs.dtype), inputs], 0)
         return {"inputs": inputs, "targets": tokens[k:]}
 
     return split_point(dataset)
@@ -265,7 +296,8 @@ def register_c4_tasks(
       tfds_data_dir: TFDS data_dir (local or gs://) or a prepared dataset directory.
       prefix: name prefix; re-registering the same names replaces them.
     """
-    vocabulary = seqio_vocabulary(vocab)
+    info = load_vocab_info(vocab)
+    vocabulary = seqio_vocabulary(info)
     source = _source(tfds_name, tfds_data_dir)
     tokenize = [
         functools.partial(seqio.preprocessors.rekey, key_map={"inputs": None, "targets": "text"}),
@@ -283,16 +315,18 @@ def register_c4_tasks(
         ],
         f"{prefix}_prefix_lm": [*tokenize, prefix_lm, seqio.preprocessors.append_eos_after_trim],
     }
-    for name, span, density, token in UL2_DENOISERS:
-        if span is None:
-            fn = functools.partial(prefix_lm, paradigm_token=token)
-        else:
+    ul2 = ul2_denoisers()
+    for name, d in ul2:
+        mode = objectives.mode_token_id(info, d.name)
+        if d.is_span:
             fn = functools.partial(
                 span_corruption,
-                noise_density=density,
-                mean_noise_span_length=span,
-                paradigm_token=token,
+                noise_density=d.noise_density,
+                mean_noise_span_length=d.mean_noise_span_length,
+                mode_token=mode,
             )
+        else:
+            fn = functools.partial(prefix_lm, mode_token=mode)
         tasks[f"{prefix}_ul2_{name}"] = [*tokenize, fn, seqio.preprocessors.append_eos_after_trim]
     names = []
     for name, preprocessors in tasks.items():
@@ -312,6 +346,6 @@ def register_c4_tasks(
     names.append(name)
     mixture = f"{prefix}_ul2"
     seqio.MixtureRegistry.remove(mixture)
-    seqio.MixtureRegistry.add(mixture, [(f"{prefix}_ul2_{n}", 1.0) for n, *_ in UL2_DENOISERS])
+    seqio.MixtureRegistry.add(mixture, [(f"{prefix}_ul2_{n}", d.rate) for n, d in ul2])
     names.append(mixture)
     return names
