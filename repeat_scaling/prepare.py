@@ -141,8 +141,18 @@ def _existing_store(
     if os.path.isfile(os.path.join(out_dir, store_lib.MANIFEST)):
         existing = store_lib.TokenStore(out_dir)
         if existing.manifest.get("request_fingerprint") == fingerprint:
+            try:
+                existing.verify(cached=False)  # every shard's sha256, read in full
+            except store_lib.StoreError as e:
+                if not overwrite:
+                    raise store_lib.StoreError(
+                        f"{out_dir} is corrupt ({e}); pass --overwrite to rebuild it"
+                    ) from None
+                log(f"prepare: {out_dir} is corrupt ({e}); rebuilding it")
+                return None, overwrite
             log(
-                f"prepare: {out_dir} is up to date (same source, vocabulary and options); nothing to do"
+                f"prepare: {out_dir} is up to date (same source, vocabulary and options, "
+                "shards verified); nothing to do"
             )
             return existing, overwrite
         if not overwrite:

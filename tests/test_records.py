@@ -364,3 +364,43 @@ def test_flipped_params_bytes_resume_from_the_good_checkpoint_and_the_evaluator_
     ev = evaluator.Evaluator(wd, small, evaluator.eval_mesh(1), warn=lambda m: None)
     assert [r["step"] for r in ev.run_all()] == [8]
     ev.writer.close()
+
+
+# ----------------------------------------------------------------------------------
+# Verified stores
+# ----------------------------------------------------------------------------------
+def test_corrupt_store_is_refused_and_prepare_rebuilds_it(
+    store_dir, run_copy, tmp_path, monkeypatch
+):
+    from repeat_scaling.data.store import StoreError, TokenStore, verified_cache_path
+    from repeat_scaling.eval import evaluator
+    from repeat_scaling.prepare import prepare_store
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    wd, before = run_copy
+    store = tmp_path / "store"
+    shutil.copytree(store_dir, store)
+    TokenStore(store).verify()  # hashed once, then cached by size and mtime
+    cached = json.loads(pathlib.Path(verified_cache_path()).read_text())
+    assert len(cached) == 2 and all(v[0] > 0 for v in cached.values())
+    shard = next((store / "train").glob("tokens-*.bin"))
+    data = bytearray(shard.read_bytes())
+    data[1000:1064] = bytes(64)  # 64 zero bytes: still valid token ids
+    shard.write_bytes(bytes(data))
+    # the trainer refuses it before writing anything
+    with pytest.raises(StoreError, match=f"token shard {shard} does not match its sha256"):
+        loop.train(tiny_config(store), tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    # the evaluator too
+    cfg = json.loads((wd / "config.json").read_text())
+    cfg["data"]["store"] = str(store)
+    (wd / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(StoreError, match="does not match its sha256 .* prepare --overwrite"):
+        evaluator.Run.load(wd)
+    # prepare says so, and rebuilds it with --overwrite
+    quiet = {"progress": False, "log": lambda *_: None}
+    with pytest.raises(StoreError, match=f"{store} is corrupt .* pass --overwrite"):
+        prepare_store("builtin", "byte", str(store), **quiet)
+    prepare_store("builtin", "byte", str(store), overwrite=True, **quiet)
+    TokenStore(store).verify(cached=False)
+    assert_kept(wd, {**before, "config": (wd / "config.json").read_bytes()})

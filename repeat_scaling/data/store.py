@@ -141,12 +141,39 @@ class StoreSplit:
         b = self.document_bounds
         return self.tokens(int(b[i]), int(b[i + 1] - b[i]))
 
-    def verify(self) -> None:
-        """Check every shard's sha256 against the manifest (reads the whole split)."""
+    def verify(self, cached: bool = False) -> None:
+        """Check every shard's size and sha256 against the manifest.
+
+        ``cached``: skip the sha256 of a shard this host already verified with the same
+        size and modification time (:func:`verified_cache_path`); sizes are always checked.
+        """
+        cache = _load_cache() if cached else {}
+        changed = False
         for sm in self._shard_meta:
             p = os.path.join(self.path, sm["file"])
+            expect = int(sm["tokens"]) * self.dtype.itemsize
+            try:
+                st = os.stat(p)
+            except OSError:
+                raise StoreError(f"token shard {p} is missing; re-run prepare") from None
+            if st.st_size != expect:
+                raise StoreError(
+                    f"token shard {p} has {st.st_size} bytes, expected {expect} (corrupt); "
+                    "rebuild the store with prepare --overwrite"
+                )
+            key = os.path.realpath(p)
+            stamp = [st.st_size, st.st_mtime_ns, sm["sha256"]]
+            if cached and cache.get(key) == stamp:
+                continue
             if _sha256_file(p) != sm["sha256"]:
-                raise StoreError(f"token shard {p} does not match its sha256 in the manifest")
+                raise StoreError(
+                    f"token shard {p} does not match its sha256 in the manifest (corrupt); "
+                    "rebuild the store with prepare --overwrite"
+                )
+            cache[key] = stamp
+            changed = True
+        if cached and changed:
+            _save_cache(cache)
 
     def __repr__(self) -> str:
         return (
@@ -198,6 +225,12 @@ class TokenStore:
             self._splits[name] = StoreSplit(self.path, name, self.manifest["splits"][name])
         return self._splits[name]
 
+    def verify(self, cached: bool = True) -> None:
+        """Check every split's shards against the manifest (:meth:`StoreSplit.verify`):
+        sizes always, sha256 once per host and shard modification (``cached``) or always."""
+        for name in self.split_names:
+            self.split(name).verify(cached=cached)
+
     def check_vocab(self, expected: VocabInfo | str) -> None:
         """Raise :class:`StoreError` unless the store's vocabulary is ``expected``."""
         expected = load_vocab_info(expected)
@@ -211,6 +244,35 @@ class TokenStore:
         return (
             f"TokenStore({self.path!r}, vocab={self.vocab.describe()}, splits={self.split_names})"
         )
+
+
+def verified_cache_path() -> str:
+    """This host's record of verified shards: ``{realpath: [size, mtime_ns, sha256]}`` in
+    ``$XDG_CACHE_HOME/repeat_scaling/verified_shards.json`` (default ``~/.cache``)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "repeat_scaling", "verified_shards.json")
+
+
+def _load_cache() -> dict[str, Any]:
+    try:
+        with open(verified_cache_path(), encoding="utf-8") as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _save_cache(cache: dict[str, Any]) -> None:
+    """Best effort (a read-only home only costs the next open a re-hash)."""
+    path = verified_cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(cache, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def _sha256_file(path: str) -> str:

@@ -121,6 +121,7 @@ class Run:
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise EvalError(f"{path} is not a resolved training config ({e})") from None
         store = TokenStore(str(_store_path(str(data["store"]), workdir, path)))
+        store.verify()  # shard sizes, and sha256 once per host and shard modification
         cd = ml_collections.ConfigDict(config)
         options = loop.objective_options(cd, model_cfg.arch)
         if data["objective"] in loop.MANIFEST_OBJECTIVES:  # as the trainer's build_data

@@ -115,7 +115,9 @@ def open_store(data: Any):
 
             prepare_store(data.source, data.vocab, str(path), **dict(data.prepare_options))
         distributed.sync("prepare_store")
-    return TokenStore(str(path))
+    store = TokenStore(str(path))
+    store.verify()  # shard sizes, and sha256 once per host and shard modification
+    return store
 
 
 #: Objectives whose factory reads the store's manifest (pairs layout / ICL task).
