@@ -404,3 +404,21 @@ def test_corrupt_store_is_refused_and_prepare_rebuilds_it(
     prepare_store("builtin", "byte", str(store), overwrite=True, **quiet)
     TokenStore(store).verify(cached=False)
     assert_kept(wd, {**before, "config": (wd / "config.json").read_bytes()})
+
+
+# ----------------------------------------------------------------------------------
+# Bad input: one line, nothing written
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("train.optimizer.learning_rate", float("inf")),
+        ("train.z_loss", float("nan")),
+        ("data.mean_noise_span_length", float("-inf")),
+    ],
+)
+def test_non_finite_floats_are_one_line_errors(store_dir, tmp_path, key, value):
+    with pytest.raises(config_lib.ConfigError) as e:
+        loop.train(tiny_config(store_dir, **{key: value}), tmp_path / "w")
+    assert str(e.value) == f"{key}={value!r}; expected a finite number"
+    assert not (tmp_path / "w").exists()

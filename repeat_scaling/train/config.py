@@ -40,6 +40,7 @@ Units and conventions:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import ml_collections
@@ -183,6 +184,19 @@ def _to_dict(c: Any) -> Any:
 FREE_FORM = {"data.prepare_options", "data.objective_options", "interventions", "eval"}
 
 
+def _floats(d: Any, prefix: str):
+    """``(dotted key, value)`` of every float in a nested dict/list config."""
+    items = d.items() if isinstance(d, dict) else enumerate(d)
+    for k, v in items:
+        key = f"{prefix}{k}" if isinstance(d, dict) else f"{prefix.rstrip('.')}[{k}]"
+        if isinstance(v, float):
+            yield key, v
+        elif isinstance(v, dict):
+            yield from _floats(v, key + ".")
+        elif isinstance(v, (list, tuple)):
+            yield from _floats(v, key + ".")
+
+
 def _check_keys(got: dict, schema: dict, prefix: str) -> None:
     for k, v in got.items():
         key = f"{prefix}{k}"
@@ -232,6 +246,10 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
 
     def bad(key: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{key}={value!r}; expected {expected}")
+
+    for key, value in _floats({k: v for k, v in d.items() if k != "sweep"}, ""):
+        if not math.isfinite(value):
+            bad(key, value, "a finite number")
 
     if not isinstance(d["seed"], int) or d["seed"] < 0:
         bad("seed", d["seed"], "a non-negative int")
