@@ -422,3 +422,32 @@ def test_non_finite_floats_are_one_line_errors(store_dir, tmp_path, key, value):
         loop.train(tiny_config(store_dir, **{key: value}), tmp_path / "w")
     assert str(e.value) == f"{key}={value!r}; expected a finite number"
     assert not (tmp_path / "w").exists()
+
+
+# ----------------------------------------------------------------------------------
+# I/O errors stop the trainer
+# ----------------------------------------------------------------------------------
+def test_disk_full_in_the_event_writer_stops_the_trainer(store_dir, tmp_path, monkeypatch):
+    import errno
+
+    from tensorboardX import record_writer
+
+    from repeat_scaling.train import metrics
+
+    real, calls = record_writer.RecordWriter.write, []
+
+    def write(self, data):  # ENOSPC once step 6's scalars are written
+        calls.append(1)
+        if len(calls) > 5 * len(metrics.FIELDS):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, data)
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", write)
+    wd = tmp_path / "w"
+    t0 = time.monotonic()
+    with pytest.raises(metrics.MetricsIOError) as e:
+        loop.train(tiny_config(store_dir), wd)
+    assert "\n" not in str(e.value) and "No space left on device" in str(e.value)
+    assert time.monotonic() - t0 < 120  # stopped, never hung
+    assert checkpointing.committed_steps(wd) == [4]  # the committed checkpoint is kept
+    assert (wd / "config.json").is_file() and not (wd / record.LOCK).exists()

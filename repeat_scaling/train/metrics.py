@@ -4,7 +4,10 @@
   :data:`FIELDS`); written by process 0 only. On resume, lines past the restored step
   are dropped (they belong to the lost part of the interrupted run), so the file always
   describes one consistent run.
-* ``workdir/tensorboard/``: a tensorboardX event writer with the same scalars.
+* ``workdir/tensorboard/``: TensorBoard events with the same scalars, written by the
+  trainer's thread (:class:`EventWriter`).
+* A write error (disk full, ...) of either stops the trainer with one line
+  (:class:`MetricsIOError`); committed checkpoints are kept.
 
 The workdir may be a gs:// URL (:mod:`repeat_scaling.workdir_io`): the JSONL files are
 then re-uploaded whole at most every ``flush_seconds`` (object stores cannot append) and
@@ -110,6 +113,38 @@ def truncate_jsonl(path: workdir_io.WPath, max_step: int) -> None:
     workdir_io.write_text_atomic(path, "".join(k + "\n" for k in keep))
 
 
+class MetricsIOError(workdir_io.WorkdirError):
+    """Writing metrics or TensorBoard events failed (disk full, ...); one line."""
+
+
+class EventWriter:
+    """TensorBoard scalar events written synchronously by the calling thread.
+
+    tensorboardX's ``SummaryWriter`` writes from a thread: when that thread dies (disk
+    full) the trainer blocks forever in ``add_scalar``. Here a write error is raised
+    where the trainer can stop on it.
+    """
+
+    def __init__(self, logdir: str | pathlib.Path):
+        from tensorboardX.event_file_writer import EventsWriter
+
+        pathlib.Path(logdir).mkdir(parents=True, exist_ok=True)
+        self._writer = EventsWriter(str(pathlib.Path(logdir) / "events"))
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        event = Event(wall_time=time.time(), step=int(step), summary=scalar(tag, value))
+        self._writer.write_event(event)
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 class MetricsWriter:
     """Writes metrics of logged steps (process 0 writes, the others only display)."""
 
@@ -129,15 +164,14 @@ class MetricsWriter:
         self.path = self.workdir / "train" / "metrics.jsonl"
         self._tb = None
         self._file = None
+        self._failed = False
         if is_primary:
             workdir_io.mkdirs(self.path.parent)
             truncate_jsonl(self.path, start_step)
             truncate_jsonl(self.workdir / "train" / "eval.jsonl", start_step)
             self._file = workdir_io.JsonlAppender(self.path, flush_seconds=flush_seconds)
             if isinstance(self.workdir, pathlib.Path):
-                from tensorboardX import SummaryWriter
-
-                self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+                self._tb = EventWriter(self.workdir / "tensorboard")
             else:
                 self._tb = SyncedSummaryWriter(self.workdir / "tensorboard", flush_seconds)
         use_bar = {"on": True, "off": False}.get(progress_bar, sys.stderr.isatty())
@@ -148,7 +182,21 @@ class MetricsWriter:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
         self._t0 = time.time()
 
+    def _io(self, fn, *args) -> Any:
+        """``fn(*args)``; an OSError (disk full, ...) becomes a one-line MetricsIOError."""
+        try:
+            return fn(*args)
+        except OSError as e:
+            self._failed = True
+            raise MetricsIOError(
+                f"cannot write metrics under {self.workdir} ({e.strerror or e}); stopped, "
+                "committed checkpoints are kept"
+            ) from None
+
     def write(self, record: dict[str, Any]) -> None:
+        self._io(self._write, record)
+
+    def _write(self, record: dict[str, Any]) -> None:
         record = {k: _clean(v) for k, v in record.items()}
         step = int(record["step"])
         if self._file is not None:
@@ -179,6 +227,9 @@ class MetricsWriter:
             )
 
     def write_eval(self, step: int, values: dict[str, float]) -> None:
+        self._io(self._write_eval, step, values)
+
+    def _write_eval(self, step: int, values: dict[str, float]) -> None:
         if self._tb is not None:
             for k, v in values.items():
                 self._tb.add_scalar(f"eval/{k}", v, step)
@@ -188,14 +239,27 @@ class MetricsWriter:
 
     def flush(self) -> None:
         """Push buffered lines (on GCS: re-upload ``metrics.jsonl``) and TB events."""
+        self._io(self._flush)
+
+    def _flush(self) -> None:
         if self._file is not None:
             self._file.flush()
         if self._tb is not None:
             self._tb.flush()
 
     def close(self) -> None:
+        failed = self._failed  # after a write error, closing may fail the same way
         if self._bar is not None:
             self._bar.close()
+        try:
+            self._io(self._close)
+        except MetricsIOError:
+            if not failed:
+                raise
+        finally:
+            self._file = self._tb = None
+
+    def _close(self) -> None:
         if self._file is not None:
             self._file.close()
         if self._tb is not None:
@@ -211,12 +275,10 @@ class SyncedSummaryWriter:
     """
 
     def __init__(self, remote: workdir_io.WPath, sync_seconds: float = 30.0):
-        from tensorboardX import SummaryWriter
-
         self.remote = remote
         self.sync_seconds = float(sync_seconds)
         self.local = pathlib.Path(tempfile.mkdtemp(prefix="repeat_scaling_tb_"))
-        self._writer = SummaryWriter(str(self.local))
+        self._writer = EventWriter(self.local)
         self._last = time.monotonic()
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
@@ -228,12 +290,15 @@ class SyncedSummaryWriter:
 
     def flush(self) -> None:
         self._writer.flush()
+        self._upload()
+
+    def _upload(self) -> None:
         for f in sorted(self.local.rglob("*")):
             if f.is_file():
                 workdir_io.upload_file(f, self.remote / f.relative_to(self.local).as_posix())
         self._last = time.monotonic()
 
     def close(self) -> None:
-        self._writer.close()
-        self.flush()
+        self._writer.close()  # flushes
+        self._upload()
         shutil.rmtree(self.local, ignore_errors=True)
