@@ -255,6 +255,15 @@ def test_cli_kill_and_restart_never_duplicates(live, tmp_path):
     steps = [json.loads(x)["step"] for x in lines]
     assert steps == [2, 4], steps  # each step exactly once, in order
     assert lines[: len(first)] == first
+    # TensorBoard (its own reader): every metric once per step after the two passes.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(work / "tensorboard" / "eval"))
+    acc.Reload()
+    got = [(e.step, e.value) for e in acc.Scalars("eval/test_loss")]
+    want = [(r["step"], r["test_loss"]) for r in map(json.loads, lines)]
+    assert [s for s, _ in got] == [2, 4] and np.allclose(got, want)
+    assert "eval/prefix_matching" in acc.Tags()["scalars"]
     # A corrupt line (e.g. edited by hand) is reported, not fatal.
     with open(path, "a") as f:
         f.write("{oops\n")

@@ -63,6 +63,7 @@ from repeat_scaling import sharding, workdir_io
 from repeat_scaling.data import pipeline
 from repeat_scaling.data.store import TokenStore
 from repeat_scaling.eval import downstream, metrics, probes
+from repeat_scaling.eval import tensorboard as eval_tensorboard
 from repeat_scaling.eval.results import ERRORS_NAME, ResultsWriter
 from repeat_scaling.models.config import ModelConfig
 from repeat_scaling.train import checkpointing, record
@@ -260,6 +261,8 @@ class Evaluator:
             )
         self.mesh = mesh if mesh is not None else eval_mesh(0)
         self.writer = ResultsWriter(workdir, warn=self.warn)
+        # TensorBoard scalars of results recorded before their event files existed.
+        eval_tensorboard.write_missing(workdir, self.writer.records)
         #: Steps of this process that could not be evaluated, with the reason.
         self.failed: dict[int, str] = {}
         self._data: dict[str, Any] | None = None
@@ -397,7 +400,8 @@ class Evaluator:
         loss = rec.get("test_loss")
         if loss is None or not np.isfinite(loss):
             return self._failed(step, f"test_loss={loss} is not a finite number")
-        self.writer.append(rec)
+        if self.writer.append(rec):
+            eval_tensorboard.write_step(run.workdir, rec)
         logging.info(
             "step %d: test_loss %.4f, prefix_matching %s (%.1f s)",
             step,
