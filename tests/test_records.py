@@ -248,6 +248,15 @@ def test_resumable_changes_are_logged_never_written_into_the_record(store_dir, r
     recorded = json.loads(before["config"])
     effective = record.effective_config(recorded, record.read_resume_log(wd))
     assert effective["train"]["keep"] == 5 and recorded["train"]["keep"] == 3
+    # the report applies and shows them
+    from repeat_scaling.report import markdown
+    from repeat_scaling.report import runs as runs_lib
+
+    run = runs_lib.load_run(str(wd))
+    assert run.resume_log == [entry] and run.config["train"]["keep"] == 5
+    markdown.write_report([run], [], str(wd.parent / "report"))
+    text = (wd.parent / "report" / "report.md").read_text()
+    assert "Settings changed on resume" in text and "train.keep: 3 -> 5" in text
 
 
 def test_more_steps_that_change_the_past_are_refused(store_dir, trained):

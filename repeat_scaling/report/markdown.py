@@ -259,6 +259,21 @@ def write_report(
         ],
     )
 
+    resumed = [(r, e) for r in all_runs for e in r.resume_log]
+    if resumed:
+        lines += ["", "### Settings changed on resume (resume_log.jsonl)", ""]
+        lines += _table(
+            ["run", "from step", "changes (recorded -> new)"],
+            [
+                (
+                    r.name,
+                    e.get("step"),
+                    "; ".join(f"{k}: {v[0]} -> {v[1]}" for k, v in e["changes"].items()),
+                )
+                for r, e in resumed
+            ],
+        )
+
     lines += ["", "## Fits", "", "### Power laws on the unique-data baselines", ""]
     lines.append(
         "L(N) = E0 + (Nc/N)^alpha (`offset`) and (Nc/N)^alpha (`offset_free`), fitted on "

@@ -32,6 +32,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from repeat_scaling import workdir_io
+from repeat_scaling.train import record
 
 # Which parameter count stands for "model size" N (Kaplan/Hernandez use non-embedding).
 PARAM_KEYS = ("non_embedding", "total", "trainable")
@@ -181,6 +182,8 @@ class Run:
     problems: list[str] = dataclasses.field(default_factory=list)
     param_key: str = "non_embedding"
     init_from: dict | None = None  # init_from.json of a fine-tuned run, else None
+    #: resume_log.jsonl: settings changed on resume (applied to ``config``)
+    resume_log: list[dict] = dataclasses.field(default_factory=list)
 
     # ----- identity -------------------------------------------------------------------
     def identity(self, drop: Sequence[str] = ()) -> tuple:
@@ -479,6 +482,8 @@ def load_run(path: str, param_key: str = "non_embedding") -> Run:
     run.config = _read_json(os.path.join(path, "config.json"), run.problems)
     if run.config is None:
         return run
+    run.resume_log = record.read_resume_log(path)
+    run.config = record.effective_config(run.config, run.resume_log)
     plan_problems: list[str] = []
     run.data_plan = _read_json(os.path.join(path, "data_plan.json"), plan_problems)
     run.problems.extend(plan_problems)
