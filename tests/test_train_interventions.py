@@ -69,12 +69,22 @@ def test_clamp_acts_only_in_its_window_and_resumes_exactly(store_dir, tmp_path):
     assert loop.train(attn2_config(store_dir, [CLAMP]), mid)["resumed_from"] == 2
     assert _losses(mid) == b
 
-    # Resume after the window (from step 4) WITHOUT the clamp: same losses, so the
-    # compiled step had switched the clamp off at step 4.
+    # The window ends at step 4: a clamp that never ends gives the same updates 3 and 4,
+    # then other ones (the compiled step switched the windowed clamp off at step 4).
+    longer = tmp_path / "longer"
+    loop.train(attn2_config(store_dir, [CLAMP | {"end_step": 100}]), longer)
+    c = _losses(longer)
+    assert [c[n] for n in (1, 2, 3, 4)] == [b[n] for n in (1, 2, 3, 4)]
+    assert all(abs(c[n] - b[n]) > 1e-6 for n in (5, 6)), (b, c)
+
+    # Resuming without the clamp would change what the run trained: refused, naming it.
     after = tmp_path / "resume_after"
     _copy_without(clamped, after, (6,))
-    assert loop.train(attn2_config(store_dir), after)["resumed_from"] == 4
-    assert _losses(after) == b
+    with pytest.raises(
+        config_lib.ConfigError, match=r"interventions: \[\{.*\}\] \(recorded\) vs \[\]"
+    ):
+        loop.train(attn2_config(store_dir), after)
+    assert (after / "checkpoints" / "4").is_dir()
 
 
 @pytest.mark.parametrize(
