@@ -198,7 +198,34 @@ def submit() -> int:
     )
     runs = sweeps.expand(_CONFIG.value, root, only=FLAGS.only or None)
     print(f"# {len(runs)} run(s) from {sub.config_spec} under {root} ({FLAGS.backend})")
+    refuse_differing_records(runs)
     return build_backend(FLAGS.backend).submit(sub, runs)
+
+
+def refuse_differing_records(runs: list[sweeps.Run]) -> None:
+    """A LaunchError (one line) when a run's workdir holds a trained run (a committed
+    checkpoint and its ``config.json``) whose record differs from the run's resolved
+    config in a key the trainer would refuse on resume (e.g. two sweeps whose base configs
+    differ only outside the sweep overrides, giving their runs the same names)."""
+    from repeat_scaling import workdir_io
+    from repeat_scaling.train import checkpointing, record
+    from repeat_scaling.train import config as config_lib
+
+    for run in runs:
+        recorded = record.read_json(workdir_io.workdir_path(run.workdir) / record.CONFIG)
+        if recorded is None or not checkpointing.committed_steps(run.workdir):
+            continue
+        resolved = run.config.to_dict()
+        resolved["model"] = config_lib.model_config(run.config).to_dict()
+        recorded = record.effective_config(recorded, record.read_resume_log(run.workdir))
+        refused = [
+            d for d in record.differences(recorded, resolved) if not record.is_resumable(d[0])
+        ]
+        if refused:
+            raise LaunchError(
+                f"run {run.name}: {run.workdir} holds a run trained with another config "
+                f"({record.describe(refused)}); submit this sweep under another --root"
+            )
 
 
 def main(argv: list[str]) -> None:

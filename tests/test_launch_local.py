@@ -118,3 +118,14 @@ def test_local_sweep_interrupt_resume_and_noop(tmp_path, shared_data):
         "[local] nothing to do",
     ]
     assert {n: _launch_json(root, n) for n in NAMES} == before
+
+    # 4. The same run names from a base config that differs outside the sweep overrides
+    # would land in these workdirs: refused before anything starts, naming the key.
+    other = subprocess.run(cmd + ["--config.data.length=16"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert other.returncode == 1
+    assert other.stderr.strip().splitlines() == [
+        f"error: run {NAMES[0]}: {root / NAMES[0]} holds a run trained with another config "
+        "(data.length: 32 (recorded) vs 16 (now)); submit this sweep under another --root"
+    ]
+    assert {n: _launch_json(root, n) for n in NAMES} == before
