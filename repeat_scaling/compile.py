@@ -478,19 +478,8 @@ def train_setup(config: Any, devices: Sequence[Any], hosts: int = 1) -> TrainSet
     rules = sharding.DEFAULT_RULES
     tx, schedule = optimizers.make_optimizer(tc.optimizer, int(tc.steps))
     info = state_lib.abstract_state(model_cfg, tx, mesh, rules)
-    step = step_lib.make_train_step(
-        info,
-        model_cfg,
-        tx,
-        schedule,
-        seed=int(config.seed),
-        grad_accum=int(tc.grad_accum),
-        z_loss=float(tc.z_loss),
-        label_smoothing=float(tc.label_smoothing),
-        dropout_start_step=int(tc.dropout_start_step),
-        rules=rules,
-        interventions=clamps,
-        steps_per_call=n,
+    step = step_lib.config_train_step(
+        config, info, model_cfg, tx, schedule, rules=rules, interventions=clamps, steps_per_call=n
     )
     batch_sh = sharding.batch_sharding(mesh, rules)
     lead: tuple[int, ...] = ()

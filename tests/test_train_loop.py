@@ -29,15 +29,6 @@ sys.path.insert(0, str(REPO / "configs"))
 import demo  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
-    from repeat_scaling.prepare import prepare_store
-
-    out = tmp_path_factory.mktemp("store") / "builtin-byte"
-    prepare_store("builtin", "byte", str(out), progress=False, log=lambda *_: None)
-    return out
-
-
 def tiny_config(store_dir, arg="dec", **overrides):
     c = demo.get_config(arg)
     c.data.store = str(store_dir)
@@ -97,6 +88,13 @@ def test_unknown_key_and_store_errors(store_dir, tmp_path):
     c = tiny_config(tmp_path / "missing")
     with pytest.raises(config_lib.ConfigError, match="not a prepared token store"):
         loop.train(c, tmp_path / "w")
+    # A missing store whose vocabulary file is missing too: one line, nothing built.
+    c = tiny_config(tmp_path / "missing", **{"data.source": "builtin"})
+    c.data.vocab = str(tmp_path / "nowhere" / "spm.model")
+    with pytest.raises(config_lib.ConfigError) as e:
+        loop.train(c, tmp_path / "w")
+    assert "is not prepared and cannot be built here: vocab" in str(e.value)
+    assert "\n" not in str(e.value) and not (tmp_path / "missing").exists()
     c = tiny_config(store_dir, **{"model.vocab_size": 256})
     with pytest.raises(config_lib.ConfigError, match="smaller than the store's vocabulary"):
         loop.train(c, tmp_path / "w")

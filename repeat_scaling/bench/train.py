@@ -140,17 +140,7 @@ def bench_one(spec: str, dtype: str, steps: int, warmup: int, sets: list[str]) -
     mesh = sharding.make_mesh(dict(config.mesh.ici))
     tx, schedule = optimizers.make_optimizer(config.train.optimizer, int(config.train.steps))
     state, info = state_lib.create_train_state(cfg, tx, mesh, int(config.seed))
-    train_step = step_lib.make_train_step(
-        info,
-        cfg,
-        tx,
-        schedule,
-        seed=int(config.seed),
-        grad_accum=int(config.train.grad_accum),
-        z_loss=float(config.train.z_loss),
-        label_smoothing=float(config.train.label_smoothing),
-        steps_per_call=k,
-    )
+    train_step = step_lib.config_train_step(config, info, cfg, tx, schedule, steps_per_call=k)
     batch_sh = sharding.batch_sharding(mesh)
     if k > 1:
         stacked = [synthetic_batch(config, cfg, seed=i) for i in range(k)]

@@ -110,6 +110,16 @@ def open_store(data: Any):
             )
         if not data.vocab:
             raise config_lib.ConfigError(f"data.source={data.source!r} needs data.vocab to prepare")
+        from repeat_scaling.data.vocab import VocabError, load_vocab_info
+
+        try:  # before any work: a missing vocabulary file is one line, not a traceback
+            load_vocab_info(data.vocab)
+        except VocabError as e:
+            raise config_lib.ConfigError(
+                f"data.store={str(path)!r} is not prepared and cannot be built here: {e} "
+                "(copy the prepared store to this path, or set data.vocab to the "
+                "vocabulary file)"
+            ) from None
         if jax.process_index() == 0:
             from repeat_scaling.prepare import prepare_store
 
@@ -459,16 +469,12 @@ def _train_locked(
     distributed.sync("workdir_written")
     steps_per_call = int(derived["steps_per_call"])
     step_fns = {
-        n: step_lib.make_train_step(
+        n: step_lib.config_train_step(
+            config,
             info,
             model_cfg,
             tx,
             schedule,
-            seed=int(config.seed),
-            grad_accum=int(tc.grad_accum),
-            z_loss=float(tc.z_loss),
-            label_smoothing=float(tc.label_smoothing),
-            dropout_start_step=int(tc.dropout_start_step),
             rules=rules,
             interventions=clamps,
             steps_per_call=n,

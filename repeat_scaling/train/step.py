@@ -251,6 +251,37 @@ def make_train_step(
     return run
 
 
+def config_train_step(
+    config: Any,
+    info: state_lib.StateInfo,
+    cfg: ModelConfig,
+    tx: optax.GradientTransformation,
+    schedule: Callable,
+    *,
+    rules: Any = sharding.DEFAULT_RULES,
+    interventions: tuple = (),
+    steps_per_call: int = 1,
+) -> Callable:
+    """The trainer's step for a training ``config``: :func:`make_train_step` with its
+    ``seed`` and ``train.grad_accum`` / ``z_loss`` / ``label_smoothing`` /
+    ``dropout_start_step`` (the TPU compile check and the benchmark build the same)."""
+    tc = config.train
+    return make_train_step(
+        info,
+        cfg,
+        tx,
+        schedule,
+        seed=int(config.seed),
+        grad_accum=int(tc.grad_accum),
+        z_loss=float(tc.z_loss),
+        label_smoothing=float(tc.label_smoothing),
+        dropout_start_step=int(tc.dropout_start_step),
+        rules=rules,
+        interventions=interventions,
+        steps_per_call=steps_per_call,
+    )
+
+
 def stacked_sharding(batch_sharding: NamedSharding) -> NamedSharding:
     """Sharding of batches stacked on a new leading (step) axis: that axis unsharded."""
     return NamedSharding(batch_sharding.mesh, PartitionSpec(None, *batch_sharding.spec))
