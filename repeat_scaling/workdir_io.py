@@ -269,6 +269,17 @@ class LockError(WorkdirError):
 GcsLockError = LockError
 
 
+def _slurm_job() -> tuple[str, int] | None:
+    """``(SLURM_JOB_ID, SLURM_RESTART_COUNT)`` inside a SLURM job, else None. A requeued
+    job keeps its id and counts up its restarts; SLURM stops every task of a job before it
+    requeues it, so a lock of the same job with fewer restarts has no live holder."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return job, int(restart) if restart.isdigit() else 0
+
+
 class WorkdirLock:
     """Best-effort exclusive lock: a record ``{"owner", "host", "pid", "token", "heartbeat"}``
     at ``path``, local or gs://. The trainer holds ``WORKDIR/train.lock``, the evaluator
@@ -282,8 +293,9 @@ class WorkdirLock:
 
     * ``acquire`` creates the record only if absent (generation 0: two processes racing
       for a free lock cannot both win). A record whose heartbeat is older than
-      ``stale_s`` (its holder hung or was killed on another host), or whose owner is a
-      dead process on this host, is taken over by rewriting it at the generation read:
+      ``stale_s`` (its holder hung or was killed on another host), whose owner is a
+      dead process on this host, or that an earlier run of this requeued SLURM job
+      wrote (same ``slurm_job``, fewer ``slurm_restart``), is taken over by rewriting it at the generation read:
       of two processes that saw the same stale lock only the first rewrite succeeds.
       :attr:`took_over` then says whose lock it was. The record is re-read, and
       acquiring fails unless it names this holder.
@@ -331,19 +343,28 @@ class WorkdirLock:
 
     def _record(self) -> dict[str, Any]:
         host, _, pid = self.owner.rpartition(":")
-        return {
+        record = {
             "owner": self.owner,
             "host": host,
             "pid": int(pid) if pid.isdigit() else pid,
             "token": self.token,
             "heartbeat": time.time(),
         }
+        job = _slurm_job()
+        if job is not None:
+            record["slurm_job"], record["slurm_restart"] = job
+        return record
 
     # -- the protocol ----------------------------------------------------------------------
     def _mine(self, record: dict[str, Any] | None) -> bool:
         return bool(self.token) and record is not None and record.get("token") == self.token
 
     def _holder_alive(self, record: dict[str, Any]) -> bool:
+        job = _slurm_job()
+        if job is not None and record.get("slurm_job") == job[0]:
+            restart = record.get("slurm_restart")
+            if isinstance(restart, int) and restart < job[1]:
+                return False  # an earlier run of this requeued SLURM job (stopped by SLURM)
         owner = str(record.get("owner", ""))
         host, _, pid = owner.rpartition(":")
         if host == socket.gethostname() and pid.isdigit():

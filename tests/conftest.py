@@ -35,6 +35,17 @@ def shared_data() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def store_dir(tmp_path_factory):
+    """The built-in corpus prepared once with the byte vocabulary (tests copy it before
+    changing it)."""
+    from repeat_scaling.prepare import prepare_store
+
+    out = tmp_path_factory.mktemp("store") / "builtin-byte"
+    prepare_store("builtin", "byte", str(out), progress=False, log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="session")
 def c4_byte_store(shared_data, tmp_path_factory):
     """The shared C4 sample (allenai json.gz) prepared once with the byte vocabulary."""
     from repeat_scaling.prepare import prepare_store

@@ -29,15 +29,6 @@ import demo  # noqa: E402
 STEPS = 8
 
 
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
-    from repeat_scaling.prepare import prepare_store
-
-    out = tmp_path_factory.mktemp("store") / "builtin-byte"
-    prepare_store("builtin", "byte", str(out), progress=False, log=lambda *_: None)
-    return out
-
-
 def tiny_config(store_dir, **overrides):
     c = demo.get_config("dec")
     c.data.store = str(store_dir)
@@ -193,6 +184,30 @@ def test_lock_heartbeat_staleness(tmp_path):
             with pytest.raises(workdir_io.LockError, match="held by otherhost:1"):
                 lock.acquire()
             assert path.exists()
+
+
+def test_lock_of_an_earlier_run_of_a_requeued_slurm_job_is_taken_over(tmp_path, monkeypatch):
+    """SLURM requeues a job (same id, one more restart) after stopping all its tasks: the
+    lock its first run left, fresh heartbeat and all, has no live holder."""
+    path = tmp_path / "train.lock"
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    first = workdir_io.workdir_lock(path)
+    first.acquire()  # kill -9 / node failure: never released
+    first._stop.set()
+    rec = json.loads(path.read_text())
+    assert (rec["slurm_job"], rec["slurm_restart"]) == ("77", 0)
+    again = workdir_io.workdir_lock(path)
+    again.owner = "otherhost:9"
+    with pytest.raises(workdir_io.LockError, match="held by"):
+        again.acquire()  # the same run of the job: still its lock
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    requeued = workdir_io.workdir_lock(path)
+    requeued.owner = "otherhost:9"
+    requeued.acquire()
+    assert "took over the stale lock" in requeued.took_over
+    assert json.loads(path.read_text())["slurm_restart"] == 1
+    requeued.release()
 
 
 # ----------------------------------------------------------------------------------

@@ -24,15 +24,6 @@ from repeat_scaling.train import state as state_lib
 
 
 @pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
-    from repeat_scaling.prepare import prepare_store
-
-    out = tmp_path_factory.mktemp("store") / "builtin-byte"
-    prepare_store("builtin", "byte", str(out), progress=False, log=lambda *_: None)
-    return out
-
-
-@pytest.fixture(scope="module")
 def source_run(store_dir, tmp_path_factory):
     """A decoder-only run pre-trained 4 steps (causal LM, built-in corpus), ckpts 2 and 4."""
     work = tmp_path_factory.mktemp("pretrain")

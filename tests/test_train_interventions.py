@@ -21,15 +21,6 @@ from repeat_scaling.train import loop
 CLAMP = {"kind": "previous_token", "layer": 0, "head": 1, "start_step": 2, "end_step": 4}
 
 
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
-    from repeat_scaling.prepare import prepare_store
-
-    out = tmp_path_factory.mktemp("store") / "builtin-byte"
-    prepare_store("builtin", "byte", str(out), progress=False, log=lambda *_: None)
-    return out
-
-
 def attn2_config(store_dir, interventions=()):
     c = tiny_config(store_dir, **{"train.steps": 6, "train.checkpoint_every": 2, "train.keep": 10})
     c.model = config_lib.model_fields("attn2_tiny")

@@ -15,15 +15,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 6
 
 
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
-    from repeat_scaling.prepare import prepare_store
-
-    out = tmp_path_factory.mktemp("store") / "builtin-byte"
-    prepare_store("builtin", "byte", str(out), progress=False, log=lambda *_: None)
-    return out
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))

@@ -22,15 +22,6 @@ from repeat_scaling.train import config as config_lib
 TIMING = {"step_time_s", "tokens_per_s", "model_tflops_per_s", "mfu"}
 
 
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
-    from repeat_scaling.prepare import prepare_store
-
-    out = tmp_path_factory.mktemp("store") / "builtin-byte"
-    prepare_store("builtin", "byte", str(out), progress=False, log=lambda *_: None)
-    return out
-
-
 def _jsonl(path):
     return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
 

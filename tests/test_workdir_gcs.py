@@ -318,15 +318,6 @@ def test_metrics_writer_on_gcs_truncates_on_resume(gcs):
 # ----------------------------------------------------------------------------------
 # Train (checkpoint), lose the last checkpoint, resume, evaluate, status: all on gs://
 # ----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
-    from repeat_scaling.prepare import prepare_store
-
-    out = tmp_path_factory.mktemp("store") / "builtin-byte"
-    prepare_store("builtin", "byte", str(out), progress=False, log=lambda *_: None)
-    return out
-
-
 def _cli(args, env, timeout=300):
     full = {**os.environ, **env, "JAX_PLATFORMS": "cpu"}
     full.pop("XLA_FLAGS", None)  # one CPU device
