@@ -33,6 +33,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from repeat_scaling import workdir_io  # noqa: E402  (after the sys.path line)
+from repeat_scaling.train.metrics import format_duration as format_eta  # noqa: E402
 
 LAUNCH_FILE = "launch.json"
 METRICS_FILE = "train/metrics.jsonl"
@@ -83,18 +84,6 @@ class RunStatus:
             f"{self.name:<32} {self.state:<10} {step + '/' + total:>15}  "
             f"loss={loss:<8} eval={ev:<14} eta={format_eta(self.eta_s)}"
         )
-
-
-def format_eta(seconds: float | None) -> str:
-    """Seconds as `1h02m`, `3m05s`, `42s`, or `-` when unknown."""
-    if seconds is None:
-        return "-"
-    seconds = int(round(max(seconds, 0)))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
 
 
 def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:

@@ -8,6 +8,8 @@ sometimes a whole traceback. :func:`flag_error_line` turns it into one readable 
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 from absl import flags
@@ -70,3 +72,43 @@ def parse_flags(argv: list[str]) -> list[str]:
             except (OSError, SyntaxError) as e:
                 _fail(_config_file_error(flag, e))
     return rest
+
+
+# ----------------------------------------------------------------------------------
+# Quiet logs
+# ----------------------------------------------------------------------------------
+flags.DEFINE_bool(
+    "library_logs",
+    False,
+    "Also show the INFO lines of the libraries (orbax, jax, absl, ...) on stderr; by "
+    "default only this project's INFO lines, and every warning and error.",
+)
+
+#: Where this project's own log lines come from: the package and the launchers.
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_OWN_DIRS = tuple(
+    d + os.sep for d in (_PACKAGE_DIR, os.path.join(os.path.dirname(_PACKAGE_DIR), "launch"))
+)
+
+
+class _OwnInfoOnly(logging.Filter):
+    """Keeps warnings and errors, and INFO lines logged from this project's files."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or os.path.abspath(record.pathname).startswith(
+            _OWN_DIRS
+        )
+
+
+def quiet_library_logs() -> None:
+    """Unless ``--library_logs``: drop the libraries' INFO lines (orbax logs ~60 per
+    checkpoint) from every handler of the root logger, absl's included. Call after the
+    flags are parsed (``app.run`` installs absl's handler)."""
+    if flags.FLAGS.library_logs:
+        return
+    from absl import logging as absl_logging
+
+    handlers = set(logging.getLogger().handlers) | {absl_logging.get_absl_handler()}
+    for handler in handlers:
+        if not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
+            handler.addFilter(_OwnInfoOnly())

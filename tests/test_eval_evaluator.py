@@ -7,6 +7,7 @@ tinyshakespeare text with the byte vocabulary; each test works on its own copy o
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -81,17 +82,8 @@ def live(store, tmp_path_factory):
     """A run trained on 8 devices by a trainer subprocess while a 1-device evaluator
     ``--watch``es it (in this process): ``(workdir, records)``."""
     work = tmp_path_factory.mktemp("runs") / "live"
-    overrides = [f"--config.{k}={v}" for k, v in TRAIN_OVERRIDES.items()]
     trainer = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "repeat_scaling.train",
-            f"--config={REPO / 'configs' / 'demo.py'}",
-            f"--workdir={work}",
-            f"--config.data.store={store}",
-            *overrides,
-        ],
+        _train_cmd(work, store),
         env=_env(8),
         cwd=REPO,
         stdout=subprocess.DEVNULL,
@@ -109,8 +101,37 @@ def live(store, tmp_path_factory):
         recs = ev.run_all(watch=True, poll_seconds=0.5, timeout_seconds=180)
     finally:
         trainer.wait(timeout=180)
-    assert trainer.returncode == 0, trainer.stderr.read()[-2000:]
+    stderr = trainer.stderr.read()
+    assert trainer.returncode == 0, stderr[-2000:]
+    # Quiet by default: the libraries' INFO lines (orbax: ~60 per checkpoint) are dropped.
+    assert not LIBRARY_INFO.findall(stderr), stderr[-2000:]
+    assert "done: step 4" in stderr
     return work, recs
+
+
+#: An absl INFO line from orbax (e.g. ``I1203 10:43:27.49 1398 checkpoint_manager.py:701]``).
+LIBRARY_INFO = re.compile(r"^I\d{4} .* checkpoint_manager\.py:\d+\]", re.M)
+
+
+def _train_cmd(work, store, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "repeat_scaling.train",
+        f"--config={REPO / 'configs' / 'demo.py'}",
+        f"--workdir={work}",
+        f"--config.data.store={store}",
+        *[f"--config.{k}={v}" for k, v in TRAIN_OVERRIDES.items()],
+        *extra,
+    ]
+
+
+def test_library_logs_flag_shows_the_libraries_info_lines(live, store, tmp_path):
+    work = _copy(live[0], tmp_path / "run")
+    cmd = _train_cmd(work, store, "--library_logs")
+    r = subprocess.run(cmd, env=_env(8), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert LIBRARY_INFO.findall(r.stderr) and "already trained, nothing to do" in r.stderr
 
 
 def test_watch_live_two_checkpoint_run(live):

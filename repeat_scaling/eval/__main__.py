@@ -32,6 +32,8 @@ import sys
 
 from absl import app, flags, logging
 
+from repeat_scaling import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training run directory to evaluate.")
 flags.DEFINE_bool("watch", False, "Follow a live run until its final step is evaluated.")
@@ -96,6 +98,7 @@ def _fail(msg: str) -> None:
 
 
 def main(argv: list[str]) -> None:
+    cli.quiet_library_logs()
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}")
     if not FLAGS.workdir:
@@ -113,11 +116,11 @@ def main(argv: list[str]) -> None:
     from repeat_scaling.train.checkpointing import CheckpointError
 
     try:
-        cli = parse_eval_config(FLAGS.eval_config)
+        given = parse_eval_config(FLAGS.eval_config)
         if FLAGS.watch:  # a live run may not have written its config yet
             evaluator.wait_for_run(FLAGS.workdir, FLAGS.poll_seconds, FLAGS.watch_timeout_seconds)
         # The run's own config.eval first, then --eval_config on top.
-        overrides, down = split_settings({**evaluator.recorded_settings(FLAGS.workdir), **cli})
+        overrides, down = split_settings({**evaluator.recorded_settings(FLAGS.workdir), **given})
         settings = metrics.EvalSettings.from_overrides(overrides)
         for name in DOWNSTREAM_FLAGS:
             if FLAGS[name].present or name not in down:

@@ -37,6 +37,7 @@ PREEMPTED_EXIT = 143
 
 
 def main(argv: list[str]) -> None:
+    cli.quiet_library_logs()
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; use --config.KEY=VALUE to override the config")
     if FLAGS.config is None:

@@ -92,6 +92,18 @@ def throughput(
     return {"tokens_per_s": tokens_per_s, "model_tflops_per_s": tflops, "mfu": mfu}
 
 
+def format_duration(seconds: float | None) -> str:
+    """Seconds as ``1h02m``, ``3m05s``, ``42s``, or ``-`` when unknown."""
+    if seconds is None:
+        return "-"
+    seconds = int(round(max(seconds, 0)))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
 def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None if math.isnan(v) else (1e308 if v > 0 else -1e308)
@@ -161,6 +173,7 @@ class MetricsWriter:
         self.workdir = workdir_io.workdir_path(workdir)
         self.is_primary = is_primary
         self.total_steps = total_steps
+        self.start_step = start_step
         self.path = self.workdir / "train" / "metrics.jsonl"
         self._tb = None
         self._file = None
@@ -218,10 +231,14 @@ class MetricsWriter:
         elif self.is_primary:
             mfu = record.get("mfu")
             mfu_s = f" mfu={100 * mfu:.1f}%" if mfu is not None else ""
+            elapsed = time.time() - self._t0
+            done = step - self.start_step
+            eta = elapsed / done * (self.total_steps - step) if done > 0 else None
             print(
                 f"step {step}/{self.total_steps} loss={record['loss']:.4f} "
                 f"acc={record.get('accuracy', 0):.3f} lr={record['learning_rate']:.3g} "
-                f"tokens/s={record.get('tokens_per_s') or 0:.0f}{mfu_s}",
+                f"tokens/s={record.get('tokens_per_s') or 0:.0f}{mfu_s} "
+                f"elapsed={format_duration(elapsed)} eta={format_duration(eta)}",
                 file=sys.stderr,
                 flush=True,
             )
