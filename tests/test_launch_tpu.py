@@ -1,7 +1,7 @@
-"""The tpu backend's set-up checks against a fake `gcloud` (issue 17, TPU points): a
-Python >= 3.11 on the workers, the evaluator VM's own zone and runtime, queued resources
-with preemptible capacity, the token store on every worker, and the README's TPU
-command in dry-run form."""
+"""The tpu backend's set-up checks against a fake `gcloud`: a Python >= 3.11 on the
+workers, the evaluator VM's own zone and runtime, queued resources with spot or
+preemptible capacity, the token store on every worker, and the README's TPU command in
+dry-run form."""
 
 import io
 import json
@@ -13,7 +13,7 @@ import ml_collections
 import pytest
 
 from launch import sweeps
-from launch.backends import LaunchError, Submission
+from launch.backends import Submission
 from launch.backends.tpu import DEFAULT_SETUP, TpuBackend, TpuOptions, default_runtime
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,19 +134,21 @@ def test_eval_vm_has_its_own_zone_and_runtime(gcloud, tmp_path):
     assert (same.eval_zone, same.eval_runtime_version) == ("us-central2-b", "rt")
 
 
-def test_queued_preemptible_is_refused_not_dropped(tmp_path):
-    with pytest.raises(LaunchError) as e:
-        _opts(tmp_path, queued=True, preemptible=True)
-    assert str(e.value).startswith("--tpu_queued with --tpu_preemptible: queued resources")
-    assert "--tpu_spot" in str(e.value)
+def test_queued_preemptible_and_spot_are_both_honoured(tmp_path):
     queued_spot = TpuBackend(_opts(tmp_path, queued=True, spot=True)).create_cmds("n", "v4-8")
-    assert queued_spot[0][-1] == "--spot" and queued_spot[0][3] == "queued-resources"
+    assert queued_spot[0][-1] == "--spot" and queued_spot[0][:4] == [
+        "gcloud", "compute", "tpus", "queued-resources"
+    ]  # fmt: skip
+    queued_pre = TpuBackend(_opts(tmp_path, queued=True, preemptible=True))
+    create = queued_pre.create_cmds("n", "v4-8")[0]
+    assert create[:6] == ["gcloud", "alpha", "compute", "tpus", "queued-resources", "create"]
+    assert create[-1] == "--best-effort" and "--preemptible" not in create
     cmd = [sys.executable, "launch/submit.py", "--config=configs/hernandez2022.py:paper",
            "--backend=tpu", "--root=gs://b/s", "--tpu_zone=z", "--tpu_accelerator_type=v4-8",
            "--tpu_queued", "--tpu_preemptible", "--dry_run", "--notpu_compile_check"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
-    assert proc.stderr.startswith("error: --tpu_queued with --tpu_preemptible")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "queued-resources create" in proc.stdout and "--best-effort" in proc.stdout
 
 
 def test_missing_store_on_the_workers_is_one_line(gcloud, tmp_path, monkeypatch):

@@ -37,8 +37,8 @@ naming the run and its numbers, when one does not fit in HBM (train step; with
 `eval_on=vm` also the evaluator's programs on the eval type).
 
 Capacity: on-demand, `--spot` or `--preemptible` for `tpu-vm create`; queued resources
-take `--spot` (gcloud's queued resources have no preemptible tier: `queued` with
-`preemptible` is refused rather than silently dropped).
+take `--spot`, and `preemptible` becomes `gcloud alpha ... queued-resources create
+--best-effort` (the GA command has no preemptible tier).
 
 The launcher stays in the foreground while its runs train (run it under `nohup` or
 `tmux`); `parallel` runs proceed at once. With `dry_run` every command is printed
@@ -141,12 +141,6 @@ class TpuOptions:
             object.__setattr__(self, "eval_runtime_version", rt or self.runtime_version)
         if self.spot and self.preemptible:
             raise LaunchError("--tpu_spot and --tpu_preemptible are exclusive; pick one")
-        if self.queued and self.preemptible:
-            raise LaunchError(
-                "--tpu_queued with --tpu_preemptible: queued resources have no preemptible "
-                "tier (gcloud offers --spot, --guaranteed, --reserved); use --tpu_spot, or "
-                "drop --tpu_queued for a preemptible tpu-vm"
-            )
         if self.eval_on not in ("worker0", "vm"):
             raise LaunchError(f"--tpu_eval_on={self.eval_on!r}; expected 'worker0' or 'vm'")
         if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", self.name_prefix):
@@ -196,9 +190,14 @@ class TpuBackend:
         """Create commands: one tpu-vm create, or queued-resource create + describe."""
         lifecycle = ["--spot"] if self.opt.spot else []
         common, runtime = self._common(node), self._runtime(node)
-        if self.opt.queued:  # (preemptible + queued is refused by TpuOptions)
+        if self.opt.queued:
+            # Preemptible queued resources are gcloud alpha's best-effort tier (the GA
+            # command offers --spot, --guaranteed and --reserved only).
+            gcloud = ["gcloud", "alpha"] if self.opt.preemptible else ["gcloud"]
+            if self.opt.preemptible:
+                lifecycle = ["--best-effort"]
             return [
-                ["gcloud", "compute", "tpus", "queued-resources", "create", f"{node}-qr",
+                [*gcloud, "compute", "tpus", "queued-resources", "create", f"{node}-qr",
                  f"--node-id={node}", *common, f"--accelerator-type={accelerator_type}",
                  f"--runtime-version={runtime}", *lifecycle],
                 ["gcloud", "compute", "tpus", "queued-resources", "describe", f"{node}-qr",
