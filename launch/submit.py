@@ -198,7 +198,8 @@ def submit() -> int:
     )
     runs = sweeps.expand(_CONFIG.value, root, only=FLAGS.only or None)
     print(f"# {len(runs)} run(s) from {sub.config_spec} under {root} ({FLAGS.backend})")
-    refuse_differing_records(runs)
+    if not (FLAGS.dry_run and root.startswith("gs://")):  # a dry run reads no bucket
+        refuse_differing_records(runs)
     return build_backend(FLAGS.backend).submit(sub, runs)
 
 
@@ -212,9 +213,15 @@ def refuse_differing_records(runs: list[sweeps.Run]) -> None:
     from repeat_scaling.train import config as config_lib
 
     for run in runs:
-        recorded = record.read_json(workdir_io.workdir_path(run.workdir) / record.CONFIG)
-        if recorded is None or not checkpointing.committed_steps(run.workdir):
-            continue
+        try:
+            recorded = record.read_json(workdir_io.workdir_path(run.workdir) / record.CONFIG)
+            if recorded is None or not checkpointing.committed_steps(run.workdir):
+                continue
+        except Exception as e:  # a bucket or file system that cannot be read
+            raise LaunchError(
+                f"run {run.name}: cannot read the record in {run.workdir}: "
+                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            ) from None
         resolved = run.config.to_dict()
         resolved["model"] = config_lib.model_config(run.config).to_dict()
         recorded = record.effective_config(recorded, record.read_resume_log(run.workdir))
