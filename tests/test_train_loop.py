@@ -93,7 +93,7 @@ def test_unknown_key_and_store_errors(store_dir, tmp_path):
     c.data.vocab = str(tmp_path / "nowhere" / "spm.model")
     with pytest.raises(config_lib.ConfigError) as e:
         loop.train(c, tmp_path / "w")
-    assert "is not prepared and cannot be built here: vocab" in str(e.value)
+    assert "is not prepared and cannot be built here: data.vocab=" in str(e.value)
     assert "\n" not in str(e.value) and not (tmp_path / "missing").exists()
     c = tiny_config(store_dir, **{"model.vocab_size": 256})
     with pytest.raises(config_lib.ConfigError, match="smaller than the store's vocabulary"):

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import shutil
 import signal
@@ -110,16 +111,14 @@ def open_store(data: Any):
             )
         if not data.vocab:
             raise config_lib.ConfigError(f"data.source={data.source!r} needs data.vocab to prepare")
-        from repeat_scaling.data.vocab import VocabError, load_vocab_info
-
-        try:  # before any work: a missing vocabulary file is one line, not a traceback
-            load_vocab_info(data.vocab)
-        except VocabError as e:
+        vocab_file = os.path.expanduser(str(data.vocab))
+        if vocab_file.endswith(".model") and not os.path.isfile(vocab_file):
+            # before any work: a missing vocabulary file is one line, not a traceback
             raise config_lib.ConfigError(
-                f"data.store={str(path)!r} is not prepared and cannot be built here: {e} "
-                "(copy the prepared store to this path, or set data.vocab to the "
-                "vocabulary file)"
-            ) from None
+                f"data.store={str(path)!r} is not prepared and cannot be built here: "
+                f"data.vocab={data.vocab!r} does not exist (copy the prepared store to this "
+                "path, or set data.vocab to the vocabulary file)"
+            )
         if jax.process_index() == 0:
             from repeat_scaling.prepare import prepare_store
 
