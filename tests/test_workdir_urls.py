@@ -58,7 +58,7 @@ def test_tpu_dry_run_passes_the_gs_workdir_straight_through(tmp_path):
     train = [x for x in proc.stdout.splitlines() if "repeat_scaling.train" in x]
     assert train == [
         "gcloud compute tpus tpu-vm ssh rs-dec-micro-f0-e1-s0 --zone=us-central2-b --worker=all "
-        "'--command=cd ~/repeat_scaling && python3 -m repeat_scaling.train "
+        "'--command=cd ~/repeat_scaling && .venv/bin/python -m repeat_scaling.train "
         "--config=configs/demo.py:sweep --workdir=gs://bucket/sweep/dec_micro_f0_e1_s0 "
         "--config.data.repeated_fraction=0.0 --config.data.repeated_epochs=1'"
     ]
