@@ -213,6 +213,28 @@ def test_lock_of_an_earlier_run_of_a_requeued_slurm_job_is_taken_over(tmp_path, 
 # ----------------------------------------------------------------------------------
 # Resumes must match the record
 # ----------------------------------------------------------------------------------
+def test_a_key_the_record_predates_counts_as_its_default():
+    """A record written before a config key existed (e.g. model.scan_unroll) resumes
+    under its default; a non-default value is a difference."""
+    from repeat_scaling.train import config as config_lib
+    from repeat_scaling.train import record
+
+    c = demo.get_config("dec")
+    new = c.to_dict()
+    new["model"] = config_lib.model_config(c).to_dict()
+    old = json.loads(json.dumps(new))
+    del old["model"]["scan_unroll"], old["train"]["steps_per_call"]
+    assert record.differences(old, new) == []
+    new["model"]["dropout_rate"] = 0.1
+    new["model"]["scan_unroll"] = 2
+    assert record.differences(old, new) == [
+        ("model.dropout_rate", 0.0, 0.1),
+        ("model.scan_unroll", 1, 2),
+    ]
+    assert record.is_resumable("model.scan_unroll")
+    assert not record.is_resumable("model.dropout_rate")
+
+
 @pytest.mark.parametrize(
     "overrides, named",
     [

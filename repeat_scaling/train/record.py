@@ -56,6 +56,7 @@ RESUMABLE = (
     "data.source",
     "data.vocab",
     "data.prepare_options",
+    "model.scan_unroll",  # the compiled program's loop, not the model
 )
 #: Groups of keys (every key under them) that may differ on resume.
 RESUMABLE_GROUPS = ("eval", "mesh")
@@ -91,14 +92,27 @@ def is_resumable(key: str) -> bool:
     )
 
 
+def _defaults() -> dict[str, Any]:
+    """Every config key's default (``model.*`` from ModelConfig), flattened: what a
+    record written before a key existed meant by leaving it out."""
+    from repeat_scaling.models.config import ModelConfig
+    from repeat_scaling.train.config import default_config
+
+    d = default_config().to_dict()
+    d["model"] = ModelConfig().to_dict()
+    return flatten(_normal(d))
+
+
 def differences(recorded: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """``(key, recorded value, new value)`` for every dotted key that differs."""
+    """``(key, recorded value, new value)`` for every dotted key that differs. A key the
+    record does not have (it predates the key) counts as its default."""
     a = flatten({k: v for k, v in _normal(recorded).items() if k not in NOT_COMPARED})
     b = flatten({k: v for k, v in _normal(new).items() if k not in NOT_COMPARED})
     missing = object()
+    defaults = _defaults()
     out = []
     for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key, missing), b.get(key, missing)
+        va, vb = a.get(key, defaults.get(key, missing)), b.get(key, missing)
         if va != vb:
             out.append((key, None if va is missing else va, None if vb is missing else vb))
     return out
