@@ -25,6 +25,7 @@ from repeat_scaling.train import config as config_lib
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
 import demo  # noqa: E402
+from test_train_loop import run_cli  # noqa: E402
 
 STEPS = 8
 
@@ -92,23 +93,14 @@ def dead_pid() -> int:
 # One trainer per workdir
 # ----------------------------------------------------------------------------------
 def _cli(workdir, store_dir, *args):
-    cmd = [
-        sys.executable,
-        "-m",
-        "repeat_scaling.train",
-        "--config=configs/demo.py",
-        f"--workdir={workdir}",
-        f"--config.data.store={store_dir}",
-        "--config.data.source=",
+    """The trainer CLI on the tiny demo run (32-token rows, a checkpoint every 5 steps)."""
+    return run_cli(
+        workdir,
+        store_dir,
         "--config.data.length=32",
-        "--config.train.batch_size=8",
-        "--config.train.log_every=1",
         "--config.train.checkpoint_every=5",
-        "--config.train.progress_bar=off",
         *args,
-    ]
-    return subprocess.Popen(
-        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        wait=False,
     )
 
 
