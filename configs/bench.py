@@ -21,12 +21,7 @@ Accelerator sizes (too large for a CPU step; run them where a GPU/TPU exists):
   GPU for the fused kernel).
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _base import adamw, default_config, model_fields  # noqa: E402
+from repeat_scaling.train.config import adamw, default_config, model_fields
 
 PEERS = ("t5_peer", "gpt_peer")
 ACCELERATOR = ("t5_base", "d1b")

@@ -14,12 +14,9 @@ the final test loss peaks at E = 256 (2.94 nats/byte against 2.28 without repeti
 2.34 at E = 64 and 2.76 at E = 1024), where the repeated subset is first memorised.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _base import BYTE_VOCAB_SIZE, adamw, default_config, model_fields  # noqa: E402
+from repeat_scaling.data.vocab import BYTE_VOCAB_SIZE
+from repeat_scaling.models.config import padded_vocab_size
+from repeat_scaling.train.config import adamw, default_config, model_fields
 
 #: The demo's repeated epochs: 3 decades at f = 50%.
 DEMO_EPOCHS = (1, 4, 16, 64, 256, 1024)
@@ -43,7 +40,7 @@ def get_config(arg: str = "dec"):
         c.model = model_fields("t5_tiny")
         c.data.objective = "span_corruption"
         c.data.inputs_length = 128
-    c.model.vocab_size = BYTE_VOCAB_SIZE
+    c.model.vocab_size = padded_vocab_size(BYTE_VOCAB_SIZE)
     c.train.steps = 300
     c.train.batch_size = 16
     c.train.log_every = 10

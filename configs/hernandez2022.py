@@ -33,7 +33,7 @@ Fine-tuning stages (`:finetune_demo`, `:finetune_small`, `:finetune_paper`): the
 models fine-tuned on Python code (the built-in `pystdlib` corpus: the standard library's
 own source, no download) with the causal LM objective, each started from a pre-training
 run of the same scale (`init_from="{root}/<pre-training run name>"`, resolved by
-`launch/sweeps.py` to the same `--root`), plus one from-scratch run per model on the same
+`repeat_scaling/sweeps.py` to the same `--root`), plus one from-scratch run per model on the same
 code. Run the pre-training stage first, then:
 
     python launch/submit.py --config=configs/hernandez2022.py:finetune_demo --root=demo_out/hernandez
@@ -49,14 +49,8 @@ Fine-tuning optimiser (this suite's choice, unconfirmed): AdamW, peak lr 1e-3 (d
 3e-4 (1e-4 for d300m and d800m), 5% warmup, cosine.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _base import adamw, default_config, finetune_sweep, model_fields  # noqa: E402
+from repeat_scaling import sweeps
+from repeat_scaling.train.config import adamw, default_config, model_fields
 
 SCALES = ("demo", "small", "paper")
 CAMPAIGNS = ("cpu",)  # a CPU campaign (no fine-tuning stage)
@@ -82,8 +76,6 @@ def _grid(models, fractions, epochs, seeds=(0,)):
 
 def finetune_config(scale: str):
     """The fine-tuning stage of ``scale``: see the module docstring."""
-    from launch import sweeps
-
     c = get_config(scale)
     sources = sweeps.expand(c, sweeps.ROOT_TEMPLATE)
     if scale == "paper":  # the main runs (f = 10%) and the baselines
@@ -109,7 +101,7 @@ def finetune_config(scale: str):
             e["train.optimizer.learning_rate"] = 1e-4
         return {**e, **extra}
 
-    c.sweep = finetune_sweep(sources, entry)
+    c.sweep = sweeps.finetune_sweep(sources, entry)
     return c
 
 

@@ -34,14 +34,8 @@ Arguments (``:arg``):
 Task parameters are the ``icl_bursty:k=v,...`` source string (see ``BURSTY_DEFAULTS``).
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _base import adamw, default_config, model_fields  # noqa: E402
-
-from repeat_scaling.models.config import padded_vocab_size  # noqa: E402
+from repeat_scaling.models.config import padded_vocab_size
+from repeat_scaling.train.config import adamw, default_config, model_fields
 
 ARGS = ("demo", "demo_clamped", "sweep", "tradeoff", "paper")
 

@@ -34,14 +34,8 @@ Two experiments share this file:
    ``(n + 1)(d + 1)``.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _base import adamw, default_config, model_fields  # noqa: E402
-
-from repeat_scaling.models.config import padded_vocab_size  # noqa: E402
+from repeat_scaling.models.config import padded_vocab_size
+from repeat_scaling.train.config import adamw, default_config, model_fields
 
 LSA_SCALES = ("demo", "paper")
 TOKEN_SCALES = {"tokens": "dec_tiny", "tokens_attn2": "attn2_tiny"}

@@ -26,12 +26,7 @@ Scales (`:arg`):
   runs (model width and budget are this suite's choice: unconfirmed).
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _base import adamw, default_config, model_fields  # noqa: E402
+from repeat_scaling.train.config import adamw, default_config, model_fields
 
 SCALES = ("demo", "cpu", "small", "paper")
 #: The CPU campaign's text: bursty in-document copies of 2-8 words in ~250-byte documents,

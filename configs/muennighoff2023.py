@@ -21,12 +21,10 @@ Scales (`:arg`):
 """
 
 import math
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _base import BYTE_VOCAB_SIZE, adamw, default_config, model_fields  # noqa: E402
+from repeat_scaling.data.vocab import BYTE_VOCAB_SIZE
+from repeat_scaling.models.config import padded_vocab_size
+from repeat_scaling.train.config import adamw, default_config, model_fields
 
 SCALES = ("demo", "small", "paper")
 C4 = "tfds:c4/en:3.1.0"
@@ -89,6 +87,6 @@ def get_config(arg: str = "demo"):
         uniques, epochs = [500_000_000, 2_000_000_000, 8_000_000_000], [1, 2, 4, 8, 16]
     c.train.optimizer.end_learning_rate_fraction = 0.1
     # The byte vocabulary needs 384 embedding rows, not the named sizes' 32128.
-    extra = {"model.vocab_size": BYTE_VOCAB_SIZE} if arg == "demo" else {}
+    extra = {"model.vocab_size": padded_vocab_size(BYTE_VOCAB_SIZE)} if arg == "demo" else {}
     c.sweep = _grid(models, uniques, epochs, c.data.length * c.train.batch_size, **extra)
     return c

@@ -34,7 +34,7 @@ paper's: unconfirmed).
 Fine-tuning stages (`:finetune_demo`, `:finetune_small`, `:finetune_paper`): the
 pre-trained T5s fine-tuned text-to-text with the `supervised` objective on a downstream
 "pairs" store, each started from a pre-training run of the same scale
-(`init_from="{root}/<pre-training run name>"`, resolved by `launch/sweeps.py` to the same
+(`init_from="{root}/<pre-training run name>"`, resolved by `repeat_scaling/sweeps.py` to the same
 `--root`), plus one from-scratch run per model; the evaluator adds downstream EM / F1 and
 the report's Xue table puts them next to the pre-training data and its C4 accuracy.
 Prepare the task store once, then run the pre-training stage, then the fine-tuning one:
@@ -54,14 +54,8 @@ Fine-tuning optimiser: the T5 recipe (Adafactor, constant lr 1e-3) at small/pape
 1e-3 constant at demo (this suite's choice; Xue et al. do not list theirs: unconfirmed).
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _base import adafactor_t5, adamw, default_config, finetune_sweep, model_fields  # noqa: E402
+from repeat_scaling import sweeps
+from repeat_scaling.train.config import adafactor_t5, adamw, default_config, model_fields
 
 SCALES = ("demo", "small", "paper")
 CAMPAIGNS = ("cpu",)  # a CPU campaign (no fine-tuning stage)
@@ -88,8 +82,6 @@ def _ul2(targets_length):
 
 def finetune_config(scale: str):
     """The fine-tuning stage of ``scale``: see the module docstring."""
-    from launch import sweeps
-
     c = get_config(scale)
     sources = sweeps.expand(c, sweeps.ROOT_TEMPLATE)
     if scale != "demo":  # the plain MLM runs of the main model (no UL2, MoE, regulariser)
@@ -117,7 +109,7 @@ def finetune_config(scale: str):
         return {"model.name": run.config.model.name, "data.objective": "supervised",
                 "seed": 0, **extra}  # fmt: skip
 
-    c.sweep = finetune_sweep(sources, entry)
+    c.sweep = sweeps.finetune_sweep(sources, entry)
     return c
 
 

@@ -5,7 +5,7 @@ r"""Expand an experiment config's sweep into runs and submit them.
         [--eval_mode=watch|after|none] [--config.train.steps=200 ...]
 
 Each entry of `config.sweep` becomes one run named like `d25m_f10_e100_s0` (see
-`launch/sweeps.py`) with its workdir `ROOT/NAME`. Global `--config.key=value` flags
+`repeat_scaling/sweeps.py`) with its workdir `ROOT/NAME`. Global `--config.key=value` flags
 apply to every run (before the run's own overrides). Backends:
 
 - `local`: subprocesses on this machine (`--parallel` runs at a time); Ctrl-C stops
@@ -36,11 +36,14 @@ if str(REPO_ROOT) not in sys.path:
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from launch import sweeps  # noqa: E402
 from launch.backends import EVAL_MODES, LaunchError, Submission  # noqa: E402
 from launch.backends.tpu import DEFAULT_PYTHON as TPU_PYTHON  # noqa: E402
 from launch.backends.tpu import DEFAULT_SETUP as TPU_SETUP  # noqa: E402
-from repeat_scaling import cli  # noqa: E402
+from repeat_scaling import (  # noqa: E402
+    cli,  # noqa: E402
+    config_files,
+    sweeps,
+)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "experiment config file, `configs/x.py:arg`", lock_config=False
@@ -87,14 +90,6 @@ flags.DEFINE_integer("slurm_poll_seconds", 30, "slurm: watching evaluator's trai
 flags.DEFINE_multi_string("slurm_setup", [], "slurm: shell line before srun (repeatable)")
 
 FLAGS = flags.FLAGS
-
-
-def config_file_and_arg(raw: str) -> tuple[str, str]:
-    """Splits `configs/x.py:arg` into ('configs/x.py', 'arg')."""
-    path, _, arg = raw.partition(".py:")
-    if arg or raw.endswith(".py:"):
-        return path + ".py", arg
-    return raw, ""
 
 
 def runner_config_path(path: str, backend: str) -> str:
@@ -181,9 +176,9 @@ def submit() -> int:
         )
     if not root.startswith("gs://"):
         root = os.path.abspath(root)
-    config_file, config_arg = config_file_and_arg(config_flags.get_config_filename(FLAGS["config"]))
+    config_file, config_arg = config_files.split(config_flags.get_config_filename(FLAGS["config"]))
     raw = FLAGS["config"].serialize().partition("=")[2]
-    config_arg = config_file_and_arg(raw)[1] or config_arg
+    config_arg = config_files.split(raw)[1] or config_arg or ""
     overrides = config_flags.get_override_values(FLAGS["config"])
     sub = Submission(
         config_file=runner_config_path(config_file, FLAGS.backend),

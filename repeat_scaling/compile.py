@@ -58,6 +58,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from repeat_scaling import config_files
+
 GiB = 1024**3
 
 
@@ -1051,24 +1053,9 @@ def misfit_line(name: str, r: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------
 # CLI.
 # ----------------------------------------------------------------------------------------
-def load_config_file(spec: str) -> Any:
-    """The config ``configs/x.py[:arg]`` as its file builds it (no command-line overrides)."""
-    import importlib.util
-    import pathlib
-
-    path, sep, arg = spec.partition(".py:")
-    path = path + ".py" if sep else spec
-    module_spec = importlib.util.spec_from_file_location(
-        f"_compile_cfg_{pathlib.Path(path).stem}", path
-    )
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if sep else module.get_config()
-
-
 def apply_model_name(config: Any, overrides: dict[str, Any], base: Any = None) -> Any:
     """``--config.model.name=X`` means the fields of size X, as in a sweep entry
-    (``launch/sweeps.expand_model_name``): the new size's fields, plus what the config
+    (``repeat_scaling.sweeps.expand_model_name``): the new size's fields, plus what the config
     file (``base``) changed relative to its own size (e.g. ``remat_policy``), plus the
     other ``--config.model.*`` overrides."""
     from repeat_scaling.train import config as config_lib
@@ -1108,7 +1095,7 @@ def main(argv: list[str]) -> None:
         overrides = config_flags.get_override_values(flags_["config"])
         base = None
         if "model.name" in overrides:
-            base = load_config_file(flags_["config"].serialize().partition("=")[2])
+            base = config_files.load(flags_["config"].serialize().partition("=")[2])
         config = apply_model_name(flags_.config, overrides, base)
         report = check(config, flags_.topology, flags_.num_slices, flags_.eval_topology)
     except CompileCheckError as e:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from repeat_scaling.bench import train as bench_train
+from repeat_scaling import config_files
 from repeat_scaling.models import sizes
 from repeat_scaling.train import config as config_lib
 
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ],
 )
 def test_bench_configs_validate_with_the_intended_sizes(arg, params, tokens):
-    config = bench_train.load_config(str(ROOT / f"configs/bench.py:{arg}"))
+    config = config_files.load(str(ROOT / f"configs/bench.py:{arg}"))
     config_lib.validate(config, num_devices=1)
     n = sizes.count_params(config_lib.model_config(config))["trainable"]
     assert params[0] <= n <= params[1], n
@@ -39,7 +39,7 @@ def test_bench_configs_validate_with_the_intended_sizes(arg, params, tokens):
 
 def test_bench_configs_reject_an_unknown_name():
     with pytest.raises(ValueError, match="expected one of"):
-        bench_train.load_config(str(ROOT / "configs/bench.py:t5_huge"))
+        config_files.load(str(ROOT / "configs/bench.py:t5_huge"))
 
 
 def test_bench_train_prints_consistent_measurements():

@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from repeat_scaling import compile as compile_lib
+from repeat_scaling import config_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "tests/tiny_compile_config.py"
@@ -26,10 +27,7 @@ needs_libtpu = pytest.mark.skipif(
 
 
 def tiny(arg: str):
-    spec = importlib.util.spec_from_file_location("tiny_compile_config", os.path.join(REPO, TINY))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_files.load_module(os.path.join(REPO, TINY)).get_config(arg)
 
 
 def base(config):
@@ -203,9 +201,9 @@ def test_submit_refuses_a_sweep_that_does_not_fit(fake_gcloud, tmp_path):
 @needs_libtpu
 def test_tpu_backend_checks_before_any_vm(fake_gcloud, tmp_path, oom_report, monkeypatch):
     """Not a dry run: only the results lookup runs before the refusal, no create."""
-    from launch import sweeps
     from launch.backends import LaunchError, Submission
     from launch.backends.tpu import TpuBackend, TpuOptions
+    from repeat_scaling import sweeps
 
     monkeypatch.setattr(compile_lib, "check", lambda *a, **k: oom_report)  # compiled above
     runs = sweeps.expand(tiny("oom"), "gs://bkt/sweep")
@@ -269,7 +267,7 @@ def test_check_runs_caches_reports(tmp_path, monkeypatch):
 
 def test_model_name_override_keeps_the_config_files_changes():
     """--config.model.name=d800m on a config whose file set remat: d800m's shape, remat kept."""
-    base = compile_lib.load_config_file(os.path.join(REPO, "configs/hernandez2022.py:paper"))
+    base = config_files.load(os.path.join(REPO, "configs/hernandez2022.py:paper"))
     assert base.model.name == "d25m" and base.model.remat_policy == "dots_no_batch"
     config = base.copy_and_resolve_references()
     config.model.name, config.model.dropout_rate = "d800m", 0.1  # as config_flags leaves it

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from repeat_scaling import config_files
 from repeat_scaling.eval import downstream as ds
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -124,12 +125,7 @@ COPY_STEPS = 40
 
 
 def _demo_config(arg: str):
-    sys.path.insert(0, str(REPO / "configs"))
-    try:
-        import demo
-    finally:
-        sys.path.pop(0)
-    return demo.get_config(arg)
+    return config_files.load(f"{REPO}/configs/demo.py:{arg}")
 
 
 @pytest.fixture(scope="module")
@@ -292,11 +288,7 @@ def test_evaluator_on_a_clamped_icl_run(tmp_path):
     from repeat_scaling.eval import evaluator, metrics, results
     from repeat_scaling.train import loop
 
-    sys.path.insert(0, str(REPO / "configs"))
-    try:
-        import icl_bursty
-    finally:
-        sys.path.pop(0)
+    icl_bursty = config_files.load_module(REPO / "configs" / "icl_bursty.py")
     c = icl_bursty.get_config("demo_clamped")
     assert c.interventions  # previous-token clamp on layer 0, head 0
     c.data.source = ICL_TASK

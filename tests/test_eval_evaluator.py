@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 
+from repeat_scaling import config_files
 from repeat_scaling.eval import evaluator, metrics, results
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -64,12 +65,7 @@ def store(shared_data, tmp_path_factory):
 
 
 def _demo_config(store_dir):
-    sys.path.insert(0, str(REPO / "configs"))
-    try:
-        import demo
-    finally:
-        sys.path.pop(0)
-    c = demo.get_config("dec")
+    c = config_files.load(f"{REPO}/configs/demo.py:dec")
     c.data.store = str(store_dir)
     for key, value in TRAIN_OVERRIDES.items():
         group, name = key.split(".")

@@ -10,7 +10,6 @@
 
 import contextlib
 import csv
-import importlib.util
 import json
 import math
 import pathlib
@@ -18,16 +17,13 @@ import pathlib
 import jax
 import pytest
 
-from launch import sweeps
+from repeat_scaling import config_files, sweeps
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _config_module(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return config_files.load_module(REPO / "configs" / f"{name}.py")
 
 
 STAGE_RUNS = {  # config -> (fine-tuned, from scratch) runs at demo / small / paper

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from repeat_scaling import config_files
 from repeat_scaling.data import icl_regression as R
 from repeat_scaling.models import linear_attention as lsa
 
@@ -195,8 +196,7 @@ def test_token_version_trains_with_the_normal_trainer(tmp_path):
     """prepare_store('icl_regression:...') -> the ICL lab's store -> the normal trainer."""
     icl_tasks = pytest.importorskip("repeat_scaling.data.icl_tasks")
     del icl_tasks
-    sys.path.insert(0, str(REPO / "configs"))
-    import icl_linear_regression as cfg_file
+    cfg_file = config_files.load_module(REPO / "configs" / "icl_linear_regression.py")
 
     from repeat_scaling.data.store import TokenStore
     from repeat_scaling.train import loop
@@ -237,8 +237,7 @@ def test_token_metrics_score_the_query_prediction():
 
 
 def test_config_file_args():
-    sys.path.insert(0, str(REPO / "configs"))
-    import icl_linear_regression as cfg_file
+    cfg_file = config_files.load_module(REPO / "configs" / "icl_linear_regression.py")
 
     c = cfg_file.get_config("paper,layers=3,heads=2")
     assert (c.task.d, c.task.n, c.model.num_layers, c.model.num_heads) == (10, 10, 3, 2)

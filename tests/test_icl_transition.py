@@ -10,21 +10,17 @@ run as trained, i.e. with its clamp). Measured here (8 virtual CPU devices): unc
 0.56 (75) -> 0.84 (100) -> 0.98 (125); the clamped model without its clamp stays ~0.5.
 """
 
-import sys
 from pathlib import Path
 
 import pytest
+
+from repeat_scaling import config_files
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _config(arg: str, store: Path, steps: int):
-    sys.path.insert(0, str(ROOT / "configs"))
-    try:
-        import icl_bursty
-    finally:
-        sys.path.pop(0)
-    c = icl_bursty.get_config(arg)
+    c = config_files.load(f"{ROOT}/configs/icl_bursty.py:{arg}")
     c.data.store = str(store)
     c.train.steps = steps
     c.train.checkpoint_every = c.train.keep_period = 25

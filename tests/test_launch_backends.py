@@ -10,10 +10,10 @@ import tarfile
 import ml_collections
 import pytest
 
-from launch import sweeps
 from launch.backends import Submission
 from launch.backends.slurm import SlurmBackend, SlurmOptions
 from launch.backends.tpu import DEFAULT_SETUP, TpuBackend, TpuOptions, node_name
+from repeat_scaling import sweeps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -20,9 +20,7 @@ pytest.importorskip("repeat_scaling.evaluate", reason="the evaluator has not lan
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 CONFIG = """
-import sys
-sys.path.insert(0, {configs!r})
-from _base import adamw, default_config, model_fields
+from repeat_scaling.train.config import adamw, default_config, model_fields
 
 def get_config(arg="tiny"):
     c = default_config()

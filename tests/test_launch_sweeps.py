@@ -8,7 +8,7 @@ import ml_collections
 import pytest
 
 from launch import status as status_lib
-from launch import sweeps
+from repeat_scaling import config_files, sweeps
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -218,12 +218,9 @@ PAPER_CONFIGS = {  # config file -> number of runs at demo / small / paper scale
 @pytest.mark.parametrize("name", sorted(PAPER_CONFIGS))
 def test_paper_configs_expand_and_validate(name):
     """Every run of every scale has a unique name and passes the trainer's validation."""
-    import importlib.util
 
     config_lib = pytest.importorskip("repeat_scaling.train.config")
-    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = config_files.load_module(REPO / "configs" / f"{name}.py")
     counts = []
     for scale in ("demo", "small", "paper"):
         runs = sweeps.expand(module.get_config(scale), "/r")
@@ -240,11 +237,7 @@ def test_paper_configs_expand_and_validate(name):
 
 
 def test_clamp_sweep_names_say_noclamp_and_which_head_is_clamped():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("icl_bursty", REPO / "configs" / "icl_bursty.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = config_files.load_module(REPO / "configs" / "icl_bursty.py")
     names = [run.name for run in sweeps.expand(module.get_config("sweep"), "/tmp/root")]
     assert len(names) == 2 and names[0].endswith("_noclamp")
     assert names[1].endswith("_clamp_previoustokenl0h0"), names
@@ -253,12 +246,7 @@ def test_clamp_sweep_names_say_noclamp_and_which_head_is_clamped():
 
 
 def _load_config_module(name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return config_files.load_module(REPO / "configs" / f"{name}.py")
 
 
 def _plan_sizes(run, chunks_available):

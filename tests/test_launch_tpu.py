@@ -12,9 +12,9 @@ import sys
 import ml_collections
 import pytest
 
-from launch import sweeps
 from launch.backends import Submission
 from launch.backends.tpu import DEFAULT_SETUP, TpuBackend, TpuOptions, default_runtime
+from repeat_scaling import sweeps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

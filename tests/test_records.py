@@ -18,13 +18,12 @@ import time
 
 import pytest
 
-from repeat_scaling import workdir_io
+from repeat_scaling import config_files, workdir_io
 from repeat_scaling.train import checkpointing, loop, record
 from repeat_scaling.train import config as config_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "configs"))
-import demo  # noqa: E402
+demo = config_files.load_module(REPO / "configs" / "demo.py")
 from test_train_loop import run_cli  # noqa: E402
 
 STEPS = 8

@@ -18,15 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from repeat_scaling import sharding
+from repeat_scaling import config_files, sharding
 from repeat_scaling.train import checkpointing, loop, optimizers
 from repeat_scaling.train import config as config_lib
 from repeat_scaling.train import state as state_lib
 from repeat_scaling.train import step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "configs"))
-import demo  # noqa: E402
+demo = config_files.load_module(REPO / "configs" / "demo.py")
 
 
 def tiny_config(store_dir, arg="dec", **overrides):

@@ -24,13 +24,14 @@ import time
 
 import pytest
 
+from repeat_scaling import config_files
+
 if importlib.util.find_spec("gcsfs") is None:
     pytest.skip("gs:// workdirs need gcsfs", allow_module_level=True)
 if importlib.util.find_spec("gcp_storage_emulator") is None:
     pytest.skip("pip install gcp-storage-emulator", allow_module_level=True)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "configs"))
 BUCKET = "bkt"
 
 
@@ -268,7 +269,7 @@ def test_taken_over_lock_is_never_overwritten_or_deleted(gcs):
 
 
 def test_gcs_workdir_with_relative_store_is_a_one_line_error(gcs, tmp_path, monkeypatch):
-    import demo  # configs/ is on sys.path (module top)
+    demo = config_files.load_module(REPO / "configs" / "demo.py")
 
     from repeat_scaling import workdir_io
     from repeat_scaling.eval import evaluator

@@ -9,14 +9,9 @@
 The store does not exist: the compile check needs only the shapes.
 """
 
-import sys
-from pathlib import Path
-
 import ml_collections
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "configs"))
-
-from _base import default_config  # noqa: E402
+from repeat_scaling.train.config import default_config
 
 MODEL = dict(
     arch="decoder_only", vocab_size=256, d_model=128, d_ff=512, num_heads=2, head_dim=64,

@@ -66,8 +66,8 @@ import time
 from typing import TextIO
 
 from launch import status as status_lib
-from launch import sweeps
 from launch.backends import LaunchError, Submission, eval_argv, shell_join, train_argv
+from repeat_scaling import sweeps
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 REMOTE_DIR = "~/repeat_scaling"

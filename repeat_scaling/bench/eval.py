@@ -27,16 +27,13 @@ import sys
 import tempfile
 import time
 
+from repeat_scaling import config_files
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _demo_config(arg: str, store: pathlib.Path, steps: int):
-    sys.path.insert(0, str(REPO / "configs"))
-    try:
-        import demo
-    finally:
-        sys.path.pop(0)
-    c = demo.get_config(arg)
+    c = config_files.load(f"{REPO}/configs/demo.py:{arg}")
     c.data.store = str(store)
     c.train.steps = steps
     c.train.checkpoint_every = max(1, steps // 2)

@@ -20,27 +20,15 @@ and bfloat16.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 import statistics
 import sys
 import time
 from typing import Any
 
+from repeat_scaling import config_files
+
 DEFAULT_CONFIGS = ("configs/bench.py:t5_peer", "configs/bench.py:gpt_peer")
-
-
-def load_config(spec: str) -> Any:
-    """Load ``path.py[:arg]`` the way ``config_flags`` does (calls ``get_config(arg)``)."""
-    path, _, arg = spec.partition(":")
-    p = pathlib.Path(path)
-    if not p.is_file():
-        raise ValueError(f"--config={spec!r}: file {path!r} not found")
-    mod_spec = importlib.util.spec_from_file_location(f"_bench_cfg_{p.stem}", p)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
 
 
 def _override(config: Any, item: str) -> None:
@@ -120,7 +108,7 @@ def bench_one(spec: str, dtype: str, steps: int, warmup: int, sets: list[str]) -
     from repeat_scaling.train import state as state_lib
     from repeat_scaling.train import step as step_lib
 
-    config = load_config(spec)
+    config = config_files.load(spec)
     for item in sets:
         _override(config, item)
     config.train.compute_dtype = dtype

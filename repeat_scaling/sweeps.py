@@ -344,6 +344,21 @@ def expand(
     return runs
 
 
+def finetune_sweep(sources: Sequence[Run], entry) -> list[dict[str, Any]]:
+    """A fine-tuning stage's sweep: one from-scratch run per model, then every source run
+    fine-tuned (``entry(run, **extra)`` builds one sweep entry).
+
+    ``init_from`` is the source's ``{root}/<pre-training run name>`` workdir (``sources``
+    expanded under :data:`ROOT_TEMPLATE`): :func:`expand` fills in the stage's root.
+    """
+    first: dict[str, Run] = {}  # one from-scratch run per model
+    for r in sources:
+        first.setdefault(r.config.model.name, r)
+    sweep = [entry(r) for r in first.values()]
+    sweep += [entry(r, seed=r.config.seed, init_from=r.workdir) for r in sources]
+    return sweep
+
+
 def resolve_root(value: Any, root: str) -> Any:
     """``value`` with ``{root}`` replaced by the sweep root (strings only)."""
     if isinstance(value, str) and ROOT_TEMPLATE in value:
