@@ -14,7 +14,7 @@ repeated chunks are identical examples):
   weights 1 on the targets. ``inputs_length`` / ``targets_length`` default to the store's
   ``I`` / ``T`` and may not be smaller (nothing is ever truncated here).
 - ``decoder_only``: exactly the prefix-LM layout of the other objectives
-  (:func:`repeat_scaling.data.objectives.layout_examples`): the sequence is the inputs
+  (:func:`repeat_scaling.data.features.layout_examples`): the sequence is the inputs
   stripped of their padding (so ending with EOS) followed by the targets, 0-padded to
   ``length`` (default and minimum ``I + T``); loss only on the targets;
   ``decoder_causal_attention`` = 1 on the inputs and one position beyond. A greedy decoder
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from repeat_scaling.data.objectives import ARCHS, ObjectiveError, layout_examples
+from repeat_scaling.data.features import ARCHS, ObjectiveError, layout_examples
 from repeat_scaling.data.vocab import EOS_ID, VocabInfo
 
 
