@@ -2,7 +2,7 @@
 
 A module fixture starts the three daemons from a slurm.conf in a tmp dir (one CPU-only
 node, no cgroups); the tests submit through `launch/submit.py --backend=slurm` exactly as
-the README shows, with `--slurm_gpus_per_node=0` (a CPU job; everything else is the GPU
+docs/launching.md shows, with `--slurm_gpus_per_node=0` (a CPU job; everything else is the GPU
 path's script): two tasks join one jax.distributed job (gloo), train and checkpoint,
 `scancel --signal=TERM` requeues the job, which resumes exactly, and the watching
 evaluator job follows it to the end. The multi-node GPU layout (2 nodes x 8 GPUs) is
@@ -341,8 +341,8 @@ EVAL_FLAG = (
 
 
 def readme_commands() -> list[list[str]]:
-    """The `launch/submit.py` commands of the README's "On SLURM" section: GPU, CPU."""
-    text = (REPO / "README.md").read_text()
+    """The `launch/submit.py` commands of docs/launching.md's "On SLURM" section: GPU, CPU."""
+    text = (REPO / "docs" / "launching.md").read_text()
     section = text[text.index("### On SLURM") :]
     section = section[: section.index("\n## ")]
     blocks = re.findall(r"```\n(.*?)```", section, re.S)
@@ -351,13 +351,13 @@ def readme_commands() -> list[list[str]]:
 
 
 def _readme_command(index: int, root) -> list[str]:
-    """README command `index` run with this interpreter under `root`."""
+    """docs/launching.md command `index` run with this interpreter under `root`."""
     cmd = [sys.executable, *readme_commands()[index][1:]]
     return [f"--root={root}" if a.startswith("--root=") else a for a in cmd]
 
 
 def test_readme_gpu_command_layout(tmp_path):
-    """The README's GPU command (dry run): 2 nodes, one task of 8 GPUs each, requeue."""
+    """The docs' GPU command (dry run): 2 nodes, one task of 8 GPUs each, requeue."""
     cmd = _readme_command(0, tmp_path) + ["--dry_run", "--only=d85m_f0_*"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -373,7 +373,7 @@ def test_readme_gpu_command_layout(tmp_path):
 
 
 def _submit(slurm, root, store, *extra) -> tuple[str, list[str]]:
-    """The README's CPU command with a tiny run added; returns its output and the ids
+    """The docs' CPU command with a tiny run added; returns its output and the ids
     of the jobs it submitted."""
     cmd = _readme_command(1, root) + [
         "--slurm_poll_seconds=1", f"--config.data.store={store}", "--config.data.source=",
