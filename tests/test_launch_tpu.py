@@ -1,7 +1,7 @@
 """The tpu backend's set-up checks against a fake `gcloud`: a Python >= 3.11 on the
 workers, the evaluator VM's own zone and runtime, queued resources with spot or
-preemptible capacity, the token store on every worker, and the README's TPU command in
-dry-run form."""
+preemptible capacity, the token store on every worker, and docs/launching.md's TPU command
+in dry-run form."""
 
 import io
 import json
@@ -172,7 +172,7 @@ def test_missing_store_on_the_workers_is_one_line(gcloud, tmp_path, monkeypatch)
 
 
 def test_readme_tpu_example_dry_run(gcloud):
-    """The README's command (its compile check measured separately: see the README)."""
+    """docs/launching.md's TPU command (its compile check measured separately: see there)."""
     cmd = [sys.executable, "launch/submit.py", "--config=configs/xue2023.py:paper",
            "--backend=tpu", "--root=gs://my-bucket/xue2023", "--tpu_zone=us-central2-b",
            "--tpu_accelerator_type=v4-128", "--tpu_spot", "--tpu_queued", "--tpu_eval_on=vm",
