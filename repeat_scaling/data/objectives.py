@@ -56,7 +56,20 @@ from repeat_scaling.data import packing
 from repeat_scaling.data.features import ARCHS, ObjectiveError, layout_examples
 from repeat_scaling.data.vocab import VocabInfo
 
-OBJECTIVES = ("span_corruption", "ul2", "causal_lm", "prefix_lm")
+#: The objectives of :class:`Objective` (denoising and language modelling of store chunks).
+CHUNK_OBJECTIVES = ("span_corruption", "ul2", "causal_lm", "prefix_lm")
+#: Every objective :func:`make_objective` builds: the chunk objectives, ``supervised``
+#: (:mod:`repeat_scaling.data.supervised`) and ``icl`` (:mod:`repeat_scaling.data.icl_tasks`).
+OBJECTIVES = (*CHUNK_OBJECTIVES, "supervised", "icl")
+#: The model architectures a training run may pair with each objective.
+OBJECTIVE_ARCHS = {
+    "span_corruption": ("encoder_decoder",),
+    "causal_lm": ("decoder_only",),
+    "prefix_lm": ("encoder_decoder", "decoder_only"),
+    "ul2": ("encoder_decoder", "decoder_only"),
+    "supervised": ("encoder_decoder", "decoder_only"),
+    "icl": ("decoder_only",),
+}
 MODE_TOKENS = {"R": 0, "X": 1, "S": 2}  # offset from the lowest extra id upwards
 NUM_MODE_TOKENS = 3
 #: The UL2 paper's paradigm token of each denoiser kind (the mode token's meaning).
@@ -346,8 +359,8 @@ class Objective:
         pack: bool = False,
         pack_slack: int = PACK_SLACK,
     ):
-        if name not in OBJECTIVES:
-            raise ObjectiveError(f"unknown objective {name!r}; expected one of {OBJECTIVES}")
+        if name not in CHUNK_OBJECTIVES:
+            raise ObjectiveError(f"unknown objective {name!r}; expected one of {CHUNK_OBJECTIVES}")
         if arch not in ARCHS:
             raise ObjectiveError(f"unknown arch {arch!r}; expected one of {ARCHS}")
         if not isinstance(vocab, VocabInfo):

@@ -32,11 +32,22 @@ import dataclasses
 import json
 from typing import Any
 
-ARCHS = ("encoder_decoder", "decoder_only")
+import jax.numpy as jnp
+
+from repeat_scaling.data.features import ARCHS
+
 POSITIONS = ("relative", "rope")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+#: The dtypes a model may compute in (``dtype``) or store its parameters in (``param_dtype``).
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+
+_JNP_DTYPES = {name: jnp.dtype(name) for name in DTYPES}
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    """The jnp dtype of a name in :data:`DTYPES` (KeyError for any other)."""
+    return _JNP_DTYPES[name]
 
 
 def padded_vocab_size(n: int, multiple: int = 128) -> int:
@@ -144,6 +155,16 @@ class ModelConfig:
             bad("relative_buckets", ">= 4 buckets and max distance >= 2")
 
     # -- helpers ----------------------------------------------------------------------
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        """``dtype`` as a jnp dtype."""
+        return dtype_of(self.dtype)
+
+    @property
+    def storage_dtype(self) -> jnp.dtype:
+        """``param_dtype`` as a jnp dtype."""
+        return dtype_of(self.param_dtype)
+
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0

@@ -38,10 +38,6 @@ _SITE_MLP_HIDDEN, _SITE_MLP_OUT, _SITE_DROPPATH_ATTN, _SITE_DROPPATH_CROSS = 5, 
 _SITE_DROPPATH_MLP = 9
 
 
-def dtype_of(name: str) -> jnp.dtype:
-    return jnp.dtype({"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name])
-
-
 def kernel_init(
     in_axis: int | Sequence[int] = -2,
     out_axis: int | Sequence[int] = -1,
@@ -110,10 +106,8 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, cfg: ModelConfig, rngs: nnx.Rngs, eps: float = 1e-6):
         self.eps = eps
-        self.dtype = dtype_of(cfg.dtype)
-        self.scale = param(
-            rngs, jax.nn.initializers.ones, (dim,), ("norm",), dtype_of(cfg.param_dtype)
-        )
+        self.dtype = cfg.compute_dtype
+        self.scale = param(rngs, jax.nn.initializers.ones, (dim,), ("norm",), cfg.storage_dtype)
 
     def __call__(self, x: Array) -> Array:
         x = x.astype(jnp.float32)
@@ -125,13 +119,13 @@ class Embed(nnx.Module):
     """Token embedding table [vocab, embed], init N(0, 1) as in T5X."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.dtype = dtype_of(cfg.dtype)
+        self.dtype = cfg.compute_dtype
         self.embedding = param(
             rngs,
             jax.nn.initializers.normal(1.0),
             (cfg.vocab_size, cfg.d_model),
             ("vocab", "embed"),
-            dtype_of(cfg.param_dtype),
+            cfg.storage_dtype,
         )
 
     def __call__(self, ids: Array) -> Array:
@@ -148,13 +142,13 @@ class LogitsDense(nnx.Module):
     """Untied output projection [embed, vocab]; logits returned in float32."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.dtype = jnp.float32 if cfg.float32_logits else dtype_of(cfg.dtype)
+        self.dtype = jnp.float32 if cfg.float32_logits else cfg.compute_dtype
         self.kernel = param(
             rngs,
             kernel_init(),
             (cfg.d_model, cfg.vocab_size),
             ("embed", "vocab"),
-            dtype_of(cfg.param_dtype),
+            cfg.storage_dtype,
         )
 
     def __call__(self, x: Array) -> Array:
@@ -245,9 +239,9 @@ class Mlp(nnx.Module):
     """T5 v1.1 gated-GeLU MLP: (gelu_tanh(x wi_0) * (x wi_1)) wo, no biases."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        pd = dtype_of(cfg.param_dtype)
+        pd = cfg.storage_dtype
         d, f = cfg.d_model, cfg.d_ff
-        self.dtype = dtype_of(cfg.dtype)
+        self.dtype = cfg.compute_dtype
         self.rate = cfg.dropout_rate
         self.wi_0 = param(rngs, kernel_init(), (d, f), ("embed", "mlp"), pd)
         self.wi_1 = param(rngs, kernel_init(), (d, f), ("embed", "mlp"), pd)
@@ -306,7 +300,7 @@ class RelativePositionBias(nnx.Module):
             init,
             (cfg.num_heads, cfg.relative_buckets),
             ("heads", "relpos_buckets"),
-            dtype_of(cfg.param_dtype),
+            cfg.storage_dtype,
         )
 
     def __call__(self, q_len: int, k_len: int) -> Array:
@@ -487,9 +481,9 @@ class Attention(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        pd = dtype_of(cfg.param_dtype)
+        pd = cfg.storage_dtype
         d, h, k = cfg.d_model, cfg.num_heads, cfg.head_dim
-        self.dtype = dtype_of(cfg.dtype)
+        self.dtype = cfg.compute_dtype
         self.rate = cfg.attention_dropout_rate
         self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
         self.impl = cfg.attention_impl
@@ -853,9 +847,9 @@ class LayerStack(nnx.Module):
 def _unit_cache(
     cfg: ModelConfig, group: int, batch: int, length: int, cross_length: int | None
 ) -> Any:
-    z = jnp.zeros((batch, length, cfg.num_heads, cfg.head_dim), dtype_of(cfg.dtype))
+    z = jnp.zeros((batch, length, cfg.num_heads, cfg.head_dim), cfg.compute_dtype)
     one = {"k": z, "v": z}
     if cross_length is not None:
-        c = jnp.zeros((batch, cross_length, cfg.num_heads, cfg.head_dim), dtype_of(cfg.dtype))
+        c = jnp.zeros((batch, cross_length, cfg.num_heads, cfg.head_dim), cfg.compute_dtype)
         one.update(ck=c, cv=c)
     return tuple(one for _ in range(group)) if cfg.is_moe else one  # MoE units: LayerGroup

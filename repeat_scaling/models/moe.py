@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from repeat_scaling.models.config import ModelConfig
-from repeat_scaling.models.layers import DropoutCtx, dropout, dtype_of, kernel_init, param
+from repeat_scaling.models.layers import DropoutCtx, dropout, kernel_init, param
 from repeat_scaling.sharding import with_logical_constraint
 
 Array = jax.Array
@@ -84,11 +84,11 @@ class MoeMlp(nnx.Module):
     """Top-k mixture of gated-GeLU experts. Call: (x [B, L, d], drop) -> (y, aux [2])."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        pd = dtype_of(cfg.param_dtype)
+        pd = cfg.storage_dtype
         e, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff
         self.num_experts, self.top_k = e, cfg.top_k
         self.capacity_factor = cfg.capacity_factor
-        self.dtype = dtype_of(cfg.dtype)
+        self.dtype = cfg.compute_dtype
         self.rate = cfg.dropout_rate
         self.router = param(
             rngs, kernel_init(0, 1, distribution="normal"), (d, e), ("embed", None), pd

@@ -45,18 +45,10 @@ from typing import Any
 
 import ml_collections
 
+from repeat_scaling.data.objectives import OBJECTIVE_ARCHS, OBJECTIVES
+from repeat_scaling.models.config import DTYPES, ModelConfig
+from repeat_scaling.sharding import MESH_AXES
 from repeat_scaling.train import optimizers
-
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
-OBJECTIVES = ("span_corruption", "ul2", "causal_lm", "prefix_lm", "supervised", "icl")
-OBJECTIVE_ARCHS = {
-    "span_corruption": ("encoder_decoder",),
-    "causal_lm": ("decoder_only",),
-    "prefix_lm": ("encoder_decoder", "decoder_only"),
-    "ul2": ("encoder_decoder", "decoder_only"),
-    "supervised": ("encoder_decoder", "decoder_only"),
-    "icl": ("decoder_only",),
-}
 
 
 class ConfigError(ValueError):
@@ -150,8 +142,8 @@ def default_config() -> ml_collections.ConfigDict:
     o.adafactor_momentum = 0.0  # 0: none (T5)
 
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.ici = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "expert": 1})
-    c.mesh.dcn = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1, "expert": 1})
+    c.mesh.ici = ml_collections.ConfigDict({a: -1 if a == "data" else 1 for a in MESH_AXES})
+    c.mesh.dcn = ml_collections.ConfigDict({a: 1 for a in MESH_AXES})
     return c
 
 
@@ -213,8 +205,6 @@ def _check_keys(got: dict, schema: dict, prefix: str) -> None:
 
 def model_config(config: Any):
     """The ModelConfig of a training config (``train.compute_dtype`` applied)."""
-    from repeat_scaling.models.config import ModelConfig
-
     d = dict(_to_dict(config)["model"])
     if not d:
         raise ConfigError("config has no model: set config.model = model_fields('<size name>')")
@@ -312,8 +302,9 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
         bad("train.z_loss", train["z_loss"], ">= 0")
     if not 0.0 <= train["label_smoothing"] < 1.0:
         bad("train.label_smoothing", train["label_smoothing"], "in [0, 1)")
-    if train["compute_dtype"] not in ("", "float32", "bfloat16"):
-        bad("train.compute_dtype", train["compute_dtype"], "'', 'float32' or 'bfloat16'")
+    if train["compute_dtype"] not in ("", *DTYPES):
+        expected = "'', " + " or ".join(repr(t) for t in DTYPES)
+        bad("train.compute_dtype", train["compute_dtype"], expected)
     if train["peak_tflops"] < 0:
         bad("train.peak_tflops", train["peak_tflops"], ">= 0 (0: look the chip up)")
     if train["progress_bar"] not in ("auto", "on", "off"):
