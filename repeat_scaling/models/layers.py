@@ -2,13 +2,15 @@
 
 Conventions:
 * Activations are [batch, length, embed]; attention tensors [batch, heads, q_len, k_len].
-* Every parameter is created through :func:`param` and carries logical axis names
-  (``out_sharding`` metadata, see repeat_scaling/sharding.py); parameters are stored in
-  ``cfg.param_dtype`` and cast to the compute dtype ``cfg.dtype`` at use.
+* Every parameter is created through :func:`repeat_scaling.models.primitives.param` and
+  carries logical axis names (``out_sharding`` metadata, see repeat_scaling/sharding.py);
+  parameters are stored in ``cfg.param_dtype`` and cast to the compute dtype ``cfg.dtype``
+  at use.
 * Masks are boolean (True = may attend), shaped [batch | 1, 1, q_len, k_len].
-* Dropout is explicit: functions take a PRNG key (or None) and a (possibly traced)
-  ``dropout_scale`` that multiplies the configured rate, so "staged dropout" (scale 0
-  then 1) needs no recompilation. No RNG state is stored in the modules.
+* Dropout is explicit (:mod:`repeat_scaling.models.primitives`): functions take a PRNG
+  key (or None) and a (possibly traced) ``dropout_scale`` that multiplies the configured
+  rate, so "staged dropout" (scale 0 then 1) needs no recompilation. No RNG state is
+  stored in the modules.
 * Layer stacks (:class:`LayerStack`) run scanned (``lax.scan`` over stacked weights,
   compile time flat in depth), unrolled, or with one shared set of weights (ParamShare),
   with optional rematerialisation (``jax.checkpoint`` policy from ``cfg.remat_policy``).
@@ -17,7 +19,6 @@ Conventions:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -27,6 +28,8 @@ from flax import nnx
 
 from repeat_scaling.models import interventions
 from repeat_scaling.models.config import ModelConfig
+from repeat_scaling.models.moe import MoeMlp
+from repeat_scaling.models.primitives import DropoutCtx, dropout, droppath, kernel_init, param
 from repeat_scaling.sharding import with_logical_constraint
 
 Array = jax.Array
@@ -36,66 +39,6 @@ NEG_INF = -1e10  # additive bias for masked attention logits (finite: no NaN row
 _SITE_ATTN_WEIGHTS, _SITE_ATTN_OUT, _SITE_CROSS_WEIGHTS, _SITE_CROSS_OUT = 1, 2, 3, 4
 _SITE_MLP_HIDDEN, _SITE_MLP_OUT, _SITE_DROPPATH_ATTN, _SITE_DROPPATH_CROSS = 5, 6, 7, 8
 _SITE_DROPPATH_MLP = 9
-
-
-def kernel_init(
-    in_axis: int | Sequence[int] = -2,
-    out_axis: int | Sequence[int] = -1,
-    scale: float = 1.0,
-    distribution: str = "truncated_normal",
-) -> Callable:
-    """T5X default kernel init: variance_scaling(scale, fan_in) over the given axes."""
-    return jax.nn.initializers.variance_scaling(
-        scale, "fan_in", distribution, in_axis=in_axis, out_axis=out_axis
-    )
-
-
-def param(
-    rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Sequence[str | None], dtype: Any
-) -> nnx.Param:
-    """An nnx.Param with logical axis names (no eager sharding: the trainer shards
-    the state through jit out_shardings computed by sharding.state_shardings)."""
-    if len(axes) != len(shape):
-        raise ValueError(f"param shape {tuple(shape)} and axes {tuple(axes)} differ in rank")
-    init = nnx.with_partitioning(init, tuple(axes), eager_sharding=False)
-    return nnx.Param(init(rngs.params(), tuple(shape), dtype))
-
-
-# ----------------------------------------------------------------------------------------
-# Dropout / DropPath
-# ----------------------------------------------------------------------------------------
-def _fold(key: Array | None, site: int) -> Array | None:
-    return None if key is None else jax.random.fold_in(key, site)
-
-
-def dropout(x: Array, rate: float, key: Array | None, scale: Any = 1.0) -> Array:
-    """Inverted dropout with probability ``rate * scale``; identity when key is None."""
-    if key is None or rate == 0.0:
-        return x
-    keep = 1.0 - rate * jnp.asarray(scale, jnp.float32)
-    mask = jax.random.uniform(key, x.shape, jnp.float32) < keep
-    return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
-
-
-def droppath(x: Array, rate: float, key: Array | None, scale: Any = 1.0) -> Array:
-    """Stochastic depth on a residual branch [B, ...]: drop whole examples' branch."""
-    if key is None or rate == 0.0:
-        return x
-    keep = 1.0 - rate * jnp.asarray(scale, jnp.float32)
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    mask = jax.random.uniform(key, shape, jnp.float32) < keep
-    return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
-
-
-@dataclasses.dataclass(frozen=True)
-class DropoutCtx:
-    """Per-call dropout settings: key None means deterministic."""
-
-    key: Array | None = None
-    scale: Any = 1.0
-
-    def sub(self, site: int) -> DropoutCtx:
-        return DropoutCtx(_fold(self.key, site), self.scale)
 
 
 # ----------------------------------------------------------------------------------------
@@ -628,8 +571,6 @@ class TransformerLayer(nnx.Module):
         if self.has_mlp:
             self.pre_mlp_layer_norm = RMSNorm(cfg.d_model, cfg, rngs)
             if moe:
-                from repeat_scaling.models.moe import MoeMlp
-
                 self.mlp = MoeMlp(cfg, rngs)
             else:
                 self.mlp = Mlp(cfg, rngs)

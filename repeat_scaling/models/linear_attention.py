@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from repeat_scaling.models.layers import param
+from repeat_scaling.models.primitives import param
 
 Array = jax.Array
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from repeat_scaling.models.config import ModelConfig
-from repeat_scaling.models.layers import DropoutCtx, dropout, kernel_init, param
+from repeat_scaling.models.primitives import DropoutCtx, dropout, kernel_init, param
 from repeat_scaling.sharding import with_logical_constraint
 
 Array = jax.Array
