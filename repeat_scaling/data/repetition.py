@@ -63,6 +63,20 @@ class RepetitionPlanError(ValueError):
     """An impossible or ill-specified repetition plan (one-line message)."""
 
 
+def fraction_in_range(repeated_fraction: float) -> bool:
+    """The range rule of ``f``: a fraction in ``[0, 1]``."""
+    return 0.0 <= repeated_fraction <= 1.0
+
+
+def effective_epochs(repeated_fraction: Any, repeated_epochs: Any) -> Any:
+    """The rule "E = 1 when f = 0": ``E`` as a plan reads it, 1 when nothing is repeated.
+
+    A setting with ``effective_epochs(f, E) != E`` (``E > 1`` with ``f = 0``) is rejected
+    by :class:`RepetitionPlan` and by the training config's validation.
+    """
+    return 1.0 if repeated_fraction == 0 else repeated_epochs
+
+
 def _as_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer | float):
         raise RepetitionPlanError(f"{name}={value!r} must be an integer >= {minimum}")
@@ -111,7 +125,7 @@ class RepetitionPlan:
             raise RepetitionPlanError(
                 f"repeated_fraction={repeated_fraction!r} must be a number in [0, 1]"
             ) from None
-        if not (0.0 <= f <= 1.0):
+        if not fraction_in_range(f):
             raise RepetitionPlanError(f"repeated_fraction={repeated_fraction!r} must be in [0, 1]")
         self.requested_fraction = f
         try:
@@ -127,7 +141,7 @@ class RepetitionPlan:
                 f"repeated_epochs={repeated_epochs!r} must be a whole number of epochs"
             )
         E = int(e_float)
-        if f == 0.0 and E > 1:
+        if effective_epochs(f, E) != E:
             raise RepetitionPlanError(
                 f"repeated_epochs={E} with repeated_fraction=0: nothing to repeat; "
                 "use repeated_epochs=1 for the unique baseline"

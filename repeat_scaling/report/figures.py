@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
+from repeat_scaling.data.repetition import effective_epochs  # noqa: E402
 from repeat_scaling.report import fits as fits_lib  # noqa: E402
 from repeat_scaling.report import runs as runs_lib  # noqa: E402
 
@@ -618,7 +619,7 @@ def xue_epochs(rows: list[dict], out_dir: str) -> Figure:
             for row in pool:
                 if not keep(row) or row[mkey] is None:
                     continue
-                epochs = 1.0 if row["repeated_fraction"] == 0 else row["repeated_epochs"]
+                epochs = effective_epochs(row["repeated_fraction"], row["repeated_epochs"])
                 group = f"{row['model']}, {group_of(row)}"
                 groups.setdefault(group, []).append((epochs, row[mkey]))
                 out_rows.append(

@@ -32,6 +32,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from repeat_scaling import workdir_io
+from repeat_scaling.data import repetition
 from repeat_scaling.train import record
 
 # Which parameter count stands for "model size" N (Kaplan/Hernandez use non-embedding).
@@ -277,10 +278,8 @@ class Run:
     @property
     def repeated_epochs(self) -> float:
         """E: epochs on the repeated subset (1 when nothing is repeated)."""
-        if self.repeated_fraction == 0:
-            return 1.0
         value = self._plan_value("repeated_epochs")
-        return 1.0 if value is None else value
+        return repetition.effective_epochs(self.repeated_fraction, 1.0 if value is None else value)
 
     @property
     def unique_tokens(self) -> float | None:
@@ -373,9 +372,9 @@ class Run:
     def pretrain_epochs(self) -> float | None:
         if not self.init_from:
             return None
-        if self._source_data("repeated_fraction") == 0:
-            return 1.0
-        return self._source_data("repeated_epochs")
+        return repetition.effective_epochs(
+            self._source_data("repeated_fraction"), self._source_data("repeated_epochs")
+        )
 
     # ----- progress -------------------------------------------------------------------
     @property

@@ -45,6 +45,7 @@ from typing import Any
 
 import ml_collections
 
+from repeat_scaling.data import repetition
 from repeat_scaling.data.objectives import OBJECTIVE_ARCHS, OBJECTIVES
 from repeat_scaling.models.config import DTYPES, ModelConfig
 from repeat_scaling.sharding import MESH_AXES
@@ -271,11 +272,12 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
             bad("data.targets_length", data["targets_length"], f"> 0 for {data['objective']}")
     elif data["length"] <= 0:
         bad("data.length", data["length"], "> 0 for a decoder_only model")
-    if not 0.0 <= data["repeated_fraction"] <= 1.0:
-        bad("data.repeated_fraction", data["repeated_fraction"], "a fraction in [0, 1]")
-    if not isinstance(data["repeated_epochs"], int) or data["repeated_epochs"] < 1:
-        bad("data.repeated_epochs", data["repeated_epochs"], "an int >= 1")
-    if data["repeated_fraction"] == 0.0 and data["repeated_epochs"] > 1:
+    f, epochs = data["repeated_fraction"], data["repeated_epochs"]
+    if not repetition.fraction_in_range(f):
+        bad("data.repeated_fraction", f, "a fraction in [0, 1]")
+    if not isinstance(epochs, int) or epochs < 1:
+        bad("data.repeated_epochs", epochs, "an int >= 1")
+    if repetition.effective_epochs(f, epochs) != epochs:
         bad("data.repeated_epochs", data["repeated_epochs"], "1 when data.repeated_fraction=0")
     # -- train ------------------------------------------------------------------------
     for key in ("steps", "batch_size", "grad_accum", "log_every", "keep", "eval_batches"):
