@@ -93,11 +93,12 @@ FLAGS = flags.FLAGS
 
 
 def runner_config_path(path: str, backend: str) -> str:
-    """The config file as the runner sees it: absolute locally, repo-relative remotely."""
+    """The config file as the runner sees it: absolute on this machine's file system
+    (local, and SLURM's shared one), repository-relative on TPU VMs (a copy of the repo)."""
     absolute = pathlib.Path(path).resolve()
     if not absolute.is_file():
         raise LaunchError(f"--config={path!r}: no such config file")
-    if backend == "local":
+    if backend in ("local", "slurm"):
         return str(absolute)
     try:
         return str(absolute.relative_to(REPO_ROOT))
@@ -191,7 +192,7 @@ def submit() -> int:
         eval_mode=FLAGS.eval_mode,
         dry_run=FLAGS.dry_run,
     )
-    runs = sweeps.expand(_CONFIG.value, root, only=FLAGS.only or None)
+    runs = sweeps.expand(_CONFIG.value, root, only=FLAGS.only or None, named=overrides)
     print(f"# {len(runs)} run(s) from {sub.config_spec} under {root} ({FLAGS.backend})")
     if not (FLAGS.dry_run and root.startswith("gs://")):  # a dry run reads no bucket
         refuse_differing_records(runs)

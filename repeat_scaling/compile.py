@@ -948,8 +948,10 @@ def program_key(config: Any) -> str:
 
 def default_cache_dir() -> str:
     """Where ``check_runs`` keeps reports: $REPEAT_SCALING_COMPILE_CACHE ('' = no cache),
-    else ~/.cache/repeat_scaling/compile_check."""
-    default = os.path.join(os.path.expanduser("~"), ".cache", "repeat_scaling", "compile_check")
+    else ``workdir_io.user_cache_dir()/compile_check`` (``~/.cache/repeat_scaling/...``)."""
+    from repeat_scaling import workdir_io
+
+    default = str(workdir_io.user_cache_dir() / "compile_check")
     return os.environ.get("REPEAT_SCALING_COMPILE_CACHE", default)
 
 

@@ -313,21 +313,31 @@ def expand(
     root: str,
     only: str | Sequence[str] | None = None,
     model_fields=default_model_fields,
+    named: dict[str, Any] | None = None,
 ) -> list[Run]:
     """Expands `config.sweep` into runs under `root`, filtered by `only` (glob(s)).
+
+    `named`: overrides already applied to `config` (the command line's
+    `--config.key=value`) that every run's name shows after its own keys, except those
+    that may change on resume (`train.record.is_resumable`: steps, cadence, paths,
+    evaluation, mesh), so that sweeps of one config file that train different things
+    never share a workdir.
 
     `only` may be one glob, a comma-separated list of globs, or a list of globs; a run
     is kept when its name matches any of them. Names are checked for collisions over
     the whole sweep before filtering. `model_fields(name) -> dict | None` gives a
     named model size's fields (see `expand_model_name`).
     """
+    from repeat_scaling.train.record import is_resumable
+
+    extra = {k: v for k, v in (named or {}).items() if not is_resumable(k)}
     runs: list[Run] = []
     seen: dict[str, int] = {}
     for i, entry in enumerate(sweep_entries(config)):
         entry = {k: resolve_root(v, root) for k, v in entry.items()}
         flags = expand_model_name(config, entry, model_fields)
         resolved = apply_overrides(config, flags, where=f"sweep entry {i}")
-        name = run_name(resolved, entry)
+        name = run_name(resolved, {**entry, **{k: v for k, v in extra.items() if k not in entry}})
         if name in seen:
             raise SweepError(
                 f"sweep entries {seen[name]} and {i} both get the run name {name!r}; "

@@ -143,6 +143,20 @@ def require_local(path: str | os.PathLike, what: str) -> pathlib.Path:
     return pathlib.Path(path)
 
 
+def user_cache_dir() -> pathlib.Path:
+    """This user's cache of the suite: ``$XDG_CACHE_HOME/repeat_scaling`` (default
+    ``~/.cache/repeat_scaling``): compiled programs, verified shards, compile checks."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "repeat_scaling"
+
+
+def absolute_local(path: str | os.PathLike, what: str) -> str:
+    """A local path as an absolute path: ``~`` expanded, a relative path taken from the
+    current working directory (the one rule for paths in configs; WorkdirError for a URL).
+    """
+    return os.path.abspath(os.path.expanduser(str(require_local(path, what))))
+
+
 def join(root: str, *parts: str) -> str:
     """``root/part/...`` as a string, for local paths and URLs alike."""
     return "/".join([str(root).rstrip("/"), *parts])

@@ -204,7 +204,7 @@ def test_slurm_scripts_and_sbatch(fake_cli, tmp_path):
     (root / runs[1].name / "checkpoints" / "200").mkdir(parents=True)
     opts = SlurmOptions(nodes=4, gpus_per_node=8, cpus_per_task=32, time="2:00:00",
                         partition="gpu", account="lab", setup=("source .venv/bin/activate",),
-                        repo="/src/repeat_scaling")  # fmt: skip
+                        cwd="/src/repeat_scaling")  # fmt: skip
     sub = Submission(**SUB, eval_mode="watch")
     assert SlurmBackend(opts, out=io.StringIO()).submit(sub, runs) == 0
     w0, w1 = root / runs[0].name, root / runs[1].name
@@ -259,7 +259,7 @@ def test_slurm_scripts_and_sbatch(fake_cli, tmp_path):
 
 def test_slurm_layout_and_cpu_options():
     """Tasks per node and a CPU job (gpus_per_node=0) in the script; bad values refused."""
-    opts = SlurmOptions(nodes=2, gpus_per_node=0, tasks_per_node=2, eval_gpus=0, repo="/r")
+    opts = SlurmOptions(nodes=2, gpus_per_node=0, tasks_per_node=2, eval_gpus=0, cwd="/r")
     (run,) = sweeps.expand(_config(), "/root", only="*_f10_*")
     script = SlurmBackend(opts).train_script(Submission(**SUB), run).splitlines()
     assert "#SBATCH --ntasks-per-node=2" in script and "#SBATCH --nodes=2" in script
@@ -288,7 +288,7 @@ def test_slurm_through_submit_cli(fake_cli, tmp_path):
     dry = subprocess.run(cmd + ["--dry_run"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert dry.returncode == 0, dry.stderr
     assert fake_cli() == []
-    assert "# 2 run(s) from configs/hernandez2022.py:paper" in dry.stdout
+    assert f"# 2 run(s) from {REPO}/configs/hernandez2022.py:paper" in dry.stdout
     w = root / "d85m_f0_e1_s0" / "slurm"
     assert f"TRAIN_JOB_ID=$(sbatch --parsable {w}/train.sbatch)\n" in dry.stdout
     assert f"sbatch --parsable --dependency=afterok:$TRAIN_JOB_ID {w}/eval.sbatch\n" in dry.stdout
@@ -305,7 +305,7 @@ def test_slurm_through_submit_cli(fake_cli, tmp_path):
     assert "#SBATCH --nodes=2\n" in script and "#SBATCH --gpus-per-node=4\n" in script
     assert (
         "srun --kill-on-bad-exit=1 python -m repeat_scaling.train "
-        f"--config=configs/hernandez2022.py:paper --workdir={root}/d85m_f10_e100_s0 "
+        f"--config={REPO}/configs/hernandez2022.py:paper --workdir={root}/d85m_f10_e100_s0 "
         "--config.model.name=d85m --config.model.d_ff=2048 --config.model.d_model=768 "
         "--config.model.num_decoder_layers=12 --config.model.num_heads=12 "
         "--config.data.repeated_fraction=0.1 "

@@ -55,18 +55,20 @@ def test_local_sweep_interrupt_resume_and_noop(tmp_path, shared_data):
     cfg = tmp_path / "tiny.py"
     cfg.write_text(
         CONFIG.format(
-            configs=str(REPO / "configs"),
             text=str(shared_data / "tinyshakespeare" / "input.txt"),
-            store=str(tmp_path / "store"),
+            store="store",  # relative: to the directory submit.py runs from
         )
     )
     root = tmp_path / "root"
-    cmd = [sys.executable, "launch/submit.py", f"--config={cfg}", f"--root={root}",
+    # Run from the config's own directory (outside the repository), relative paths.
+    cmd = [sys.executable, str(REPO / "launch" / "submit.py"), "--config=tiny.py", "--root=root",
            "--parallel=2", "--eval_mode=after", "--grace_s=60", EVAL_CONFIG]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device each
 
     # 1. Start, then Ctrl-C once both trainers are up: children get SIGTERM, runs stop.
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+    # (without the compilation cache, whose programs would let a run finish in between)
+    cold = {**env, "REPEAT_SCALING_COMPILATION_CACHE": "off"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=cold, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -88,11 +90,17 @@ def test_local_sweep_interrupt_resume_and_noop(tmp_path, shared_data):
     assert status.returncode == 0
     assert all(" stopped " in line for line in status.stdout.splitlines()[:2]), status.stdout
 
+    # The relative store was prepared under the submitting directory, recorded absolute.
+    assert (tmp_path / "store" / "manifest.json").is_file()
+    for name in NAMES:
+        recorded = json.loads((root / name / "config.json").read_text())
+        assert recorded["data"]["store"] == str(tmp_path / "store")
+
     # 2. Re-submit (evaluators now watching beside the trainers): both runs resume, train
     # to step 12 and are evaluated.
     cmd = [c.replace("--eval_mode=after", "--eval_mode=watch") for c in cmd]
     cmd.append("--eval_flag=--poll_seconds=1")
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 run(s) done, 0 failed" in done.stdout
     for name in NAMES:
@@ -108,7 +116,7 @@ def test_local_sweep_interrupt_resume_and_noop(tmp_path, shared_data):
 
     # 3. Re-submit again: nothing runs, nothing changes.
     before = {n: _launch_json(root, n) for n in NAMES}
-    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
     assert again.stdout.splitlines()[1:] == [
         "[local] skip dec_tiny_f0_e1_s0 (done)",
@@ -117,9 +125,18 @@ def test_local_sweep_interrupt_resume_and_noop(tmp_path, shared_data):
     ]
     assert {n: _launch_json(root, n) for n in NAMES} == before
 
-    # 4. The same run names from a base config that differs outside the sweep overrides
-    # would land in these workdirs: refused before anything starts, naming the key.
-    other = subprocess.run(cmd + ["--config.data.length=16"], cwd=REPO, env=env,
+    # 4. A command-line override that changes what is trained is in every run's name
+    # (one that may change on resume, here train.steps, is not): new workdirs.
+    named = subprocess.run(cmd + ["--config.data.length=16", "--config.train.steps=20",
+                                  "--dry_run"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert named.returncode == 0, named.stderr
+    assert f"--workdir={root}/dec_tiny_f0_e1_s0_length16 " in named.stdout, named.stdout
+    assert f"--workdir={root}/dec_tiny_f50_e2_s0_length16 " in named.stdout, named.stdout
+    # The same run names from a base config file that differs outside the sweep would
+    # land in these workdirs: refused before anything starts, naming the key.
+    cfg.write_text(cfg.read_text().replace("c.data.length = 32", "c.data.length = 16"))
+    other = subprocess.run(cmd, cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=120)  # fmt: skip
     assert other.returncode == 1
     assert other.stderr.strip().splitlines() == [

@@ -61,6 +61,18 @@ def test_names_overrides_and_workdirs():
     assert alone[0].name == runs[3].name
 
 
+def test_command_line_overrides_that_change_training_are_named():
+    sweep = [_entry(0.0, 1), _entry(0.1, 100, **{"model.dropout_rate": 0.1})]
+    named = {"model.dropout_rate": 0.2, "train.label_smoothing": 0.1, "train.steps": 500}
+    named |= {"data.store": "elsewhere", "eval.test_batches": 2, "mesh.ici.data": 2}
+    runs = sweeps.expand(_config(sweep), "/r", model_fields=lambda name: None, named=named)
+    # the entry's own value wins over the command line's; keys that may change on resume
+    # (steps, store, evaluation, mesh) are not in names
+    assert [r.name for r in runs] == ["d25m_f0_e1_s0_do0p2_ls0p1", "d25m_f10_e100_s0_do0p1_ls0p1"]
+    plain = sweeps.expand(_config(sweep), "/r", model_fields=lambda name: None)
+    assert [r.name for r in plain] == ["d25m_f0_e1_s0", "d25m_f10_e100_s0_do0p1"]
+
+
 def test_no_sweep_is_one_run_and_only_filters():
     config = _config(None)
     del config["sweep"]

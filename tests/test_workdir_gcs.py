@@ -277,18 +277,20 @@ def test_gcs_workdir_with_relative_store_is_a_one_line_error(gcs, tmp_path, monk
     from repeat_scaling.train import loop
 
     c = demo.get_config("dec")
-    c.data.store = "stores/byte"  # relative: only meaningful from the trainer's directory
     model_cfg = config_lib.model_config(c)
+    record = loop.resolved_config(c, model_cfg, {})
+    # a record with a relative store (written before the trainer recorded absolute paths)
+    record["data"]["store"] = "stores/byte"
     wd = workdir_io.workdir_path("gs://bkt/relstore")
-    workdir_io.write_json_atomic(wd / "config.json", loop.resolved_config(c, model_cfg, {}))
+    workdir_io.write_json_atomic(wd / "config.json", record)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(evaluator.EvalError) as err:
         evaluator.Run.load("gs://bkt/relstore")
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith("data.store='stores/byte' in gs://bkt/relstore/")
     assert "is relative and not found from the current directory" in msg
-    c.data.store = "gs://bkt/store"
-    workdir_io.write_json_atomic(wd / "config.json", loop.resolved_config(c, model_cfg, {}))
+    record["data"]["store"] = "gs://bkt/store"
+    workdir_io.write_json_atomic(wd / "config.json", record)
     with pytest.raises(evaluator.EvalError, match="data.store='gs://bkt/store' is a URL"):
         evaluator.Run.load("gs://bkt/relstore")
 

@@ -38,8 +38,6 @@ from typing import Any, TextIO
 from launch import status as status_lib
 from launch.backends import Submission, eval_argv, shell_join, train_argv
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-
 
 def run_is_done(st: status_lib.RunStatus, eval_mode: str) -> bool:
     """Whether a run needs nothing more under this evaluation mode."""
@@ -201,7 +199,8 @@ class LocalBackend:
       grace_s: seconds children get to exit after SIGTERM before SIGKILL.
       poll_s: seconds between checks of the children.
       env: the children's environment (default: this process's, unbuffered).
-      cwd: the children's working directory (default: the repository root).
+      cwd: the children's working directory (default: this process's, so relative paths
+        in configs mean the same for the trainer as for the person who submitted).
       out: where progress lines go.
     """
 
@@ -211,7 +210,7 @@ class LocalBackend:
         grace_s: float = 300.0,
         poll_s: float = 0.5,
         env: dict[str, str] | None = None,
-        cwd: str | os.PathLike = REPO_ROOT,
+        cwd: str | os.PathLike | None = None,
         out: TextIO | None = None,
     ):
         if parallel < 1:
@@ -219,7 +218,7 @@ class LocalBackend:
         self.parallel, self.grace_s, self.poll_s = parallel, grace_s, poll_s
         self.env = dict(os.environ if env is None else env)
         self.env.setdefault("PYTHONUNBUFFERED", "1")
-        self.cwd = str(cwd)
+        self.cwd = str(os.getcwd() if cwd is None else cwd)
         self.out = out or sys.stdout
         self._stop_signal: int | None = None
 

@@ -33,6 +33,7 @@ final step are skipped; trained but unevaluated runs get only the evaluator.
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import shlex
 import subprocess
@@ -42,8 +43,6 @@ from typing import TextIO
 from launch import status as status_lib
 from launch.backends import LaunchError, Submission, eval_argv, shell_join, train_argv
 from launch.backends.local import run_is_done
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 #: The trainer's exit status after saving on SIGTERM (repeat_scaling/train/__main__.py).
 PREEMPTED_EXIT = 143
@@ -79,7 +78,7 @@ class SlurmOptions:
     eval_gpus: int = 1  # 0: the evaluator on CPU
     poll_seconds: int = 30  # how often the watching evaluator job checks the training job
     setup: tuple[str, ...] = ()  # shell lines run before srun (module load, venv...)
-    repo: str = str(REPO_ROOT)
+    cwd: str = dataclasses.field(default_factory=os.getcwd)  # the jobs' directory
 
     def __post_init__(self):
         for field in ("nodes", "tasks_per_node", "poll_seconds"):
@@ -123,7 +122,7 @@ class SlurmBackend:
         return lines
 
     def _prologue(self, gpus: int) -> list[str]:
-        lines = ["set -euo pipefail", f"cd {shlex.quote(self.opt.repo)}", *self.opt.setup]
+        lines = ["set -euo pipefail", f"cd {shlex.quote(self.opt.cwd)}", *self.opt.setup]
         if not gpus:
             lines.append("export JAX_PLATFORMS=cpu  # a CPU job (no GPUs asked for)")
         return lines

@@ -32,7 +32,7 @@ import sys
 
 from absl import app, flags, logging
 
-from repeat_scaling import cli
+from repeat_scaling import cli, compilation_cache
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training run directory to evaluate.")
@@ -99,6 +99,7 @@ def _fail(msg: str) -> None:
 
 def main(argv: list[str]) -> None:
     cli.quiet_library_logs()
+    compilation_cache.configure()  # before anything compiles
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}")
     if not FLAGS.workdir:

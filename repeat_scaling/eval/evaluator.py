@@ -169,26 +169,25 @@ class Run:
 
 
 def _store_path(store: str, workdir: Any, config_path: Any) -> pathlib.Path:
-    """The local token store a run's ``data.store`` names (EvalError, one line).
-
-    A relative path is tried from the current directory, then under the workdir (where
-    the trainer was started from is unknown). Stores are memory-mapped, so a URL, or a
-    relative path that would only resolve inside a gs:// workdir, is refused.
-    """
+    """The local token store a run's ``data.store`` names (``record.find_store``;
+    EvalError, one line)."""
     try:
-        path = workdir_io.require_local(store, "data.store")
+        found, tried = record.find_store(workdir, store)
     except workdir_io.WorkdirError as e:
         raise EvalError(f"{e} (in {config_path})") from None
-    if path.is_absolute() or (path / "manifest.json").is_file():
-        return path
-    if workdir_io.is_url(workdir):
+    if found is not None:
+        return found
+    if workdir_io.is_url(workdir) and not pathlib.Path(store).is_absolute():
         raise EvalError(
             f"data.store={store!r} in {config_path} is relative and not found from the "
             f"current directory {pathlib.Path.cwd()}; the gs:// workdir cannot hold the "
             "token store (memory-mapped): run from the directory the trainer ran from, or "
             "give an absolute local path"
         )
-    return workdir / path
+    raise EvalError(
+        f"data.store={store!r} in {config_path} is not a token store here (no manifest.json "
+        f"in {', '.join(map(str, tried))})"
+    )
 
 
 def wait_for_run(

@@ -24,7 +24,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from repeat_scaling import cli
+from repeat_scaling import cli, compilation_cache
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/x.py[:arg]).")
@@ -38,6 +38,7 @@ PREEMPTED_EXIT = 143
 
 def main(argv: list[str]) -> None:
     cli.quiet_library_logs()
+    compilation_cache.configure()  # before anything compiles
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; use --config.KEY=VALUE to override the config")
     if FLAGS.config is None:

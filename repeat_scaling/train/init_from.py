@@ -58,6 +58,7 @@ from flax import nnx
 from repeat_scaling import workdir_io
 from repeat_scaling.models.config import ModelConfig
 from repeat_scaling.train import checkpointing
+from repeat_scaling.train import record as record_lib
 from repeat_scaling.train.config import ConfigError
 
 RECORD = "init_from.json"
@@ -289,23 +290,16 @@ def _resolve_run(path, d, init_step, model_cfg, store_vocab, log) -> InitSource:
 
 
 def source_store(workdir, store: Any) -> tuple[pathlib.Path | None, str]:
-    """Where the source run's token store is: ``(local directory, "")`` or ``(None, why)``.
-
-    ``store`` is the source ``config.json`` ``data.store``. A relative store is looked up
-    from the current directory, then inside the source workdir (as the evaluator does).
-    """
+    """Where the source run's token store is: ``(local directory, "")`` or ``(None, why)``
+    (``store`` is the source ``config.json`` ``data.store``; see ``record.find_store``)."""
     if not isinstance(store, str) or not store:
         return None, "the source run's config.json names no data.store"
     if workdir_io.is_url(store):
         return None, f"its data.store={store!r} is a URL (token stores are local)"
-    given = pathlib.Path(store).expanduser()
-    tried = [given.absolute()]
-    if not given.is_absolute() and isinstance(workdir, pathlib.Path):
-        tried.append(workdir / given)
-    for candidate in tried:
-        if (candidate / "manifest.json").is_file():
-            return candidate, ""
-    return None, "its data.store is not readable here (tried " + ", ".join(map(str, tried)) + ")"
+    found, tried = record_lib.find_store(workdir, store)
+    if found is None:
+        return None, "its data.store is not readable here (tried " + ", ".join(map(str, tried)) + ")"
+    return found, ""
 
 
 def _check_vocab(path, step, store: Any, vocab) -> str:

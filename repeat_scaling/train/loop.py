@@ -224,7 +224,10 @@ def write_json(path: workdir_io.WPath, obj: Any) -> None:
 
 
 def resolved_config(config: Any, model_cfg: Any, derived: dict[str, Any]) -> dict[str, Any]:
+    """The record of the run: the config with the model's fields, ``data.store`` as an
+    absolute path (relative paths are taken from the working directory) and ``derived``."""
     d = config.to_dict()
+    d["data"]["store"] = workdir_io.absolute_local(config.data.store, "data.store")
     d["model"] = model_cfg.to_dict()
     d["derived"] = derived
     return d

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pathlib
 import time
 from typing import Any
 
@@ -186,3 +187,20 @@ def effective_config(config: dict[str, Any], log: list[dict[str, Any]]) -> dict[
                 node = node.setdefault(p, {})
             node[last] = value
     return out
+
+
+def find_store(workdir: Any, store: str) -> tuple[pathlib.Path | None, list[pathlib.Path]]:
+    """A run's token store from its recorded ``data.store``: ``(found or None, tried)``.
+
+    Tried in order: the path as recorded (the trainer records an absolute path; a relative
+    one, from older records, is taken from the current directory), then, for a relative
+    path, inside a local ``workdir``. A store is a directory with a ``manifest.json``.
+    A URL is a one-line :class:`~repeat_scaling.workdir_io.WorkdirError` (stores are
+    memory-mapped, so local).
+    """
+    given = workdir_io.require_local(store, "data.store").expanduser()
+    tried = [given.absolute()]
+    if not given.is_absolute() and isinstance(workdir, pathlib.Path):
+        tried.append(workdir / given)
+    found = next((p for p in tried if (p / "manifest.json").is_file()), None)
+    return found, tried
