@@ -55,6 +55,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from repeat_scaling.data import sources as sources_lib
+from repeat_scaling.errors import first_line
 
 SPLITS = sources_lib.SPLITS
 TaskError = sources_lib.SourceError  # one-line ValueError, like every data-spec error
@@ -206,7 +207,7 @@ class TfdsTask(Task):
             try:
                 self._builder = tfds.builder(self.definition.tfds_name, data_dir=self.data_dir)
             except Exception as e:  # noqa: BLE001 - tfds raises many kinds
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                msg = first_line(e)
                 raise TaskError(f"task {self.spec!r}: TFDS cannot load it ({msg})") from None
         return self._builder
 
@@ -227,7 +228,7 @@ class TfdsTask(Task):
         try:
             ds = self.builder.as_dataset(split=tfds_split, shuffle_files=False)
         except Exception as e:  # noqa: BLE001
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            msg = first_line(e)
             raise TaskError(
                 f"task {self.spec!r}: TFDS split {tfds_split!r} of "
                 f"{self.definition.tfds_name!r} is not readable in data_dir={self.data_dir!r} "

@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from repeat_scaling.errors import first_line
+
 SPLITS = ("train", "validation")
 MALFORMED_JSON_MAX_FRACTION = 0.01
 DEFAULT_VALIDATION_FRACTION = 0.05
@@ -337,7 +339,7 @@ class TfdsSource(Source):
                 else:
                     self._builder = tfds.builder(self.name, data_dir=self.data_dir)
             except Exception as e:  # noqa: BLE001 - tfds raises many kinds
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                msg = first_line(e)
                 raise SourceError(f"source {self.spec!r}: TFDS cannot load it ({msg})") from None
             if not self._builder.info.splits:
                 raise SourceError(

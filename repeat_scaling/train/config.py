@@ -47,6 +47,7 @@ import ml_collections
 
 from repeat_scaling.data import repetition
 from repeat_scaling.data.objectives import OBJECTIVE_ARCHS, OBJECTIVES
+from repeat_scaling.errors import first_line
 from repeat_scaling.models.config import DTYPES, ModelConfig
 from repeat_scaling.sharding import MESH_AXES
 from repeat_scaling.train import optimizers
@@ -385,7 +386,7 @@ def interventions(config: Any, model_cfg: Any) -> tuple:
     try:
         return tuple(interventions_lib.parse(specs, model_cfg))
     except (ValueError, TypeError, KeyError) as e:
-        raise ConfigError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        raise ConfigError(first_line(e)) from None
 
 
 def mesh_shape(ici: dict, dcn: dict, num_devices: int) -> dict[str, int]:
