@@ -20,7 +20,7 @@ Scales (`:arg`):
   min on 2 cores beside other jobs (about 55 min alone); double descent at f = 50% for
   both sizes (dec_tiny peak E = 512: 2.30 vs 1.90 unique, 2.05 for the unique-data
   control), memorisation onset next to the peak, N_eff/N 0.135 at the peak; no peak
-  beyond the noise at f = 10% (README: "Reproducing the papers on a CPU").
+  beyond the noise at f = 10% (docs/reproducing.md).
 - `small`: `d1m`, `d3m`, `d10m` on C4 (T5 SentencePiece vocabulary), 10k steps of
   64 x 512 tokens (328M tokens); f in {0, 10, 50}% x E in {10, 100, 1000}: 21 runs,
   hours each on one GPU.
@@ -188,7 +188,7 @@ def get_config(arg: str = "demo"):
         # Without rematerialisation d800m's step needs 82.8 GiB per chip on a v4-128 (the
         # saved attention probabilities alone are ~19 GiB): recompute the batched
         # (attention) dots in the backward pass. Every size inherits it (a base-config model
-        # field), so run names are unchanged. README: "Before you pay for a pod".
+        # field), so run names are unchanged. docs/launching.md: "Before you pay for a pod".
         c.model.remat_policy = "dots_no_batch"
         adamw(c, lr=1e-3, warmup=c.train.steps // 100, schedule="cosine", wd=0.1)
         c.train.optimizer.clip_norm = 1.0

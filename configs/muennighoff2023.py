@@ -75,7 +75,7 @@ def get_config(arg: str = "demo"):
         c.data.store = "data/stores/c4-t5spm"  # relative to the repo: a copy on every host
         c.data.length, c.train.batch_size = 2048, 256
         c.train.compute_dtype = "bfloat16"
-        # Fit on a v4-128 (README: "Before you pay for a pod"): d800m at 256 x 2048 needs
+        # Fit on a v4-128 (docs/launching.md: "Before you pay for a pod"): d800m at 256 x 2048 needs
         # 114.7 GiB per chip without rematerialisation; the evaluator's attention-weights
         # program (probes) at 8 rows needs 48.5 GiB per chip on a v4-8, 4 rows halve it.
         c.model.remat_policy = "dots_no_batch"

@@ -18,7 +18,7 @@ Scales (`:arg`):
   dropout (0.1 from step 400) at E = 256, UL2 at E = 1 and 256: 12 runs. Measured: 31.5
   min on 2 cores beside another campaign; test loss 2.494 (E = 1, mean of 2 seeds) ->
   2.897 (E = 256); dropout 0.1 removes 49% of that degradation, staged dropout 33%
-  (README: "Reproducing the papers on a CPU").
+  (docs/reproducing.md).
 - `small`: `t5_small`, 2^14 steps of 32 x 512 inputs (2^28 tokens) on C4; E in
   {1, 4, 16, 64} for MLM, UL2 and MoE at E in {1, 64}, regularisation at E = 64: 12 runs.
 - `paper`: `t5_base`/`t5_large`/`t5_xl`, 2^19 steps of 128 x 512 inputs (2^35 tokens),
@@ -185,7 +185,7 @@ def get_config(arg: str = "demo"):
         # FSDP over 8 devices: pure data parallelism puts T5-XL at 48.9 GiB per chip on a
         # v4-128 (15.1 GiB of replicated float32 parameters and optimizer state, 33.8 GiB
         # of temporaries); sharding them over fsdp=8 brings it to 13.7 GiB. Every run of
-        # the sweep shares the mesh (a base-config key: run names are unchanged). README:
+        # the sweep shares the mesh (a base-config key: run names are unchanged). docs/launching.md:
         # "Before you pay for a pod".
         c.mesh.ici.fsdp = 8
         c.train.checkpoint_every, c.train.keep, c.train.keep_period = 5000, 2, 20_000
