@@ -58,9 +58,12 @@ from repeat_scaling.data.vocab import VocabInfo
 
 #: The objectives of :class:`Objective` (denoising and language modelling of store chunks).
 CHUNK_OBJECTIVES = ("span_corruption", "ul2", "causal_lm", "prefix_lm")
-#: Every objective :func:`make_objective` builds: the chunk objectives, ``supervised``
-#: (:mod:`repeat_scaling.data.supervised`) and ``icl`` (:mod:`repeat_scaling.data.icl_tasks`).
-OBJECTIVES = (*CHUNK_OBJECTIVES, "supervised", "icl")
+#: The objectives whose factory reads the store's manifest (``store_manifest=``): the pairs
+#: layout of ``supervised`` (:mod:`repeat_scaling.data.supervised`) and the task of ``icl``
+#: (:mod:`repeat_scaling.data.icl_tasks`).
+MANIFEST_OBJECTIVES = ("supervised", "icl")
+#: Every objective :func:`make_objective` builds.
+OBJECTIVES = (*CHUNK_OBJECTIVES, *MANIFEST_OBJECTIVES)
 #: The model architectures a training run may pair with each objective.
 OBJECTIVE_ARCHS = {
     "span_corruption": ("encoder_decoder",),
