@@ -23,7 +23,6 @@ there a checkpoint counts once orbax has written its `commit_success.txt` marker
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 import sys
@@ -32,14 +31,9 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from repeat_scaling import workdir_io  # noqa: E402  (after the sys.path line)
+from repeat_scaling import run_files, workdir_io  # noqa: E402  (after the sys.path line)
 from repeat_scaling.train.metrics import format_duration as format_eta  # noqa: E402
 
-LAUNCH_FILE = "launch.json"
-METRICS_FILE = "train/metrics.jsonl"
-RESULTS_FILE = "eval/results.jsonl"
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
 TIME_KEYS = ("time", "timestamp", "wall_time")
 
 
@@ -88,36 +82,17 @@ class RunStatus:
 
 def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
     """The JSON objects of a JSONL file; a torn or corrupt line is skipped."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    records = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+    return run_files.read_jsonl(path)[0]
 
 
 def read_json(path: pathlib.Path) -> dict[str, Any]:
     """A JSON object file, or {} when missing or unreadable."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return run_files.read_json(path) or {}
 
 
 def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
     """Steps of committed orbax checkpoints (``train.checkpointing.committed_steps``)."""
-    if not (workdir / CHECKPOINT_DIR).is_dir():
+    if not (workdir / run_files.CHECKPOINTS).is_dir():
         return []  # no orbax/JAX import for runs without checkpoints
     from repeat_scaling.train import checkpointing
 
@@ -138,7 +113,7 @@ def pid_alive(pid: Any) -> bool:
 
 
 def _total_steps(workdir: pathlib.Path, launch: dict[str, Any]) -> int | None:
-    config = read_json(workdir / CONFIG_FILE)
+    config = read_json(workdir / run_files.CONFIG)
     steps = config.get("train", {}).get("steps") if isinstance(config.get("train"), dict) else None
     if steps is None:
         steps = launch.get("total_steps")
@@ -169,10 +144,10 @@ def _eta(metrics: list[dict[str, Any]], total: int | None) -> float | None:
 def run_status(workdir: str | os.PathLike, total_steps: int | None = None) -> RunStatus:
     """Reads one run's workdir. `total_steps` overrides what the files say."""
     workdir = workdir_io.workdir_path(workdir, what="workdir")
-    launch = read_json(workdir / LAUNCH_FILE)
+    launch = read_json(workdir / run_files.LAUNCH)
     total = total_steps if total_steps is not None else _total_steps(workdir, launch)
-    metrics = [m for m in read_jsonl(workdir / METRICS_FILE) if isinstance(m.get("step"), int)]
-    results = [r for r in read_jsonl(workdir / RESULTS_FILE) if isinstance(r.get("step"), int)]
+    metrics = [m for m in read_jsonl(workdir / run_files.METRICS) if isinstance(m.get("step"), int)]
+    results = [r for r in read_jsonl(workdir / run_files.RESULTS) if isinstance(r.get("step"), int)]
     status = RunStatus(name=workdir.name, state="pending", total_steps=total)
     status.checkpoint_steps = checkpoint_steps(workdir)
     if metrics:
@@ -210,7 +185,7 @@ def run_status(workdir: str | os.PathLike, total_steps: int | None = None) -> Ru
 def is_run_dir(path: pathlib.Path) -> bool:
     """A directory that looks like a run workdir."""
     return path.is_dir() and any(
-        (path / f).exists() for f in (LAUNCH_FILE, CONFIG_FILE, METRICS_FILE)
+        (path / f).exists() for f in (run_files.LAUNCH, run_files.CONFIG, run_files.METRICS)
     )
 
 

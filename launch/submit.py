@@ -42,8 +42,10 @@ from launch.backends.tpu import DEFAULT_SETUP as TPU_SETUP  # noqa: E402
 from repeat_scaling import (  # noqa: E402
     cli,  # noqa: E402
     config_files,
+    run_files,  # noqa: E402
     sweeps,
 )
+from repeat_scaling.errors import first_line  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "experiment config file, `configs/x.py:arg`", lock_config=False
@@ -210,13 +212,12 @@ def refuse_differing_records(runs: list[sweeps.Run]) -> None:
 
     for run in runs:
         try:
-            recorded = record.read_json(workdir_io.workdir_path(run.workdir) / record.CONFIG)
+            recorded = run_files.read_json(workdir_io.workdir_path(run.workdir) / run_files.CONFIG)
             if recorded is None or not checkpointing.committed_steps(run.workdir):
                 continue
         except Exception as e:  # a bucket or file system that cannot be read
             raise LaunchError(
-                f"run {run.name}: cannot read the record in {run.workdir}: "
-                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                f"run {run.name}: cannot read the record in {run.workdir}: {first_line(e)}"
             ) from None
         resolved = run.config.to_dict()
         resolved["model"] = config_lib.model_config(run.config).to_dict()

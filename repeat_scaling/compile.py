@@ -59,6 +59,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from repeat_scaling import config_files
+from repeat_scaling.data.objectives import MANIFEST_OBJECTIVES
+from repeat_scaling.errors import first_line
 
 GiB = 1024**3
 
@@ -282,8 +284,7 @@ def gpu_devices(topo: Topology, num_slices: int = 1) -> list:
         )
     except Exception as e:  # JaxRuntimeError from the plugin
         raise CompileCheckError(
-            f"cannot build the {topo.accelerator_type} target with the CUDA plugin: "
-            f"{_first_line(e)}"
+            f"cannot build the {topo.accelerator_type} target with the CUDA plugin: {first_line(e)}"
         ) from None
     return list(desc.devices)
 
@@ -321,14 +322,9 @@ def topology_devices(topo: Topology, num_slices: int = 1) -> list:
     except Exception as e:  # JaxRuntimeError / RuntimeError from the plugin
         raise CompileCheckError(
             f"cannot build the {topo.accelerator_type} topology ({topo.topology_name}) with "
-            f"libtpu: {_first_line(e)}"
+            f"libtpu: {first_line(e)}"
         ) from None
     return list(desc.devices)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 # ----------------------------------------------------------------------------------------
@@ -369,9 +365,9 @@ def _feature_spec(config: Any, model_cfg: Any) -> tuple[dict[str, int], Any]:
 
         store = TokenStore(store_dir)
         vocab = store.vocab
-        if config.data.objective in loop.MANIFEST_OBJECTIVES:
+        if config.data.objective in MANIFEST_OBJECTIVES:
             options["store_manifest"] = store.manifest
-    elif config.data.objective in loop.MANIFEST_OBJECTIVES:
+    elif config.data.objective in MANIFEST_OBJECTIVES:
         raise CompileCheckError(
             f"data.objective={config.data.objective!r} takes its shapes from the store's "
             f"manifest: prepare data.store={store_dir!r} on this machine first"
@@ -381,7 +377,7 @@ def _feature_spec(config: Any, model_cfg: Any) -> tuple[dict[str, int], Any]:
     try:
         objective = pipeline.make_objective(config.data.objective, vocab, model_cfg.arch, **options)
     except (ValueError, KeyError) as e:
-        raise CompileCheckError(_first_line(e)) from None
+        raise CompileCheckError(first_line(e)) from None
     return {k: int(v) for k, v in objective.feature_lengths.items()}, objective
 
 
@@ -424,7 +420,7 @@ def _compile(name: str, lower: Callable[[], Any], arguments: Any) -> Program:
     try:
         prog.compiled = lower().compile()
     except Exception as e:  # JaxRuntimeError (XlaRuntimeError) from the TPU compiler
-        msg = _first_line(e)
+        msg = first_line(e)
         if "RESOURCE_EXHAUSTED" not in msg and "Ran out of memory" not in msg:
             raise CompileCheckError(f"{name} does not compile: {msg}") from None
         prog.oom = msg

@@ -29,24 +29,22 @@ import pathlib
 import sys
 from typing import Any
 
+from repeat_scaling import run_files
+from repeat_scaling.errors import first_line
+
 FORMATS = ("hf", "t5x")
-RECORD = "export.json"
 
 
 class ExportError(ValueError):
     """Bad input to the export (one-line message)."""
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0]
-
-
 def run_config(workdir: Any) -> dict[str, Any]:
     """The run's ``config.json`` with its resume log applied (ExportError if absent)."""
     from repeat_scaling.train import record
 
-    path = workdir / record.CONFIG
-    config = record.read_json(path)
+    path = workdir / run_files.CONFIG
+    config = run_files.read_json(path)
     if config is None:
         raise ExportError(
             f"--workdir={workdir} is not a training workdir ({path} is missing or unreadable)"
@@ -67,7 +65,7 @@ def run_vocab(workdir: Any, config: dict[str, Any]):
         return TokenStore(str(path)).vocab
     except (StoreError, KeyError, ValueError, OSError) as e:
         raise ExportError(
-            f"--workdir={workdir}: store {path} is unreadable ({_first_line(e)})"
+            f"--workdir={workdir}: store {path} is unreadable ({first_line(e)})"
         ) from None
 
 
@@ -118,7 +116,7 @@ def export(workdir: str, out: str, fmt: str = "hf", step: int | None = None) -> 
         else:
             convert.export_t5x(model_cfg, model, out_dir, step)
     except (checkpointing.CheckpointError, convert.ConversionError) as e:
-        raise ExportError(_first_line(e)) from None
+        raise ExportError(first_line(e)) from None
     rec = {
         "format": fmt,
         "workdir": str(wd),
@@ -127,7 +125,7 @@ def export(workdir: str, out: str, fmt: str = "hf", step: int | None = None) -> 
         "embedding_rows": vocab.vocab_size if fmt == "hf" else model_cfg.vocab_size,
         "model": model_cfg.to_dict(),
     }
-    pathlib.Path(out_dir, RECORD).write_text(json.dumps(rec, indent=2) + "\n")
+    pathlib.Path(out_dir, run_files.EXPORT).write_text(json.dumps(rec, indent=2) + "\n")
     return rec
 
 
@@ -147,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rec = export(args.workdir, args.out, args.format, args.step)
     except ExportError as e:
-        print(f"error: {_first_line(e)}", file=sys.stderr, flush=True)
+        print(f"error: {first_line(e)}", file=sys.stderr, flush=True)
         return 1
     print(
         f"exported {args.workdir} step {rec['step']} as {rec['format']} to {args.out} "

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from repeat_scaling import config_files, workdir_io
+from repeat_scaling import config_files, run_files, workdir_io
 from repeat_scaling.train import checkpointing, loop, record
 from repeat_scaling.train import config as config_lib
 
@@ -137,12 +137,12 @@ def test_second_trainer_exits_at_once_naming_the_holder(store_dir, tmp_path):
     assert json.loads((wd / "config.json").read_text())["train"]["optimizer"][
         "learning_rate"
     ] == pytest.approx(3e-3)
-    assert not (wd / record.LOCK).exists()  # released on exit
+    assert not (wd / run_files.TRAIN_LOCK).exists()  # released on exit
 
 
 def test_stale_lock_is_taken_over_and_finished_run_reports_its_loss(store_dir, run_copy, caplog):
     wd, before = run_copy
-    lock = wd / record.LOCK
+    lock = wd / run_files.TRAIN_LOCK
     gone = f"{socket.gethostname()}:{dead_pid()}"
     lock.write_text(json.dumps({"owner": gone, "heartbeat": time.time(), "generation": 3}))
     summary = loop.train(tiny_config(store_dir), wd)
@@ -253,7 +253,7 @@ def test_resume_with_another_config_is_refused(store_dir, run_copy, overrides, n
     for n in named:
         assert n in msg, msg
     assert_kept(wd, before)
-    assert not (wd / record.RESUME_LOG).exists()
+    assert not (wd / run_files.RESUME_LOG).exists()
 
 
 def test_resumable_changes_are_logged_never_written_into_the_record(store_dir, run_copy):
@@ -311,7 +311,7 @@ def test_failed_start_leaves_no_record(store_dir, tmp_path):
     with pytest.raises(config_lib.ConfigError, match="eval_batches=1000000: held-out split"):
         loop.train(c, wd)
     assert not (wd / "config.json").exists() and not (wd / "data_plan.json").exists()
-    assert not (wd / record.LOCK).exists()
+    assert not (wd / run_files.TRAIN_LOCK).exists()
 
 
 # ----------------------------------------------------------------------------------
@@ -384,7 +384,7 @@ def test_flipped_params_bytes_resume_from_the_good_checkpoint_and_the_evaluator_
         ev.run_all()
     ev.writer.close()
     assert [r["step"] for r in results.read_results(results.results_path(wd))] == [4]
-    errors = (wd / "eval" / results.ERRORS_NAME).read_text().splitlines()
+    errors = (wd / run_files.EVAL_ERRORS).read_text().splitlines()
     assert [json.loads(e)["step"] for e in errors] == [8]
     # the trainer: falls back to step 4 and retrains 5..8 exactly
     summary = loop.train(tiny_config(store_dir), wd)
@@ -487,4 +487,4 @@ def test_disk_full_in_the_event_writer_stops_the_trainer(store_dir, tmp_path, mo
     assert "\n" not in str(e.value) and "No space left on device" in str(e.value)
     assert time.monotonic() - t0 < 120  # stopped, never hung
     assert checkpointing.committed_steps(wd) == [4]  # the committed checkpoint is kept
-    assert (wd / "config.json").is_file() and not (wd / record.LOCK).exists()
+    assert (wd / "config.json").is_file() and not (wd / run_files.TRAIN_LOCK).exists()

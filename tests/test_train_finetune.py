@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 from test_train_loop import tiny_config
 
-from repeat_scaling import sharding
+from repeat_scaling import run_files, sharding
 from repeat_scaling.train import checkpointing, init_from, loop, optimizers
 from repeat_scaling.train import config as config_lib
 from repeat_scaling.train import state as state_lib
@@ -221,7 +221,9 @@ def test_vocab_check_resolves_a_relative_store_in_the_source_workdir(
 
 def _record(workdir: pathlib.Path, path: str, step: int = 4) -> pathlib.Path:
     workdir.mkdir(parents=True)
-    (workdir / init_from.RECORD).write_text(json.dumps({"path": path, "kind": "run", "step": step}))
+    (workdir / run_files.INIT_FROM).write_text(
+        json.dumps({"path": path, "kind": "run", "step": step})
+    )
     return workdir
 
 

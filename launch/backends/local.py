@@ -37,6 +37,7 @@ from typing import Any, TextIO
 
 from launch import status as status_lib
 from launch.backends import Submission, eval_argv, shell_join, train_argv
+from repeat_scaling import run_files
 
 
 def run_is_done(st: status_lib.RunStatus, eval_mode: str) -> bool:
@@ -73,7 +74,7 @@ class _Job:
     def _write(self, **updates: Any) -> None:
         self.record.update(updates)
         self.record["updated"] = time.time()
-        path = self.workdir / status_lib.LAUNCH_FILE
+        path = self.workdir / run_files.LAUNCH
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.record, indent=1) + "\n", encoding="utf-8")
         os.replace(tmp, path)
@@ -119,7 +120,7 @@ class _Job:
                 if (
                     self.sub.eval_mode == "watch"
                     and self.eval_proc is None
-                    and (self.workdir / status_lib.CONFIG_FILE).is_file()
+                    and (self.workdir / run_files.CONFIG).is_file()
                 ):
                     self._start_eval(watch=True)
                 return False

@@ -67,7 +67,7 @@ from typing import TextIO
 
 from launch import status as status_lib
 from launch.backends import LaunchError, Submission, eval_argv, shell_join, train_argv
-from repeat_scaling import sweeps
+from repeat_scaling import run_files, sweeps
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 REMOTE_DIR = "~/repeat_scaling"
@@ -367,7 +367,7 @@ class TpuBackend:
     def is_done(self, run) -> bool:
         """Whether `run`'s final step is in its eval/results.jsonl (via gcloud storage)."""
         total = run.total_steps
-        path = f"{run.workdir}/eval/results.jsonl"
+        path = f"{run.workdir}/{run_files.RESULTS}"
         if total is None:
             return False
         if not run.workdir.startswith("gs://"):

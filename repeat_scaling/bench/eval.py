@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 
-from repeat_scaling import config_files
+from repeat_scaling import config_files, run_files
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -58,7 +58,7 @@ def bench_one(arg: str, out: pathlib.Path, steps: int, repeats: int) -> dict:
 
         shutil.rmtree(workdir)
     loop.train(config, workdir)
-    logs = [json.loads(x) for x in (workdir / "train" / "metrics.jsonl").read_text().splitlines()]
+    logs = [json.loads(x) for x in (workdir / run_files.METRICS).read_text().splitlines()]
     train_tps = [r["tokens_per_s"] for r in logs[1:] if r.get("tokens_per_s")]
 
     ev = evaluator.Evaluator(workdir, metrics.EvalSettings(), evaluator.eval_mesh(0))

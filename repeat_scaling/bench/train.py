@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 from repeat_scaling import config_files
+from repeat_scaling.errors import first_line
 
 DEFAULT_CONFIGS = ("configs/bench.py:t5_peer", "configs/bench.py:gpt_peer")
 
@@ -206,5 +207,5 @@ def main(argv: list[str]) -> None:
             try:
                 result = bench_one(spec, dtype, fv.steps, fv.warmup, fv.set)
             except ValueError as e:
-                sys.exit(f"error: {str(e).splitlines()[0]}")
+                sys.exit(f"error: {first_line(e)}")
             print(json.dumps(result), flush=True)

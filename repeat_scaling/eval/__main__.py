@@ -33,6 +33,7 @@ import sys
 from absl import app, flags, logging
 
 from repeat_scaling import cli, compilation_cache
+from repeat_scaling.errors import first_line
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training run directory to evaluate.")
@@ -146,7 +147,7 @@ def main(argv: list[str]) -> None:
         RepetitionPlanError,
         probes.ProbeError,
     ) as e:
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        _fail(first_line(e))
     logging.info("evaluated %d checkpoint(s)", len(records))
     done = sorted(ev.writer.done_steps)
     print(

@@ -59,12 +59,14 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from repeat_scaling import sharding, workdir_io
+from repeat_scaling import run_files, sharding, workdir_io
 from repeat_scaling.data import pipeline
+from repeat_scaling.data.objectives import MANIFEST_OBJECTIVES
 from repeat_scaling.data.store import TokenStore
+from repeat_scaling.errors import first_line
 from repeat_scaling.eval import downstream, metrics, probes
 from repeat_scaling.eval import tensorboard as eval_tensorboard
-from repeat_scaling.eval.results import ERRORS_NAME, ResultsWriter
+from repeat_scaling.eval.results import ResultsWriter
 from repeat_scaling.models.config import ModelConfig
 from repeat_scaling.train import checkpointing, record
 
@@ -110,7 +112,7 @@ class Run:
         from repeat_scaling.train import loop
 
         workdir = workdir_io.workdir_path(workdir)
-        path = workdir / "config.json"
+        path = workdir / run_files.CONFIG
         if not path.is_file():
             raise EvalError(f"{path} not found: --workdir={workdir} is not a training workdir")
         try:
@@ -125,7 +127,7 @@ class Run:
         store.verify()  # shard sizes, and sha256 once per host and shard modification
         cd = ml_collections.ConfigDict(config)
         options = loop.objective_options(cd, model_cfg.arch)
-        if data["objective"] in loop.MANIFEST_OBJECTIVES:  # as the trainer's build_data
+        if data["objective"] in MANIFEST_OBJECTIVES:  # as the trainer's build_data
             options["store_manifest"] = store.manifest
         objective = pipeline.make_objective(
             data["objective"], store.vocab, model_cfg.arch, **options
@@ -195,7 +197,7 @@ def wait_for_run(
 ) -> None:
     """Block until ``workdir/config.json`` exists (the trainer writes it once its data is
     ready); ``timeout_seconds`` > 0 bounds the wait (EvalError)."""
-    path = workdir_io.workdir_path(workdir) / "config.json"
+    path = workdir_io.workdir_path(workdir) / run_files.CONFIG
     start = time.monotonic()
     while not path.is_file():
         if timeout_seconds and time.monotonic() - start > timeout_seconds:
@@ -207,7 +209,7 @@ def wait_for_run(
 def recorded_settings(workdir: str | pathlib.Path) -> dict[str, Any]:
     """The ``eval`` block of the run's config.json (evaluator settings the experiment
     chose; ``--eval_config`` overrides them); {} when absent or unreadable."""
-    path = workdir_io.workdir_path(workdir) / "config.json"
+    path = workdir_io.workdir_path(workdir) / run_files.CONFIG
     try:
         block = json.loads(path.read_text()).get("eval")
     except (OSError, json.JSONDecodeError, AttributeError):
@@ -356,7 +358,7 @@ class Evaluator:
             if step not in committed_steps(self.run.workdir):
                 self.warn(f"checkpoint step {step} was deleted before evaluation; skipped")
                 return None
-            return self._failed(step, str(e).splitlines()[0])
+            return self._failed(step, first_line(e))
         d = self.data()
         run = self.run
         consumed = min(step * run.batch_size, run.plan.num_slots)
@@ -424,7 +426,7 @@ class Evaluator:
         self.writer.record_error(step, message)
         self.failed[int(step)] = message
         self.warn(
-            f"step {step} not evaluated: {message} (recorded in eval/{ERRORS_NAME}; "
+            f"step {step} not evaluated: {message} (recorded in {run_files.EVAL_ERRORS}; "
             "retried on the next pass)"
         )
         return None
@@ -487,7 +489,7 @@ class Evaluator:
                 first = min(self.failed)
                 raise EvalError(
                     f"{len(self.failed)} checkpoint(s) not evaluated ({len(written)} were): "
-                    f"step {first}: {self.failed[first]} (recorded in eval/{ERRORS_NAME}; "
+                    f"step {first}: {self.failed[first]} (recorded in {run_files.EVAL_ERRORS}; "
                     "rerun to retry)"
                 )
             if not watch or self.writer.done(self.run.final_step):

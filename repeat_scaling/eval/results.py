@@ -35,13 +35,10 @@ from typing import Any
 
 from absl import logging
 
-from repeat_scaling import workdir_io
+from repeat_scaling import run_files, workdir_io
 
-RESULTS_NAME = "results.jsonl"
 #: Steps that could not be evaluated (corrupt checkpoint, non-finite metrics): one line
 #: each, never counted as done, retried by the next pass.
-ERRORS_NAME = "errors.jsonl"
-LOCK_NAME = "results.lock"
 
 
 class ResultsLockedError(RuntimeError):
@@ -50,7 +47,7 @@ class ResultsLockedError(RuntimeError):
 
 def results_path(workdir: str | os.PathLike) -> workdir_io.WPath:
     """``workdir/eval/results.jsonl`` (local path, or an epath for a gs:// workdir)."""
-    return workdir_io.workdir_path(workdir) / "eval" / RESULTS_NAME
+    return workdir_io.workdir_path(workdir) / run_files.RESULTS
 
 
 def _jsonable(value: Any) -> Any:
@@ -109,9 +106,10 @@ class ResultsWriter:
     """
 
     def __init__(self, workdir: str | os.PathLike, warn: Callable[[str], None] | None = None):
-        self.path = results_path(workdir)
+        self.workdir = workdir_io.workdir_path(workdir)
+        self.path = self.workdir / run_files.RESULTS
         workdir_io.mkdirs(self.path.parent)
-        lock = workdir_io.workdir_lock(self.path.parent / LOCK_NAME)
+        lock = workdir_io.workdir_lock(self.workdir / run_files.EVAL_LOCK)
         try:
             lock.acquire()
         except workdir_io.LockError as e:
@@ -164,7 +162,7 @@ class ResultsWriter:
         import time
 
         line = {"step": int(step), "error": message, "time": time.time()}
-        workdir_io.append_line(self.path.parent / ERRORS_NAME, json.dumps(line))
+        workdir_io.append_line(self.workdir / run_files.EVAL_ERRORS, json.dumps(line))
 
     def append(self, record: dict[str, Any]) -> bool:
         """Write ``record`` as one line unless its step is done; returns True if written."""

@@ -22,10 +22,10 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from repeat_scaling import workdir_io
+from repeat_scaling import run_files, workdir_io
 
 #: Where the evaluator's event files go, under the run's workdir.
-SUBDIR = ("tensorboard", "eval")
+SUBDIR = (run_files.TENSORBOARD, "eval")
 #: Tag prefix of the evaluator's scalars (the trainer's are ``train/...``).
 TAG_PREFIX = "eval/"
 #: Numeric record fields that are not metrics.

@@ -25,6 +25,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from repeat_scaling import cli, compilation_cache
+from repeat_scaling.errors import first_line
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/x.py[:arg]).")
@@ -72,7 +73,7 @@ def main(argv: list[str]) -> None:
         checkpointing.CheckpointError,
         loop.NonFiniteLossError,
     ) as e:
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        _fail(first_line(e))
     except loop.Preempted as e:
         print(str(e), file=sys.stderr, flush=True)
         sys.exit(PREEMPTED_EXIT)

@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from repeat_scaling import workdir_io
+from repeat_scaling import run_files, workdir_io
+from repeat_scaling.errors import first_line
 from repeat_scaling.train import state as state_lib
 
 PARAMS = "params"
@@ -53,7 +54,7 @@ class CorruptCheckpointError(CheckpointError):
 #: Key of the per-array checksums in a checkpoint's orbax custom metadata.
 CHECKSUMS = "repeat_scaling_checksums"
 #: Where corrupt checkpoints are moved (kept, no longer listed as committed).
-CORRUPT_DIR = "checkpoints_corrupt"
+CORRUPT_DIR = run_files.CHECKPOINTS_CORRUPT
 
 _UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
@@ -129,7 +130,7 @@ def _one_line(e: BaseException) -> str:
 
 def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
     """``workdir/checkpoints`` (absolute local path, or an epath for a gs:// workdir)."""
-    return workdir_io.workdir_path(workdir) / "checkpoints"
+    return workdir_io.workdir_path(workdir) / run_files.CHECKPOINTS
 
 
 class Checkpointer:
@@ -313,7 +314,7 @@ def committed_steps(workdir: str | pathlib.Path) -> list[int]:
 def _read_model_config(workdir: pathlib.Path):
     from repeat_scaling.models.config import ModelConfig
 
-    path = workdir / "config.json"
+    path = workdir / run_files.CONFIG
     if not path.is_file():
         raise CheckpointError(f"{path} not found: is {workdir} a training workdir?")
     d = json.loads(path.read_text())
@@ -368,7 +369,7 @@ def restore_params(
                 step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(a_params)})
             )
         except (ValueError, KeyError) as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            msg = first_line(e)
             raise CheckpointError(
                 f"checkpoint {directory}/{step} does not match model {cfg.name!r}: {msg}"
             ) from None

@@ -38,7 +38,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from repeat_scaling import run_files
 from repeat_scaling.data import icl_regression as data
+from repeat_scaling.errors import first_line
 from repeat_scaling.models import linear_attention as lsa
 from repeat_scaling.train.checkpointing import Checkpointer
 
@@ -164,10 +166,10 @@ def run(config: Any, workdir: str | pathlib.Path, *, log=None) -> dict[str, Any]
     c = config
     d, n, seed = int(c.task.d), int(c.task.n), int(c.seed)
     workdir = pathlib.Path(workdir).absolute()
-    if (workdir / "checkpoints").is_dir() or (workdir / RESULT_FILE).exists():
+    if (workdir / run_files.CHECKPOINTS).is_dir() or (workdir / RESULT_FILE).exists():
         raise ConfigError(f"workdir {workdir} already holds a run; choose another --workdir")
     (workdir / "train").mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(c.to_dict(), indent=2, sort_keys=True))
+    (workdir / run_files.CONFIG).write_text(json.dumps(c.to_dict(), indent=2, sort_keys=True))
     mcfg = _model_cfg(c)
 
     t0 = time.time()
@@ -198,7 +200,7 @@ def run(config: Any, workdir: str | pathlib.Path, *, log=None) -> dict[str, Any]
     eval_loss = jax.jit(loss_fn)
     h_tokens, h_target = jnp.asarray(heldout.tokens), jnp.asarray(heldout.target)
     steps, bs = int(c.train.steps), int(c.train.batch_size)
-    metrics_path = workdir / "train" / "metrics.jsonl"
+    metrics_path = workdir / run_files.METRICS
     with open(metrics_path, "w") as f:
         for step in range(steps):
             b = data.train_batch(seed, step, bs, d, n)
@@ -249,7 +251,7 @@ def run(config: Any, workdir: str | pathlib.Path, *, log=None) -> dict[str, Any]
 def load_trained(workdir: str | pathlib.Path) -> tuple[lsa.LinearTransformer, float, int]:
     """``(model, eta, step)`` restored from the latest checkpoint of a finished run."""
     workdir = pathlib.Path(workdir).absolute()
-    c = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    c = ml_collections.ConfigDict(json.loads((workdir / run_files.CONFIG).read_text()))
     mcfg = _model_cfg(c)
     graphdef, a_params = nnx.split(
         nnx.eval_shape(lambda: lsa.LinearTransformer(mcfg, rngs=nnx.Rngs(0))), nnx.Param
@@ -296,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             run(flags_.config, flags_.workdir)
         except (ConfigError, ValueError, FloatingPointError) as e:
-            _fail(str(e).splitlines()[0])
+            _fail(first_line(e))
 
     try:
         argv = flags_(argv if argv is not None else sys.argv)

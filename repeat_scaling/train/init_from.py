@@ -55,13 +55,13 @@ import jax
 import numpy as np
 from flax import nnx
 
-from repeat_scaling import workdir_io
+from repeat_scaling import run_files, workdir_io
+from repeat_scaling.errors import first_line
 from repeat_scaling.models.config import ModelConfig
 from repeat_scaling.train import checkpointing
 from repeat_scaling.train import record as record_lib
 from repeat_scaling.train.config import ConfigError
 
-RECORD = "init_from.json"
 RUN = "run"
 HUGGINGFACE = "huggingface"
 
@@ -120,7 +120,7 @@ class InitSource:
         try:
             _, model = convert.load_hf_t5(self.path, **layout)
         except (convert.ConversionError, OSError) as e:
-            raise ConfigError(f"{self.describe()}: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"{self.describe()}: {first_line(e)}") from None
         flat = _flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
         def place(kp, a):
@@ -205,8 +205,8 @@ def normalize(init_from: str, init_step: int) -> tuple[Any, int]:
 def _split_step(path, init_step: int) -> tuple[Any, int]:
     if (
         path.name.isdigit()
-        and path.parent.name == "checkpoints"
-        and (path.parent.parent / "config.json").is_file()
+        and path.parent.name == run_files.CHECKPOINTS
+        and (path.parent.parent / run_files.CONFIG).is_file()
     ):
         step = int(path.name)
         if init_step not in (-1, step):
@@ -237,7 +237,7 @@ def resolve(
     what = f"init_from={path}"
     if not path.is_dir():
         raise ConfigError(f"{what} does not exist; expected a run workdir or a Hugging Face T5 dir")
-    cfg_path = path / "config.json"
+    cfg_path = path / run_files.CONFIG
     if not cfg_path.is_file():
         raise ConfigError(
             f"{what} has no config.json; expected a run workdir (config.json + checkpoints/) "
@@ -298,7 +298,9 @@ def source_store(workdir, store: Any) -> tuple[pathlib.Path | None, str]:
         return None, f"its data.store={store!r} is a URL (token stores are local)"
     found, tried = record_lib.find_store(workdir, store)
     if found is None:
-        return None, "its data.store is not readable here (tried " + ", ".join(map(str, tried)) + ")"
+        return None, "its data.store is not readable here (tried " + ", ".join(
+            map(str, tried)
+        ) + ")"
     return found, ""
 
 
@@ -339,7 +341,7 @@ def _resolve_hf(path, d, init_step, model_cfg) -> InitSource:
         layout = {f: getattr(model_cfg, f) for f in _LAYOUT_FIELDS}
         src = src.replace(**layout)
     except (convert.ConversionError, KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"{what}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{what}: {first_line(e)}") from None
     return InitSource(str(path), HUGGINGFACE, None, src, None)
 
 
@@ -350,13 +352,13 @@ def read_record(workdir: Any) -> dict[str, Any] | None:
     """The ``init_from.json`` of a workdir (local or gs://; None when it did not fine-tune)."""
     from repeat_scaling import workdir_io
 
-    text = workdir_io.read_text(workdir_io.workdir_path(workdir) / RECORD)
+    text = workdir_io.read_text(workdir_io.workdir_path(workdir) / run_files.INIT_FROM)
     if text is None:
         return None
     try:
         d = json.loads(text)
     except ValueError as e:
-        raise ConfigError(f"workdir {workdir}: {RECORD} is unreadable ({e})") from None
+        raise ConfigError(f"workdir {workdir}: {run_files.INIT_FROM} is unreadable ({e})") from None
     return d if isinstance(d, dict) else None
 
 

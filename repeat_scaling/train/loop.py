@@ -50,7 +50,9 @@ import jax
 import numpy as np
 from absl import logging
 
-from repeat_scaling import sharding, workdir_io
+from repeat_scaling import run_files, sharding, workdir_io
+from repeat_scaling.data.objectives import MANIFEST_OBJECTIVES
+from repeat_scaling.errors import first_line
 from repeat_scaling.train import checkpointing, distributed, metrics, optimizers
 from repeat_scaling.train import config as config_lib
 from repeat_scaling.train import init_from as init_from_lib
@@ -129,10 +131,6 @@ def open_store(data: Any):
     return store
 
 
-#: Objectives whose factory reads the store's manifest (pairs layout / ICL task).
-MANIFEST_OBJECTIVES = ("supervised", "icl")
-
-
 def objective_options(config: Any, arch: str) -> dict[str, Any]:
     """Keyword options for ``pipeline.make_objective`` from ``config.data``."""
     d = config.data
@@ -176,7 +174,7 @@ def build_data(config: Any, model_cfg: Any):
             int(config.seed),
         )
     except (ValueError, KeyError) as e:
-        raise config_lib.ConfigError(str(e).splitlines()[0]) from None
+        raise config_lib.ConfigError(first_line(e)) from None
     return store, objective, plan
 
 
@@ -206,21 +204,6 @@ def derived_facts(config: Any, model_cfg: Any, objective: Any) -> dict[str, Any]
         "num_processes": jax.process_count(),
         "device_kind": jax.devices()[0].device_kind,
     }
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
-
-def write_json(path: workdir_io.WPath, obj: Any) -> None:
-    """Atomic JSON write (local temp + rename; one object upload on gs://)."""
-    workdir_io.write_json_atomic(path, obj, default=_json_default)
 
 
 def resolved_config(config: Any, model_cfg: Any, derived: dict[str, Any]) -> dict[str, Any]:
@@ -327,7 +310,7 @@ def _take_lock(workdir: Any) -> workdir_io.WorkdirLock:
     """The trainer's lock on ``workdir`` (one trainer per workdir), taken before anything
     is written; a live holder is a one-line :class:`~repeat_scaling.workdir_io.LockError`."""
     workdir_io.mkdirs(workdir)
-    lock = workdir_io.workdir_lock(workdir / record_lib.LOCK)
+    lock = workdir_io.workdir_lock(workdir / run_files.TRAIN_LOCK)
     try:
         lock.acquire()
     except workdir_io.LockError as e:
@@ -341,7 +324,7 @@ def _take_lock(workdir: Any) -> workdir_io.WorkdirLock:
 
 def _last_logged(workdir: Any, step: int) -> dict[str, Any]:
     """The last record of ``train/metrics.jsonl`` at or before ``step`` ({} if none)."""
-    text = workdir_io.read_text(workdir / "train" / "metrics.jsonl", "") or ""
+    text = workdir_io.read_text(workdir / run_files.METRICS, "") or ""
     last: dict[str, Any] = {}
     for line in text.splitlines():
         try:
@@ -420,10 +403,10 @@ def _train_locked(
     ]
     resolved = resolved_config(config, model_cfg, derived)
     # The record: compared before anything is overwritten or restored.
-    recorded = record_lib.read_json(workdir / record_lib.CONFIG) if committed else None
+    recorded = run_files.read_json(workdir / run_files.CONFIG) if committed else None
     if committed and recorded is None:
         raise config_lib.ConfigError(
-            f"{workdir} has checkpoints {committed} but no readable {record_lib.CONFIG}; "
+            f"{workdir} has checkpoints {committed} but no readable {run_files.CONFIG}; "
             "it cannot be resumed safely"
         )
     changes = record_lib.check_resume(workdir, recorded, resolved) if recorded else []
@@ -456,16 +439,16 @@ def _train_locked(
     if primary:
         if recorded is None:  # a new run (or one that committed nothing): its record
             if source is not None:
-                write_json(workdir / init_from_lib.RECORD, init_record)
-                wrote.append(workdir / init_from_lib.RECORD)
-            write_json(workdir / record_lib.CONFIG, resolved)
-            wrote.append(workdir / record_lib.CONFIG)
+                run_files.write_json(workdir / run_files.INIT_FROM, init_record)
+                wrote.append(workdir / run_files.INIT_FROM)
+            run_files.write_json(workdir / run_files.CONFIG, resolved)
+            wrote.append(workdir / run_files.CONFIG)
             summary = dict(plan.summary())
             summary.setdefault("tokens_per_example", int(objective.tokens_per_example))
             summary.setdefault("raw_tokens_per_chunk", int(objective.raw_length))
             summary.setdefault("total_tokens", derived["total_tokens"])
-            write_json(workdir / record_lib.DATA_PLAN, summary)
-            wrote.append(workdir / record_lib.DATA_PLAN)
+            run_files.write_json(workdir / run_files.DATA_PLAN, summary)
+            wrote.append(workdir / run_files.DATA_PLAN)
         elif changes:
             record_lib.append_resume_log(workdir, start, changes)
     distributed.sync("workdir_written")

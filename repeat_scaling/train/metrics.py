@@ -34,7 +34,7 @@ import tempfile
 import time
 from typing import Any
 
-from repeat_scaling import workdir_io
+from repeat_scaling import run_files, workdir_io
 
 FIELDS = (
     "step",
@@ -174,19 +174,19 @@ class MetricsWriter:
         self.is_primary = is_primary
         self.total_steps = total_steps
         self.start_step = start_step
-        self.path = self.workdir / "train" / "metrics.jsonl"
+        self.path = self.workdir / run_files.METRICS
         self._tb = None
         self._file = None
         self._failed = False
         if is_primary:
             workdir_io.mkdirs(self.path.parent)
             truncate_jsonl(self.path, start_step)
-            truncate_jsonl(self.workdir / "train" / "eval.jsonl", start_step)
+            truncate_jsonl(self.workdir / run_files.TRAIN_EVAL, start_step)
             self._file = workdir_io.JsonlAppender(self.path, flush_seconds=flush_seconds)
             if isinstance(self.workdir, pathlib.Path):
-                self._tb = EventWriter(self.workdir / "tensorboard")
+                self._tb = EventWriter(self.workdir / run_files.TENSORBOARD)
             else:
-                self._tb = SyncedSummaryWriter(self.workdir / "tensorboard", flush_seconds)
+                self._tb = SyncedSummaryWriter(self.workdir / run_files.TENSORBOARD, flush_seconds)
         use_bar = {"on": True, "off": False}.get(progress_bar, sys.stderr.isatty())
         self._bar = None
         if use_bar and is_primary:
@@ -251,7 +251,7 @@ class MetricsWriter:
             for k, v in values.items():
                 self._tb.add_scalar(f"eval/{k}", v, step)
         if self.is_primary:
-            path = self.workdir / "train" / "eval.jsonl"
+            path = self.workdir / run_files.TRAIN_EVAL
             workdir_io.append_line(path, json.dumps({"step": step, **values}))
 
     def flush(self) -> None:

@@ -28,13 +28,7 @@ import pathlib
 import time
 from typing import Any
 
-from repeat_scaling import workdir_io
-
-CONFIG = "config.json"
-DATA_PLAN = "data_plan.json"
-RESUME_LOG = "resume_log.jsonl"
-#: The trainer's :class:`~repeat_scaling.workdir_io.WorkdirLock` (one trainer per workdir).
-LOCK = "train.lock"
+from repeat_scaling import run_files, workdir_io
 
 #: Keys that may differ on resume: how long, how often to save/log/evaluate, where the
 #: same data lives, the mesh (parameters are restored onto any mesh), and display.
@@ -80,9 +74,7 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def _normal(obj: Any) -> Any:
     """``obj`` as JSON would give it back (tuples -> lists, numpy -> Python)."""
-    from repeat_scaling.train.loop import _json_default
-
-    return json.loads(json.dumps(obj, sort_keys=True, default=_json_default))
+    return json.loads(json.dumps(obj, sort_keys=True, default=run_files.json_default))
 
 
 def is_resumable(key: str) -> bool:
@@ -141,17 +133,6 @@ def check_resume(
     return diffs
 
 
-def read_json(path: Any) -> dict[str, Any] | None:
-    text = workdir_io.read_text(path)
-    if text is None:
-        return None
-    try:
-        d = json.loads(text)
-    except ValueError:
-        return None
-    return d if isinstance(d, dict) else None
-
-
 def append_resume_log(workdir: Any, step: int, changes: list[tuple[str, Any, Any]]) -> None:
     """One line ``{"step", "time", "changes": {key: [recorded, now]}}``."""
     line = {
@@ -159,12 +140,14 @@ def append_resume_log(workdir: Any, step: int, changes: list[tuple[str, Any, Any
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "changes": {k: [a, b] for k, a, b in changes},
     }
-    workdir_io.append_line(workdir / RESUME_LOG, json.dumps(_normal(line), sort_keys=True))
+    workdir_io.append_line(
+        workdir / run_files.RESUME_LOG, json.dumps(_normal(line), sort_keys=True)
+    )
 
 
 def read_resume_log(workdir: Any) -> list[dict[str, Any]]:
     """The resume log's entries (unreadable lines skipped; [] when there is none)."""
-    text = workdir_io.read_text(workdir_io.workdir_path(workdir) / RESUME_LOG, "") or ""
+    text = workdir_io.read_text(workdir_io.workdir_path(workdir) / run_files.RESUME_LOG, "") or ""
     out = []
     for line in text.splitlines():
         try:
