@@ -31,7 +31,7 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from repeat_scaling import workdir_io
+from repeat_scaling import run_files, workdir_io
 from repeat_scaling.data import repetition
 from repeat_scaling.train import record
 
@@ -462,7 +462,7 @@ class Run:
 
 def _read_init_from(path: str, config: dict, problems: list[str]) -> dict | None:
     """A fine-tuned run's init_from.json, else config.json derived.init_from, else None."""
-    file = os.path.join(path, "init_from.json")
+    file = os.path.join(path, run_files.INIT_FROM)
     if workdir_io.exists(file):
         return _read_json(file, problems)
     derived = config.get("derived")
@@ -478,20 +478,20 @@ def load_run(path: str, param_key: str = "non_embedding") -> Run:
     if not workdir_io.isdir(path):  # local or gs:// (repeat_scaling.workdir_io)
         run.problems.append(f"{path}: run directory missing")
         return run
-    run.config = _read_json(os.path.join(path, "config.json"), run.problems)
+    run.config = _read_json(os.path.join(path, run_files.CONFIG), run.problems)
     if run.config is None:
         return run
     run.resume_log = record.read_resume_log(path)
     run.config = record.effective_config(run.config, run.resume_log)
     plan_problems: list[str] = []
-    run.data_plan = _read_json(os.path.join(path, "data_plan.json"), plan_problems)
+    run.data_plan = _read_json(os.path.join(path, run_files.DATA_PLAN), plan_problems)
     run.problems.extend(plan_problems)
     run.init_from = _read_init_from(path, run.config, run.problems)
-    results_path = os.path.join(path, "eval", "results.jsonl")
+    results_path = os.path.join(path, run_files.RESULTS)
     if not workdir_io.exists(results_path):
         run.problems.append(f"{results_path}: file missing (not evaluated yet)")
     run.results = read_jsonl(results_path, run.problems)
-    run.metrics = read_jsonl(os.path.join(path, "train", "metrics.jsonl"), run.problems)
+    run.metrics = read_jsonl(os.path.join(path, run_files.METRICS), run.problems)
     if run.params is None:
         run.problems.append(f"{path}/config.json: no derived.params count; fits skip this run")
     if run.steps is None:
