@@ -298,6 +298,44 @@ def prepare_store(
     return store
 
 
+def ensure_store(data: Any, *, build: bool = True) -> bool:
+    """Make the ``data`` config's ``data.store`` a prepared token store: when it has no
+    manifest.json, prepare it from ``data.source`` / ``data.vocab`` (``data.prepare_options``:
+    extra :func:`prepare_store` keyword arguments).
+
+    Returns whether the store was missing. ``build=False`` only checks that a missing
+    store can be prepared (the processes of a multi-host trainer but one).
+
+    Raises:
+      RunDataError (``repeat_scaling.data.run_data``, one line): a missing store with no
+        ``data.source``, no ``data.vocab``, or a SentencePiece file that does not exist.
+      WorkdirError: ``data.store`` is a URL.
+    """
+    from repeat_scaling.data.run_data import RunDataError, store_path
+
+    path = store_path(data)
+    if (path / "manifest.json").is_file():
+        return False
+    if not data.source:
+        raise RunDataError(
+            f"data.store={str(path)!r} is not a prepared token store (no manifest.json) "
+            "and no data.source is given to prepare it"
+        )
+    if not data.vocab:
+        raise RunDataError(f"data.source={data.source!r} needs data.vocab to prepare")
+    vocab_file = os.path.expanduser(str(data.vocab))
+    if vocab_file.endswith(".model") and not os.path.isfile(vocab_file):
+        # before any work: a missing vocabulary file is one line, not a traceback
+        raise RunDataError(
+            f"data.store={str(path)!r} is not prepared and cannot be built here: "
+            f"data.vocab={data.vocab!r} does not exist (copy the prepared store to this "
+            "path, or set data.vocab to the vocabulary file)"
+        )
+    if build:
+        prepare_store(data.source, data.vocab, str(path), **dict(data.prepare_options))
+    return True
+
+
 def _prepare_split(source, split, writer, encode_map, seed, chunk_docs, progress, vocab):
     from tqdm import tqdm
 

@@ -140,33 +140,27 @@ class Batcher:
         return {k: np.stack([b[k] for b in per_step]) for k in per_step[0]}
 
     def repeated_examples(self, start: int, stop: int) -> np.ndarray:
-        """Examples from repeated chunks in the GLOBAL batch of each step in ``[start, stop)``.
-
-        Computed from the plan in blocks of ~1M slots (memory stays bounded on resume).
-        """
+        """Examples from repeated chunks in the GLOBAL batch of each step in ``[start, stop)``
+        (:meth:`RepetitionPlan.repeated_per_step`)."""
         if stop > start:
             self._check_step(start)
             self._check_step(stop - 1)
-        B = self.global_batch_size
-        block = max(1, 2**20 // B)
-        counts = [np.zeros(0, np.int64)]
-        for a in range(start, stop, block):
-            b = min(a + block, stop)
-            _, is_rep, _ = self.plan.chunks(np.arange(a * B, b * B, dtype=np.int64))
-            counts.append(np.count_nonzero(is_rep.reshape(b - a, B), axis=1))
-        return np.concatenate(counts)
+        return self.plan.repeated_per_step(start, stop, self.global_batch_size)
 
     def accounting(self, step: int) -> dict[str, int]:
-        """Store tokens from repeated vs unique chunks in the GLOBAL batch of ``step``."""
+        """Store tokens from repeated vs unique chunks in the GLOBAL batch of ``step``
+        (:meth:`RepetitionPlan.tokens_seen`; the plan's ``chunk_length`` is the objective's
+        ``raw_length``, as ``pipeline.build_plan`` makes it)."""
         step = self._check_step(step)
-        B, L = self.global_batch_size, self.objective.raw_length
+        B = self.global_batch_size
         rep = int(self.repeated_examples(step, step + 1)[0])
+        seen = self.plan.tokens_seen(B, rep)
         return {
             "step": step,
             "repeated_examples": rep,
             "unique_examples": B - rep,
-            "repeated_tokens": rep * L,
-            "unique_tokens": (B - rep) * L,
+            "repeated_tokens": seen["repeated_tokens_seen"],
+            "unique_tokens": seen["unique_tokens_seen"],
         }
 
     def iter_from(self, step: int = 0) -> Iterator[dict[str, np.ndarray]]:

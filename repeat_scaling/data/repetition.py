@@ -77,6 +77,26 @@ def effective_epochs(repeated_fraction: Any, repeated_epochs: Any) -> Any:
     return 1.0 if repeated_fraction == 0 else repeated_epochs
 
 
+def distinct_share(
+    repeated_fraction: float,
+    repeated_epochs: float,
+    unique_tokens: float | None = None,
+    subset_tokens: float | None = None,
+    total_tokens: float | None = None,
+) -> float:
+    """The share of the training tokens that are distinct (each chunk counted once).
+
+    From a plan's exact accounting (:meth:`RepetitionPlan.summary`: ``unique_tokens``,
+    ``subset_tokens``, ``total_tokens``, store tokens) when given: ``(unique + subset) /
+    total``, at most 1; else from ``f`` and ``E``: ``(1 - f) + f / E`` (``E`` read as at
+    least 1).
+    """
+    if unique_tokens is not None and subset_tokens is not None and total_tokens:
+        return min((unique_tokens + subset_tokens) / total_tokens, 1.0)
+    f, e = repeated_fraction, repeated_epochs
+    return (1.0 - f) + f / max(e, 1.0)
+
+
 def _as_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer | float):
         raise RepetitionPlanError(f"{name}={value!r} must be an integer >= {minimum}")
@@ -299,6 +319,38 @@ class RepetitionPlan:
         return np.sort(self._chunk_of(np.concatenate(js)))
 
     # ----------------------------------------------------------------- accounting
+    def repeated_per_step(self, start: int, stop: int, batch_size: int) -> np.ndarray:
+        """Repeated slots in each step of ``[start, stop)``, step ``s`` = the global batch
+        of slots ``[s*batch_size, (s+1)*batch_size)`` (int64 array of ``stop - start``).
+
+        Computed in blocks of ~1M slots (memory stays bounded on resume).
+        """
+        B = batch_size
+        block = max(1, 2**20 // B)
+        counts = [np.zeros(0, np.int64)]
+        for a in range(start, stop, block):
+            b = min(a + block, stop)
+            _, is_rep, _ = self.chunks(np.arange(a * B, b * B, dtype=np.int64))
+            counts.append(np.count_nonzero(is_rep.reshape(b - a, B), axis=1))
+        return np.concatenate(counts)
+
+    def tokens_seen(self, num_slots: int, repeated_slots: int | None = None) -> dict[str, int]:
+        """STORE tokens (``chunk_length`` per slot) of the unique and the repeated pool in
+        ``num_slots`` slots: ``{"unique_tokens_seen", "repeated_tokens_seen"}``.
+
+        ``repeated_slots``: how many of the slots hold a repeated chunk, when the caller
+        has counted them (:meth:`repeated_per_step`); by default the slots are the first
+        ``num_slots <= self.num_slots`` of the plan and the count comes from
+        :meth:`unique_seen_chunks`.
+        """
+        if repeated_slots is None:
+            repeated_slots = num_slots - int(self.unique_seen_chunks(num_slots).size)
+        L = self.chunk_length
+        return {
+            "unique_tokens_seen": (num_slots - repeated_slots) * L,
+            "repeated_tokens_seen": repeated_slots * L,
+        }
+
     @property
     def realised_fraction(self) -> float:
         return self.num_repeated * self.epochs / self.num_slots

@@ -248,7 +248,8 @@ class Run:
 
     @property
     def total_tokens(self) -> float | None:
-        """Training token budget T (tokens)."""
+        """Training token budget T: ``derived.total_tokens`` (model tokens), else, for a
+        run without it, ``data_plan.json``'s ``total_tokens`` (store tokens)."""
         value = _finite(self._section("derived").get("total_tokens"))
         if value is None and self.data_plan:
             value = _finite(self.data_plan.get("total_tokens"))
@@ -285,19 +286,20 @@ class Run:
     def unique_tokens(self) -> float | None:
         """U_D: distinct training tokens, in the same units as ``total_tokens``.
 
-        From the plan's exact accounting when present (unique pool + repeated subset over
-        all planned store tokens, scaled to model tokens), else (1-f)*T + f*T/E.
+        T x ``repetition.distinct_share``: the plan's exact accounting when present
+        (unique pool + repeated subset over all planned store tokens, scaled to model
+        tokens), else (1-f)*T + f*T/E.
         """
         total = self.total_tokens
         if total is None:
             return None
         plan = self.data_plan or {}
-        unique, subset = _finite(plan.get("unique_tokens")), _finite(plan.get("subset_tokens"))
-        planned = _finite(plan.get("total_tokens"))
-        if unique is not None and subset is not None and planned:
-            return total * min((unique + subset) / planned, 1.0)
-        f, e = self.realised_fraction, self.repeated_epochs
-        return total * ((1.0 - f) + f / max(e, 1.0))
+        share = repetition.distinct_share(
+            self.realised_fraction,
+            self.repeated_epochs,
+            *(_finite(plan.get(k)) for k in ("unique_tokens", "subset_tokens", "total_tokens")),
+        )
+        return total * share
 
     @property
     def regularisation(self) -> str:

@@ -1,0 +1,141 @@
+"""The data facts of one run, built by one function: its token store, objective and plan.
+
+:func:`build` is what the trainer (its validated config), the evaluator (the run's
+recorded ``config.json`` as an ``ml_collections.ConfigDict``) and, for the objective
+alone, the compile check (:func:`make_objective`, no store needed) call. Nothing here
+prepares a store: preparing a missing ``data.store`` from ``data.source`` is
+:func:`repeat_scaling.prepare.ensure_store`, an explicit step of the trainer's setup that
+the evaluator never takes.
+
+Token units in a run's records:
+
+- *model tokens*: positions the model processes per example,
+  ``objective.tokens_per_example`` (row lengths summed over the model's sequences:
+  encoder + decoder for encoder-decoder objectives);
+  :func:`tokens_per_step` is that x the global batch. ``derived.tokens_per_step``,
+  ``derived.total_tokens`` and ``tokens_seen`` count these.
+- *store tokens*: tokens of the token store an example is cut from,
+  ``objective.raw_length`` (= ``plan.chunk_length``). ``data_plan.json`` and
+  ``unique_tokens_seen`` / ``repeated_tokens_seen``
+  (:meth:`~repeat_scaling.data.repetition.RepetitionPlan.tokens_seen`) count these.
+
+The two differ whenever an objective does not feed the model the chunk as it is (span
+corruption, prefix LM, encoder-decoder objectives).
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any, NamedTuple
+
+from repeat_scaling import workdir_io
+from repeat_scaling.data import pipeline
+from repeat_scaling.data.objectives import MANIFEST_OBJECTIVES, Objective
+from repeat_scaling.data.repetition import RepetitionPlan
+from repeat_scaling.data.store import TokenStore
+
+
+class RunDataError(ValueError):
+    """A run's data settings that cannot be used (one line; the trainer reports it as a
+    ``ConfigError``)."""
+
+
+class RunData(NamedTuple):
+    """The data of a run: ``store, objective, plan = build(...)``."""
+
+    store: TokenStore
+    objective: Objective
+    plan: RepetitionPlan
+
+
+def store_path(data: Any) -> pathlib.Path:
+    """``data.store`` as a local path (a URL is a one-line ``WorkdirError``: stores are
+    memory-mapped)."""
+    return workdir_io.require_local(data.store, "data.store")
+
+
+def open_store(path: str | pathlib.Path) -> TokenStore:
+    """The prepared token store at ``path``, its shards verified against the manifest
+    (sizes, and sha256 once per host and shard modification)."""
+    store = TokenStore(str(path))
+    store.verify()
+    return store
+
+
+def objective_options(data: Any, arch: str) -> dict[str, Any]:
+    """Keyword options of ``pipeline.make_objective`` from the ``data`` config."""
+    opts: dict[str, Any] = {"pack": bool(data.pack)}
+    if arch == "encoder_decoder":
+        opts["inputs_length"] = int(data.inputs_length)
+        if data.targets_length:
+            opts["targets_length"] = int(data.targets_length)
+    else:
+        opts["length"] = int(data.length)
+    if data.objective in ("span_corruption",):
+        opts["noise_density"] = float(data.noise_density)
+        opts["mean_noise_span_length"] = float(data.mean_noise_span_length)
+    opts.update(dict(data.objective_options))
+    return opts
+
+
+def make_objective(
+    data: Any, vocab: Any, arch: str, manifest: dict[str, Any] | None = None
+) -> Objective:
+    """``data.objective`` with its options; the objectives of ``MANIFEST_OBJECTIVES``
+    read the store's ``manifest``. ValueError/KeyError (one line) for bad options."""
+    options = objective_options(data, arch)
+    if data.objective in MANIFEST_OBJECTIVES and manifest is not None:
+        options["store_manifest"] = manifest
+    return pipeline.make_objective(data.objective, vocab, arch, **options)
+
+
+def make_plan(
+    config: Any, split: Any, objective: Objective, steps: int | None = None
+) -> RepetitionPlan:
+    """The repetition plan of ``config`` over ``split``: ``train.steps`` (or ``steps``)
+    global batches of ``train.batch_size``, ``data.repeated_fraction`` /
+    ``data.repeated_epochs``, seeded by ``seed``."""
+    d = config.data
+    return pipeline.build_plan(
+        split,
+        objective,
+        int(config.train.steps if steps is None else steps),
+        int(config.train.batch_size),
+        float(d.repeated_fraction),
+        int(d.repeated_epochs),
+        int(config.seed),
+    )
+
+
+def build(config: Any, model_cfg: Any, store: TokenStore) -> RunData:
+    """The run's data over an opened ``store``: the store's vocabulary checked against
+    ``model_cfg.vocab_size``, the objective (for ``model_cfg.arch``) and the plan.
+
+    Raises RunDataError for a vocabulary the model does not cover; ValueError/KeyError
+    subclasses of the objective and the plan (a corpus too small, ...) pass through.
+    """
+    vocab = store.vocab
+    if vocab.vocab_size > model_cfg.vocab_size:
+        raise RunDataError(
+            f"model.vocab_size={model_cfg.vocab_size} is smaller than the store's vocabulary "
+            f"({vocab.vocab_size} ids in {config.data.store})"
+        )
+    objective = make_objective(config.data, vocab, model_cfg.arch, store.manifest)
+    plan = make_plan(config, store.split("train"), objective)
+    return RunData(store, objective, plan)
+
+
+def lengths_of(objective: Objective, arch: str) -> dict[str, int]:
+    """Sequence lengths by stack (``encoder``, ``decoder``) for ``models.sizes``."""
+    fl = objective.feature_lengths
+    if arch == "encoder_decoder":
+        return {
+            "encoder": int(fl["encoder_input_tokens"]),
+            "decoder": int(fl["decoder_target_tokens"]),
+        }
+    return {"decoder": int(fl["decoder_target_tokens"])}
+
+
+def tokens_per_step(objective: Objective, batch_size: int) -> int:
+    """Model tokens of one global batch: ``tokens_per_example`` x ``batch_size``."""
+    return int(objective.tokens_per_example) * int(batch_size)
