@@ -352,21 +352,17 @@ def _feature_spec(config: Any, model_cfg: Any) -> tuple[dict[str, int], Any]:
     the data options). `supervised`/`icl` objectives read the store's manifest: they need
     the store.
     """
-    from repeat_scaling.data import pipeline
+    from repeat_scaling.data import run_data
     from repeat_scaling.data import vocab as vocab_lib
-    from repeat_scaling.train import loop
 
-    options = loop.objective_options(config, model_cfg.arch)
     store_dir = str(config.data.store)
-    vocab = None
+    vocab = manifest = None
     manifest_path = os.path.join(store_dir, "manifest.json") if "://" not in store_dir else ""
     if manifest_path and os.path.isfile(manifest_path):
         from repeat_scaling.data.store import TokenStore
 
         store = TokenStore(store_dir)
-        vocab = store.vocab
-        if config.data.objective in MANIFEST_OBJECTIVES:
-            options["store_manifest"] = store.manifest
+        vocab, manifest = store.vocab, store.manifest
     elif config.data.objective in MANIFEST_OBJECTIVES:
         raise CompileCheckError(
             f"data.objective={config.data.objective!r} takes its shapes from the store's "
@@ -375,7 +371,7 @@ def _feature_spec(config: Any, model_cfg: Any) -> tuple[dict[str, int], Any]:
     if vocab is None:
         vocab = vocab_lib.VocabInfo("tokens", None, None, int(model_cfg.vocab_size))
     try:
-        objective = pipeline.make_objective(config.data.objective, vocab, model_cfg.arch, **options)
+        objective = run_data.make_objective(config.data, vocab, model_cfg.arch, manifest)
     except (ValueError, KeyError) as e:
         raise CompileCheckError(first_line(e)) from None
     return {k: int(v) for k, v in objective.feature_lengths.items()}, objective
@@ -451,9 +447,10 @@ def train_setup(config: Any, devices: Sequence[Any], hosts: int = 1) -> TrainSet
     import jax
 
     from repeat_scaling import sharding
+    from repeat_scaling.data import run_data
     from repeat_scaling.models import sizes
     from repeat_scaling.train import config as config_lib
-    from repeat_scaling.train import loop, optimizers
+    from repeat_scaling.train import optimizers
     from repeat_scaling.train import state as state_lib
     from repeat_scaling.train import step as step_lib
 
@@ -464,8 +461,8 @@ def train_setup(config: Any, devices: Sequence[Any], hosts: int = 1) -> TrainSet
         raise CompileCheckError(str(e)) from None
     lengths_by_feature, objective = _feature_spec(config, model_cfg)
     tc = config.train
-    lengths = loop.lengths_of(objective, model_cfg.arch)
-    tokens_per_step = int(objective.tokens_per_example) * int(tc.batch_size)
+    lengths = run_data.lengths_of(objective, model_cfg.arch)
+    tokens_per_step = run_data.tokens_per_step(objective, tc.batch_size)
     flops_per_token = sizes.flops_per_token(model_cfg, lengths)["train"]
     n = config_lib.steps_per_call(config, tokens_per_step * flops_per_token)
 

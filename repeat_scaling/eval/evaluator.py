@@ -13,12 +13,14 @@ run was trained on.
 
 Token accounting per record (units):
 
-- ``tokens_seen``: processed tokens (``derived.tokens_per_step`` x step, the trainer's
+- ``tokens_seen``: MODEL tokens (``derived.tokens_per_step`` x step, the trainer's
   unit: encoder + decoder tokens for T5).
 - ``unique_tokens_seen`` / ``repeated_tokens_seen``: STORE tokens (chunks of
   ``objective.raw_length``) of the unique / repeated pool consumed by the first
-  ``step * batch_size`` slots, from the repetition plan (the sum of the trainer's
-  ``Batcher.accounting``).
+  ``step * batch_size`` slots (``RepetitionPlan.tokens_seen``, as the trainer logs them).
+
+The run's store, objective and plan come from ``data.run_data.build`` with the recorded
+config (the trainer's own builder); the evaluator never prepares a store.
 
 Stores with a task (the store manifest says which):
 
@@ -60,8 +62,7 @@ import numpy as np
 from absl import logging
 
 from repeat_scaling import run_files, sharding, workdir_io
-from repeat_scaling.data import pipeline
-from repeat_scaling.data.objectives import MANIFEST_OBJECTIVES
+from repeat_scaling.data import pipeline, run_data
 from repeat_scaling.data.store import TokenStore
 from repeat_scaling.errors import first_line
 from repeat_scaling.eval import downstream, metrics, probes
@@ -109,8 +110,6 @@ class Run:
 
     @classmethod
     def load(cls, workdir: str | pathlib.Path) -> Run:
-        from repeat_scaling.train import loop
-
         workdir = workdir_io.workdir_path(workdir)
         path = workdir / run_files.CONFIG
         if not path.is_file():
@@ -120,39 +119,24 @@ class Run:
                 json.loads(path.read_text()), record.read_resume_log(workdir)
             )
             model_cfg = ModelConfig.from_dict(config["model"])
-            data, train = config["data"], config["train"]
+            store_name, train = str(config["data"]["store"]), config["train"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise EvalError(f"{path} is not a resolved training config ({e})") from None
-        store = TokenStore(str(_store_path(str(data["store"]), workdir, path)))
-        store.verify()  # shard sizes, and sha256 once per host and shard modification
-        cd = ml_collections.ConfigDict(config)
-        options = loop.objective_options(cd, model_cfg.arch)
-        if data["objective"] in MANIFEST_OBJECTIVES:  # as the trainer's build_data
-            options["store_manifest"] = store.manifest
-        objective = pipeline.make_objective(
-            data["objective"], store.vocab, model_cfg.arch, **options
-        )
-        plan = pipeline.build_plan(
-            store.split("train"),
-            objective,
-            int(train["steps"]),
-            int(train["batch_size"]),
-            float(data["repeated_fraction"]),
-            int(data["repeated_epochs"]),
-            int(config["seed"]),
-        )
+        store = run_data.open_store(_store_path(store_name, workdir, path))
+        data = run_data.build(ml_collections.ConfigDict(config), model_cfg, store)
         derived = config.get("derived", {})
         tps = int(
-            derived.get("tokens_per_step") or objective.tokens_per_example * train["batch_size"]
+            derived.get("tokens_per_step")
+            or run_data.tokens_per_step(data.objective, train["batch_size"])
         )
         return cls(
             workdir=workdir,
             config=config,
             model_cfg=model_cfg,
             store=store,
-            objective=objective,
-            plan=plan,
-            lengths=metrics.Lengths.of(model_cfg, objective.feature_lengths),
+            objective=data.objective,
+            plan=data.plan,
+            lengths=metrics.Lengths.of(model_cfg, data.objective.feature_lengths),
             final_step=int(train["steps"]),
             batch_size=int(train["batch_size"]),
             tokens_per_step=tps,
@@ -161,13 +145,7 @@ class Run:
     def accounting(self, step: int) -> dict[str, int]:
         """Tokens seen after ``step`` updates (units in the module docstring)."""
         slots = min(step * self.batch_size, self.plan.num_slots)
-        unique = int(self.plan.unique_seen_chunks(slots).size)
-        raw = int(self.objective.raw_length)
-        return {
-            "tokens_seen": int(step) * self.tokens_per_step,
-            "unique_tokens_seen": unique * raw,
-            "repeated_tokens_seen": (slots - unique) * raw,
-        }
+        return {"tokens_seen": int(step) * self.tokens_per_step, **self.plan.tokens_seen(slots)}
 
 
 def _store_path(store: str, workdir: Any, config_path: Any) -> pathlib.Path:
