@@ -298,7 +298,7 @@ def test_more_steps_that_change_the_past_are_refused(store_dir, trained):
         old = tiny_config(store_dir, **overrides)
         new = tiny_config(store_dir, **{**overrides, "train.steps": 40})
         model_cfg = config_lib.validate(old)
-        store, objective, plan = loop.build_data(new, model_cfg)
+        store, objective, plan = loop.open_data(new, model_cfg)
         rec = {**recorded, "train": {**recorded["train"], "steps": STEPS}}
         with pytest.raises(config_lib.ConfigError, match=f"train.steps: 8 .* {why}"):
             loop._check_more_steps(new, rec, STEPS, store, objective, plan)

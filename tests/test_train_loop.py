@@ -155,7 +155,7 @@ def test_sharded_init_equals_unsharded_init(store_dir):
 
 
 def _batch(store_dir, c, cfg, n_steps=1):
-    store, objective, plan = loop.build_data(c, cfg)
+    store, objective, plan = loop.open_data(c, cfg)
     from repeat_scaling.data.batcher import Batcher
 
     b = Batcher(store.split("train"), plan, objective, int(c.train.batch_size), int(c.seed))

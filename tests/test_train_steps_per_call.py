@@ -121,7 +121,7 @@ def test_steps_per_call_validation_and_auto(store_dir):
 def test_batcher_spans_and_accounting_match_per_step(store_dir):
     c = tiny_config(store_dir, **{"data.repeated_fraction": 0.5, "data.repeated_epochs": 4})
     cfg = config_lib.validate(c, num_devices=8)
-    store, objective, plan = loop.build_data(c, cfg)
+    store, objective, plan = loop.open_data(c, cfg)
     b = Batcher(store.split("train"), plan, objective, 8, 0, process_index=1, process_count=2)
     stacked = b.batches(3, 4)
     for i in range(4):

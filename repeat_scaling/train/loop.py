@@ -7,8 +7,9 @@ work (everything that can fail on bad input fails before anything is compiled):
 2. take the workdir's lock (``WORKDIR/train.lock``, :class:`~repeat_scaling.workdir_io.
    WorkdirLock`): one trainer per workdir; a second one stops at once with one line
    naming the holder; a stale lock (dead holder on this host, old heartbeat) is taken over;
-3. open the token store (preparing it first when ``data.source`` is given and the store
-   does not exist), build the objective and the repetition plan;
+3. prepare a missing token store from ``data.source`` (``prepare.ensure_store``, an
+   explicit step), open it and build the objective and the repetition plan
+   (``data.run_data.build``, the one builder the evaluator uses too);
 4. check ``init_from`` (fine-tuning, :mod:`repeat_scaling.train.init_from`) unless the
    workdir already has checkpoints (then it resumes, and a different ``init_from`` than
    the recorded one is an error);
@@ -27,6 +28,8 @@ work (everything that can fail on bad input fails before anything is compiled):
    stop with :class:`NonFiniteLossError` on a NaN/Inf loss or gradient, without saving
    the bad state (the last good checkpoint stays the latest).
 
+Steps 3-7 are :func:`setup` (it returns a :class:`LoopSetup`), step 8 :func:`train_loop`.
+
 Attention clamps (``config.interventions``) act inside the compiled train step, keyed by
 the traced step counter; the in-loop held-out eval runs the model without them.
 """
@@ -35,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import shutil
 import signal
@@ -51,7 +53,7 @@ import numpy as np
 from absl import logging
 
 from repeat_scaling import run_files, sharding, workdir_io
-from repeat_scaling.data.objectives import MANIFEST_OBJECTIVES
+from repeat_scaling.data import run_data
 from repeat_scaling.errors import first_line
 from repeat_scaling.train import checkpointing, distributed, metrics, optimizers
 from repeat_scaling.train import config as config_lib
@@ -100,103 +102,39 @@ def git_commit() -> str | None:
 # ----------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------
-def open_store(data: Any):
-    """Open ``data.store``; prepare it from ``data.source``/``data.vocab`` if missing."""
-    from repeat_scaling.data.store import TokenStore
+def prepare_missing_store(data: Any) -> None:
+    """Prepare a missing ``data.store`` from ``data.source`` (``prepare.ensure_store``):
+    process 0 prepares, the others wait. ConfigError (one line) when it cannot."""
+    from repeat_scaling import prepare
 
-    path = workdir_io.require_local(data.store, "data.store")
-    if not (path / "manifest.json").is_file():
-        if not data.source:
-            raise config_lib.ConfigError(
-                f"data.store={str(path)!r} is not a prepared token store (no manifest.json) "
-                "and no data.source is given to prepare it"
-            )
-        if not data.vocab:
-            raise config_lib.ConfigError(f"data.source={data.source!r} needs data.vocab to prepare")
-        vocab_file = os.path.expanduser(str(data.vocab))
-        if vocab_file.endswith(".model") and not os.path.isfile(vocab_file):
-            # before any work: a missing vocabulary file is one line, not a traceback
-            raise config_lib.ConfigError(
-                f"data.store={str(path)!r} is not prepared and cannot be built here: "
-                f"data.vocab={data.vocab!r} does not exist (copy the prepared store to this "
-                "path, or set data.vocab to the vocabulary file)"
-            )
-        if jax.process_index() == 0:
-            from repeat_scaling.prepare import prepare_store
-
-            prepare_store(data.source, data.vocab, str(path), **dict(data.prepare_options))
-        distributed.sync("prepare_store")
-    store = TokenStore(str(path))
-    store.verify()  # shard sizes, and sha256 once per host and shard modification
-    return store
-
-
-def objective_options(config: Any, arch: str) -> dict[str, Any]:
-    """Keyword options for ``pipeline.make_objective`` from ``config.data``."""
-    d = config.data
-    opts: dict[str, Any] = {"pack": bool(d.pack)}
-    if arch == "encoder_decoder":
-        opts["inputs_length"] = int(d.inputs_length)
-        if d.targets_length:
-            opts["targets_length"] = int(d.targets_length)
-    else:
-        opts["length"] = int(d.length)
-    if d.objective in ("span_corruption",):
-        opts["noise_density"] = float(d.noise_density)
-        opts["mean_noise_span_length"] = float(d.mean_noise_span_length)
-    opts.update(dict(d.objective_options))
-    return opts
-
-
-def build_data(config: Any, model_cfg: Any):
-    """``(store, objective, plan)`` for a validated config."""
-    from repeat_scaling.data import pipeline
-
-    store = open_store(config.data)
-    vocab = store.vocab
-    if vocab.vocab_size > model_cfg.vocab_size:
-        raise config_lib.ConfigError(
-            f"model.vocab_size={model_cfg.vocab_size} is smaller than the store's vocabulary "
-            f"({vocab.vocab_size} ids in {config.data.store})"
-        )
-    options = objective_options(config, model_cfg.arch)
-    if config.data.objective in MANIFEST_OBJECTIVES:
-        options["store_manifest"] = store.manifest
     try:
-        objective = pipeline.make_objective(config.data.objective, vocab, model_cfg.arch, **options)
-        plan = pipeline.build_plan(
-            store.split("train"),
-            objective,
-            int(config.train.steps),
-            int(config.train.batch_size),
-            float(config.data.repeated_fraction),
-            int(config.data.repeated_epochs),
-            int(config.seed),
-        )
+        if prepare.ensure_store(data, build=jax.process_index() == 0):
+            distributed.sync("prepare_store")
+    except run_data.RunDataError as e:
+        raise config_lib.ConfigError(str(e)) from None
+
+
+def open_data(config: Any, model_cfg: Any) -> run_data.RunData:
+    """``(store, objective, plan)`` of a validated config over its prepared store:
+    ``run_data.build`` (ConfigError, one line)."""
+    store = run_data.open_store(run_data.store_path(config.data))
+    try:
+        return run_data.build(config, model_cfg, store)
     except (ValueError, KeyError) as e:
         raise config_lib.ConfigError(first_line(e)) from None
-    return store, objective, plan
-
-
-def lengths_of(objective: Any, arch: str) -> dict[str, int]:
-    fl = objective.feature_lengths
-    if arch == "encoder_decoder":
-        return {
-            "encoder": int(fl["encoder_input_tokens"]),
-            "decoder": int(fl["decoder_target_tokens"]),
-        }
-    return {"decoder": int(fl["decoder_target_tokens"])}
 
 
 def derived_facts(config: Any, model_cfg: Any, objective: Any) -> dict[str, Any]:
     from repeat_scaling.models import sizes
 
-    tokens_per_step = int(objective.tokens_per_example) * int(config.train.batch_size)
+    tokens_per_step = run_data.tokens_per_step(objective, config.train.batch_size)
     return {
         "params": sizes.count_params(model_cfg),
         "tokens_per_step": tokens_per_step,
         "total_tokens": tokens_per_step * int(config.train.steps),
-        "flops_per_token": sizes.flops_per_token(model_cfg, lengths_of(objective, model_cfg.arch)),
+        "flops_per_token": sizes.flops_per_token(
+            model_cfg, run_data.lengths_of(objective, model_cfg.arch)
+        ),
         "feature_lengths": {k: int(v) for k, v in objective.feature_lengths.items()},
         "package_versions": package_versions(),
         "git_commit": git_commit(),
@@ -293,7 +231,7 @@ def train(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     wrote: list[Any] = []  # record files this start wrote (removed if nothing is committed)
     failed = True
     try:
-        out = _train_locked(config, workdir, model_cfg, lock, wrote)
+        out = train_loop(config, workdir, lock, setup(config, workdir, model_cfg, wrote))
         failed = False
         return out
     finally:
@@ -341,8 +279,6 @@ def _check_more_steps(
 ) -> None:
     """A changed ``train.steps`` must keep the data and learning rates of the ``done``
     steps already trained (ConfigError naming what would change)."""
-    from repeat_scaling.data import pipeline
-
     old_steps, new_steps = int(recorded["train"]["steps"]), int(config.train.steps)
     change = f"train.steps: {old_steps} (recorded) vs {new_steps} (now)"
     steps = np.arange(done)
@@ -356,16 +292,7 @@ def _check_more_steps(
             "(the schedule decays over train.steps unless train.optimizer.decay_steps is "
             "set); use a new --workdir"
         )
-    d = config.data
-    old_plan = pipeline.build_plan(
-        store.split("train"),
-        objective,
-        old_steps,
-        int(config.train.batch_size),
-        float(d.repeated_fraction),
-        int(d.repeated_epochs),
-        int(config.seed),
-    )
+    old_plan = run_data.make_plan(config, store.split("train"), objective, steps=old_steps)
     slots = np.arange(min(done * int(config.train.batch_size), old_plan.num_slots))
     if slots.size and not all(
         np.array_equal(a, b) for a, b in zip(old_plan.chunks(slots), plan.chunks(slots))
@@ -376,43 +303,45 @@ def _check_more_steps(
         )
 
 
-def _train_locked(
-    config: Any, workdir: Any, model_cfg: Any, lock: Any, wrote: list[Any]
-) -> dict[str, Any]:
+# ----------------------------------------------------------------------------------
+# Setup: steps 3-7 of the module docstring
+# ----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class LoopSetup:
+    """What the loop needs, made by :func:`setup`."""
+
+    state: Any  # the train state at ``start`` (the loop takes it over)
+    start: int  # the restored step
+    ckpt: checkpointing.Checkpointer
+    step_fns: dict[int, Any]  # steps per call -> train step (each compiles on first call)
+    steps_per_call: int
+    eval_step: Any  # the in-loop held-out eval step; None without train.eval_every
+    heldout: list[dict[str, np.ndarray]]
+    batcher: Any  # data.batcher.Batcher of this host's rows
+    batch_sh: Any  # sharding of one step's batch
+    stacked_sh: Any  # sharding of steps_per_call stacked batches
+    writer: metrics.MetricsWriter
+    tokens_per_step: int  # model tokens
+    train_flops: float  # model FLOPs per token of a train step
+    peak_total: float | None  # peak FLOP/s of all chips (MFU), None when unknown
+    repeated_seen: int  # examples from repeated chunks in the steps before ``start``
+
+
+def setup(config: Any, workdir: Any, model_cfg: Any, wrote: list[Any]) -> LoopSetup:
+    """Data, fine-tuning source, record check, state and record (the module docstring's
+    steps 3-7), then the step functions, held-out batches, batcher and metrics writer.
+
+    Record files written are appended to ``wrote``.
+    """
     tc = config.train
     clamps = config_lib.interventions(config, model_cfg)
-    store, objective, plan = build_data(config, model_cfg)
-    # Fine-tuning source: checked before anything is written to the workdir.
-    source = None
-    init_from, init_step = str(config.get("init_from", "")), int(config.get("init_step", -1))
+    prepare_missing_store(config.data)
+    data = open_data(config, model_cfg)
     committed = checkpointing.committed_steps(workdir)
-    if committed:
-        init_record = init_from_lib.check_resume(workdir, init_from, init_step)
-    elif init_from:
-        source = init_from_lib.resolve(init_from, init_step, model_cfg, store.vocab)
-        init_record = source.record()
-    else:
-        init_record = None
-    derived = derived_facts(config, model_cfg, objective)
-    derived["steps_per_call"] = config_lib.steps_per_call(
-        config, derived["tokens_per_step"] * derived["flops_per_token"]["train"]
-    )
-    derived["init_from"] = init_record
-    derived["interventions"] = [
-        dataclasses.asdict(c) if dataclasses.is_dataclass(c) else c for c in clamps
-    ]
+    source, init_record = _init_source(config, workdir, model_cfg, data.store, committed)
+    derived = _derived(config, model_cfg, data.objective, init_record, clamps)
     resolved = resolved_config(config, model_cfg, derived)
-    # The record: compared before anything is overwritten or restored.
-    recorded = run_files.read_json(workdir / run_files.CONFIG) if committed else None
-    if committed and recorded is None:
-        raise config_lib.ConfigError(
-            f"{workdir} has checkpoints {committed} but no readable {run_files.CONFIG}; "
-            "it cannot be resumed safely"
-        )
-    changes = record_lib.check_resume(workdir, recorded, resolved) if recorded else []
-    if any(k == "train.steps" for k, _, _ in changes):
-        _check_more_steps(config, recorded, committed[-1], store, objective, plan)
-    primary = jax.process_index() == 0
+    recorded, changes = _compare_record(config, workdir, resolved, committed, data)
 
     dcn = {a: int(n) for a, n in dict(config.mesh.dcn).items()}
     mesh = sharding.make_mesh(
@@ -428,69 +357,30 @@ def _train_locked(
         keep_period=int(tc.keep_period),
         async_save=bool(tc.async_checkpointing),
     )
-    # The newest committed checkpoint that verifies (falling back past corrupt ones).
-    state = ckpt.restore_latest_good(info.abstract, warn=lambda m: logging.warning("%s", m))
-    if state is None and source is not None:
-        params = source.load_params(model_cfg, info.abstract["params"], mesh, rules)
-        state = state_lib.state_from_params(model_cfg, tx, info, params, int(config.seed), rules)
-    elif state is None:
-        state, _ = state_lib.create_train_state(model_cfg, tx, mesh, int(config.seed), rules)
+    state = _initial_state(config, model_cfg, ckpt, info, source, tx, mesh, rules)
     start = int(jax.device_get(state["step"]))
-    if primary:
+    if jax.process_index() == 0:
         if recorded is None:  # a new run (or one that committed nothing): its record
-            if source is not None:
-                run_files.write_json(workdir / run_files.INIT_FROM, init_record)
-                wrote.append(workdir / run_files.INIT_FROM)
-            run_files.write_json(workdir / run_files.CONFIG, resolved)
-            wrote.append(workdir / run_files.CONFIG)
-            summary = dict(plan.summary())
-            summary.setdefault("tokens_per_example", int(objective.tokens_per_example))
-            summary.setdefault("raw_tokens_per_chunk", int(objective.raw_length))
-            summary.setdefault("total_tokens", derived["total_tokens"])
-            run_files.write_json(workdir / run_files.DATA_PLAN, summary)
-            wrote.append(workdir / run_files.DATA_PLAN)
+            _write_record(workdir, wrote, resolved, source, init_record, data)
         elif changes:
             record_lib.append_resume_log(workdir, start, changes)
     distributed.sync("workdir_written")
     steps_per_call = int(derived["steps_per_call"])
-    step_fns = {
+    step_fns = {  # each compiles on its first call
         n: step_lib.config_train_step(
-            config,
-            info,
-            model_cfg,
-            tx,
-            schedule,
-            rules=rules,
-            interventions=clamps,
+            config, info, model_cfg, tx, schedule, rules=rules, interventions=clamps,
             steps_per_call=n,
         )
         for n in {1, steps_per_call}
-    }  # each compiles on its first call
-    eval_step = None
-    heldout = []
-    if tc.eval_every:
-        from repeat_scaling.data import pipeline
-        from repeat_scaling.data.batcher import BatcherError
-
-        eval_step = step_lib.make_eval_step(info, model_cfg, rules)
-        try:
-            heldout = pipeline.heldout_batches(
-                store.split("validation"),
-                objective,
-                int(tc.batch_size),
-                int(tc.eval_batches),
-                int(config.seed),
-            )
-        except BatcherError as e:
-            raise config_lib.ConfigError(f"train.eval_batches={tc.eval_batches}: {e}") from None
+    }  # fmt: skip
+    eval_step, heldout = _heldout(config, info, model_cfg, rules, data)
 
     from repeat_scaling.data.batcher import Batcher
 
-    total_steps = int(tc.steps)
     batcher = Batcher(
-        store.split("train"),
-        plan,
-        objective,
+        data.store.split("train"),
+        data.plan,
+        data.objective,
         int(tc.batch_size),
         int(config.seed),
         process_index=jax.process_index(),
@@ -498,39 +388,168 @@ def _train_locked(
         prefetch=int(config.data.prefetch),
     )
     batch_sh = sharding.batch_sharding(mesh, rules)
-    stacked_sh = step_lib.stacked_sharding(batch_sh)
     units = metrics.hardware_units(
         jax.devices()[0].platform, jax.device_count(), jax.process_count()
     )
     peak = float(tc.peak_tflops) or metrics.lookup_peak_tflops(jax.devices()[0].device_kind)
-    peak_total = peak * units if peak else None
-    train_flops = float(derived["flops_per_token"]["train"])
-    tokens_per_step = int(derived["tokens_per_step"])
-
-    # Token accounting (store tokens of repeated / unique chunks) from the plan.
-    B, L = int(tc.batch_size), int(objective.raw_length)
-    repeated_seen = int(batcher.repeated_examples(0, start).sum())
-
-    writer = metrics.MetricsWriter(
-        workdir,
-        total_steps=total_steps,
-        start_step=start,
-        is_primary=primary,
-        progress_bar=str(tc.progress_bar),
+    return LoopSetup(
+        state=state,
+        start=start,
+        ckpt=ckpt,
+        step_fns=step_fns,
+        steps_per_call=steps_per_call,
+        eval_step=eval_step,
+        heldout=heldout,
+        batcher=batcher,
+        batch_sh=batch_sh,
+        stacked_sh=step_lib.stacked_sharding(batch_sh),
+        tokens_per_step=int(derived["tokens_per_step"]),
+        train_flops=float(derived["flops_per_token"]["train"]),
+        peak_total=peak * units if peak else None,
+        repeated_seen=int(batcher.repeated_examples(0, start).sum()),
+        writer=metrics.MetricsWriter(
+            workdir,
+            total_steps=int(tc.steps),
+            start_step=start,
+            is_primary=jax.process_index() == 0,
+            progress_bar=str(tc.progress_bar),
+        ),
     )
-    log_every = int(tc.log_every)
-    prof_start = int(tc.profile_start_step)
-    prof_stop = prof_start + int(tc.profile_steps)
-    profiling = False
-    last: dict[str, Any] = {}
-    # (first step, metrics on device (scalars, or [n] for n steps), time per step)
-    pending: list[tuple[int, Any, float]] = []
 
-    def drain(force: bool = False) -> None:
+
+def _init_source(
+    config: Any, workdir: Any, model_cfg: Any, store: Any, committed: list[int]
+) -> tuple[Any, dict[str, Any] | None]:
+    """``(fine-tuning source or None, init_from record or None)``, checked before
+    anything is written to the workdir (a resume checks the recorded ``init_from``)."""
+    init_from, init_step = str(config.get("init_from", "")), int(config.get("init_step", -1))
+    if committed:
+        return None, init_from_lib.check_resume(workdir, init_from, init_step)
+    if init_from:
+        source = init_from_lib.resolve(init_from, init_step, model_cfg, store.vocab)
+        return source, source.record()
+    return None, None
+
+
+def _derived(
+    config: Any, model_cfg: Any, objective: Any, init_record: Any, clamps: Any
+) -> dict[str, Any]:
+    """The ``derived`` block of the record: :func:`derived_facts`, ``steps_per_call``,
+    ``init_from`` and the attention clamps."""
+    derived = derived_facts(config, model_cfg, objective)
+    derived["steps_per_call"] = config_lib.steps_per_call(
+        config, derived["tokens_per_step"] * derived["flops_per_token"]["train"]
+    )
+    derived["init_from"] = init_record
+    derived["interventions"] = [
+        dataclasses.asdict(c) if dataclasses.is_dataclass(c) else c for c in clamps
+    ]
+    return derived
+
+
+def _compare_record(
+    config: Any, workdir: Any, resolved: dict[str, Any], committed: list[int], data: Any
+) -> tuple[dict[str, Any] | None, list[Any]]:
+    """``(recorded config or None, accepted changes)``: a resume's record compared with
+    the resolved config before anything is overwritten or restored (ConfigError)."""
+    recorded = run_files.read_json(workdir / run_files.CONFIG) if committed else None
+    if committed and recorded is None:
+        raise config_lib.ConfigError(
+            f"{workdir} has checkpoints {committed} but no readable {run_files.CONFIG}; "
+            "it cannot be resumed safely"
+        )
+    changes = record_lib.check_resume(workdir, recorded, resolved) if recorded else []
+    if any(k == "train.steps" for k, _, _ in changes):
+        _check_more_steps(config, recorded, committed[-1], *data)
+    return recorded, changes
+
+
+def _initial_state(
+    config: Any, model_cfg: Any, ckpt: Any, info: Any, source: Any, tx, mesh, rules
+) -> Any:
+    """The newest committed checkpoint that verifies (falling back past corrupt ones);
+    else, for a new fine-tuning run, the source parameters with a fresh optimizer state;
+    else a new state."""
+    state = ckpt.restore_latest_good(info.abstract, warn=lambda m: logging.warning("%s", m))
+    if state is None and source is not None:
+        params = source.load_params(model_cfg, info.abstract["params"], mesh, rules)
+        state = state_lib.state_from_params(model_cfg, tx, info, params, int(config.seed), rules)
+    elif state is None:
+        state, _ = state_lib.create_train_state(model_cfg, tx, mesh, int(config.seed), rules)
+    return state
+
+
+def _write_record(
+    workdir: Any,
+    wrote: list[Any],
+    resolved: dict[str, Any],
+    source: Any,
+    init_record: Any,
+    data: run_data.RunData,
+) -> None:
+    """A new run's record: ``init_from.json`` when fine-tuning, ``config.json`` and
+    ``data_plan.json`` (the plan's summary in store tokens, plus the objective's
+    ``tokens_per_example`` in model tokens)."""
+    if source is not None:
+        run_files.write_json(workdir / run_files.INIT_FROM, init_record)
+        wrote.append(workdir / run_files.INIT_FROM)
+    run_files.write_json(workdir / run_files.CONFIG, resolved)
+    wrote.append(workdir / run_files.CONFIG)
+    summary = dict(data.plan.summary())
+    summary.setdefault("tokens_per_example", int(data.objective.tokens_per_example))
+    summary.setdefault("raw_tokens_per_chunk", int(data.objective.raw_length))
+    summary.setdefault("total_tokens", resolved["derived"]["total_tokens"])
+    run_files.write_json(workdir / run_files.DATA_PLAN, summary)
+    wrote.append(workdir / run_files.DATA_PLAN)
+
+
+def _heldout(
+    config: Any, info: Any, model_cfg: Any, rules: Any, data: run_data.RunData
+) -> tuple[Any, list[dict[str, np.ndarray]]]:
+    """``(eval step, held-out batches)`` of the in-loop eval; ``(None, [])`` without
+    ``train.eval_every``."""
+    tc = config.train
+    if not tc.eval_every:
+        return None, []
+    from repeat_scaling.data import pipeline
+    from repeat_scaling.data.batcher import BatcherError
+
+    eval_step = step_lib.make_eval_step(info, model_cfg, rules)
+    try:
+        heldout = pipeline.heldout_batches(
+            data.store.split("validation"),
+            data.objective,
+            int(tc.batch_size),
+            int(tc.eval_batches),
+            int(config.seed),
+        )
+    except BatcherError as e:
+        raise config_lib.ConfigError(f"train.eval_batches={tc.eval_batches}: {e}") from None
+    return eval_step, heldout
+
+
+# ----------------------------------------------------------------------------------
+# The loop: step 8 of the module docstring
+# ----------------------------------------------------------------------------------
+class _MetricsLog:
+    """Metrics of dispatched calls, fetched one call late (so the host does not wait for
+    the device), checked for NaN/Inf and written at the logged steps."""
+
+    def __init__(self, run: LoopSetup, log_every: int, total_steps: int):
+        self.run, self.log_every, self.total_steps = run, log_every, total_steps
+        # (first step, metrics on device (scalars, or [n] for n steps), time per step)
+        self.pending: list[tuple[int, Any, float]] = []
+        self.seen_at: dict[int, dict[str, int]] = {}  # step -> store tokens seen
+        self.last: dict[str, Any] = {}
+
+    def add(self, calls: list[tuple[int, Any]], step_time: float) -> None:
+        self.pending.extend((first, m, step_time) for first, m in calls)
+
+    def drain(self, force: bool = False) -> None:
         """Fetch metrics of finished calls; check finiteness; write logged steps."""
-        nonlocal last
-        while pending and (force or len(pending) > 1):
-            first, m, dt = pending.pop(0)
+        run = self.run
+        while self.pending and (force or len(self.pending) > 1):
+            first, m, dt = self.pending.pop(0)
             fetched = {k: np.atleast_1d(v) for k, v in jax.device_get(m).items()}
             for i in range(len(fetched["loss"])):
                 s = first + i
@@ -539,9 +558,9 @@ def _train_locked(
                     raise NonFiniteLossError(
                         f"non-finite loss/gradient at step {s} (loss={host['loss']}, "
                         f"grad_norm={host['grad_norm']}); stopped without saving, "
-                        f"last good checkpoint: {ckpt.latest_step()}"
+                        f"last good checkpoint: {run.ckpt.latest_step()}"
                     )
-                if s % log_every == 0 or s == total_steps:
+                if s % self.log_every == 0 or s == self.total_steps:
                     record = {
                         "step": s,
                         "loss": host["loss"],
@@ -550,82 +569,105 @@ def _train_locked(
                         "aux_loss": host["aux_loss"],
                         "learning_rate": host["learning_rate"],
                         "grad_norm": host["grad_norm"],
-                        "tokens_seen": s * tokens_per_step,
-                        "unique_tokens_seen": seen_at[s][0],
-                        "repeated_tokens_seen": seen_at[s][1],
+                        "tokens_seen": s * run.tokens_per_step,
+                        **self.seen_at[s],  # unique_tokens_seen, repeated_tokens_seen
                         "step_time_s": dt,
-                        **metrics.throughput(dt, tokens_per_step, train_flops, peak_total),
+                        **metrics.throughput(
+                            dt, run.tokens_per_step, run.train_flops, run.peak_total
+                        ),
                     }
-                    writer.write(record)
-                    last = record
-                seen_at.pop(s, None)
+                    run.writer.write(record)
+                    self.last = record
+                self.seen_at.pop(s, None)
+
+
+def _run_steps(run: LoopSetup, state: Any, rows: dict[str, np.ndarray], s: int, n: int):
+    """Steps ``s+1 .. s+n`` on the stacked ``rows``: one call of ``steps_per_call`` steps,
+    or one call per step (``steps_per_call=1``, or a span cut short). Returns the new
+    state and ``[(first step, metrics on device)]`` of each call."""
+    if n == run.steps_per_call > 1:
+        state, m = run.step_fns[n](state, to_global(rows, run.stacked_sh))
+        return state, [(s + 1, m)]
+    calls = []
+    for i in range(n):
+        one = to_global({k: v[i] for k, v in rows.items()}, run.batch_sh)
+        state, m = run.step_fns[1](state, one)
+        calls.append((s + i + 1, m))
+    return state, calls
+
+
+def train_loop(config: Any, workdir: Any, lock: Any, run: LoopSetup) -> dict[str, Any]:
+    """Train from ``run.start`` to ``train.steps``: batch -> step -> metrics, with the
+    in-loop eval, the profile window, checkpoints and SIGTERM at call boundaries."""
+    tc = config.train
+    primary = jax.process_index() == 0
+    total_steps, B = int(tc.steps), int(tc.batch_size)
+    prof_start = int(tc.profile_start_step)
+    prof_stop = prof_start + int(tc.profile_steps)
+    state, run.state = run.state, None  # the loop owns the (donated) state
+    batcher, ckpt, repeated_seen = run.batcher, run.ckpt, run.repeated_seen
+    log = _MetricsLog(run, int(tc.log_every), total_steps)
+    profiling = False
 
     def spans():
         """Steps of each compiled call: ``steps_per_call`` at a time, cut at checkpoints,
         evals, the profile window and the end (the same cuts whatever the start step)."""
         marks = (prof_start, prof_stop) if prof_start >= 0 else ()
-        periods = (steps_per_call, ckpt.save_every, int(tc.eval_every))
-        return call_spans(start, total_steps, periods, marks)
+        periods = (run.steps_per_call, ckpt.save_every, int(tc.eval_every))
+        return call_spans(run.start, total_steps, periods, marks)
 
-    seen_at: dict[int, tuple[int, int]] = {}
     t_prev = time.perf_counter()
     try:
         with _SigtermFlag() as sigterm:
             it = batcher.iter_spans(spans())
-            for call, (s, n) in enumerate(spans(), start + 1):
+            for call, (s, n) in enumerate(spans(), run.start + 1):
                 if s == prof_start and primary:
                     jax.profiler.start_trace(str(workdir / "profile"))
                     profiling = True
                 rows = next(it)
                 reps = repeated_seen + np.cumsum(batcher.repeated_examples(s, s + n))
                 for i, r in enumerate(reps.tolist(), s + 1):
-                    seen_at[i] = ((i * B - r) * L, r * L)
+                    log.seen_at[i] = batcher.plan.tokens_seen(i * B, r)
                 repeated_seen = int(reps[-1])
-                if n == steps_per_call > 1:
-                    state, m = step_fns[n](state, to_global(rows, stacked_sh))
-                    calls = [(s + 1, m)]
-                else:  # one step per call (steps_per_call=1, or a span cut short)
-                    calls = []
-                    for i in range(n):
-                        one = to_global({k: v[i] for k, v in rows.items()}, batch_sh)
-                        state, m = step_fns[1](state, one)
-                        calls.append((s + i + 1, m))
+                state, calls = _run_steps(run, state, rows, s, n)
                 done = s + n
                 # Step time = time between dispatches / steps; drain() waits for the
                 # previous call's metrics, so in the steady state this is device time.
                 now = time.perf_counter()
-                pending.extend((first, m, (now - t_prev) / n) for first, m in calls)
+                log.add(calls, (now - t_prev) / n)
                 t_prev = now
-                drain()
+                log.drain()
                 if profiling and done >= prof_stop:
                     jax.block_until_ready(state)
                     jax.profiler.stop_trace()
                     profiling = False
-                if eval_step is not None and done % int(tc.eval_every) == 0:
-                    drain(force=True)
-                    writer.write_eval(done, _evaluate(eval_step, state, heldout, batch_sh))
+                if run.eval_step is not None and done % int(tc.eval_every) == 0:
+                    log.drain(force=True)
+                    evaluated = _evaluate(run.eval_step, state, run.heldout, run.batch_sh)
+                    run.writer.write_eval(done, evaluated)
                 due = ckpt.save_every and done % ckpt.save_every == 0
                 # multi-host: the sync-point counter must advance by one per call
-                stop = sigterm.should_stop(call if steps_per_call > 1 else done)
+                stop = sigterm.should_stop(call if run.steps_per_call > 1 else done)
                 if due or stop or done == total_steps:
-                    drain(force=True)  # never checkpoint a state produced by a NaN step
+                    log.drain(force=True)  # never checkpoint a state produced by a NaN step
                     if lock is not None and lock.lost:  # taken over while this one hung
                         lock.check()
                     ckpt.save(state, force=True)
-                    writer.flush()  # gs://: metrics up to every checkpoint survive a kill
+                    run.writer.flush()  # gs://: metrics up to every checkpoint survive a kill
                 if stop:
                     ckpt.wait()
                     raise Preempted(done)
-            drain(force=True)
+            log.drain(force=True)
     finally:
         if profiling:
             jax.profiler.stop_trace()
         batcher.close()
-        writer.close()
+        run.writer.close()
         ckpt.close()
+    last = log.last
     if not last and primary:  # nothing left to train: report the last logged step
-        last = _last_logged(workdir, start)
-    return {"final_step": total_steps, "resumed_from": start, "last_metrics": last}
+        last = _last_logged(workdir, run.start)
+    return {"final_step": total_steps, "resumed_from": run.start, "last_metrics": last}
 
 
 def _evaluate(eval_step, state, heldout, batch_sh) -> dict[str, float]:
