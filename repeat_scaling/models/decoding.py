@@ -19,7 +19,8 @@ then each step feeds one token per row at that row's own position p_b + t, writi
 keys/values (after rotary embedding) into the cache and attending over positions <= it.
 Relative position bias rows are gathered per row. The encoder runs once and every
 decoder layer's cross-attention keys/values are computed once (first step) and cached.
-Cached steps of ``attention_impl="cudnn"`` models use the generic XLA kernel.
+Cached steps of ``attention_impl="cudnn"`` models use the generic XLA kernel. The cache's
+layout and its writes are :mod:`repeat_scaling.models.kv_cache`.
 
 Reference path (``use_cache=False``): every step runs :func:`repeat_scaling.models.forward`
 on the whole fixed-length buffer with the positions not yet generated marked as padding,

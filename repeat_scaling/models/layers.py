@@ -14,6 +14,8 @@ Conventions:
 * Layer stacks (:class:`LayerStack`) run scanned (``lax.scan`` over stacked weights,
   compile time flat in depth), unrolled, or with one shared set of weights (ParamShare),
   with optional rematerialisation (``jax.checkpoint`` policy from ``cfg.remat_policy``).
+* Incremental decoding: :class:`Attention` writes its keys/values into a cache laid out
+  by :mod:`repeat_scaling.models.kv_cache`, which the layers and stacks thread through.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from repeat_scaling.models import interventions
+from repeat_scaling.models import interventions, kv_cache
 from repeat_scaling.models.config import ModelConfig
 from repeat_scaling.models.moe import MoeMlp
 from repeat_scaling.models.primitives import DropoutCtx, dropout, droppath, kernel_init, param
@@ -483,7 +485,7 @@ class Attention(nnx.Module):
             k = apply_rope(k, k_positions, self.rope_theta)
         new_cache = None
         if cache is not None:
-            k, v = (_write_cache(cache[n], t, cache_index) for n, t in (("k", k), ("v", v)))
+            k, v = (kv_cache.write(cache[n], t, cache_index) for n, t in (("k", k), ("v", v)))
             new_cache = {"k": k, "v": v}
         impl = self.impl
         if cache is not None and impl == "cudnn":
@@ -519,15 +521,6 @@ class Attention(nnx.Module):
             out = out + copied.astype(out.dtype)
         out = with_logical_constraint(out, ("batch", "length", "act_embed"))
         return out, (weights if return_attention else None), new_cache
-
-
-def _write_cache(buf: Array, new: Array, index: Array) -> Array:
-    """Write ``new`` [B, q, ...] into ``buf`` [B, T, ...] at row-wise offsets ``index`` [B]."""
-
-    def one(b, n, i):
-        return jax.lax.dynamic_update_slice_in_dim(b, n.astype(b.dtype), i, axis=0)
-
-    return jax.vmap(one)(buf, new, index)
 
 
 # ----------------------------------------------------------------------------------------
@@ -775,22 +768,15 @@ class LayerStack(nnx.Module):
         return x, aux, layers_attn, new_cache
 
     def init_cache(self, batch: int, length: int, cross_length: int | None = None) -> Any:
-        """Zero K/V caches ({"k", "v"}: [batch, length, heads, head_dim] per layer, plus
-        {"ck", "cv"}: [batch, cross_length, ...] cross-attention keys/values when
-        ``cross_length`` is given; a tuple of those per MoE group): stacked on a leading
-        unit axis (scanned or shared stacks) or a list of per-unit caches (unrolled)."""
-        one = _unit_cache(self.cfg, self.group, batch, length, cross_length)
-        if self.mode == "list":
-            return [one for _ in range(self.num_units)]
-        return jax.tree.map(lambda z: jnp.zeros((self.num_units,) + z.shape, z.dtype), one)
-
-
-def _unit_cache(
-    cfg: ModelConfig, group: int, batch: int, length: int, cross_length: int | None
-) -> Any:
-    z = jnp.zeros((batch, length, cfg.num_heads, cfg.head_dim), cfg.compute_dtype)
-    one = {"k": z, "v": z}
-    if cross_length is not None:
-        c = jnp.zeros((batch, cross_length, cfg.num_heads, cfg.head_dim), cfg.compute_dtype)
-        one.update(ck=c, cv=c)
-    return tuple(one for _ in range(group)) if cfg.is_moe else one  # MoE units: LayerGroup
+        """This stack's zero key/value cache for incremental decoding (layout:
+        :mod:`repeat_scaling.models.kv_cache`); ``cross_length`` adds the cross-attention
+        keys/values."""
+        return kv_cache.init(
+            self.cfg,
+            mode=self.mode,
+            num_units=self.num_units,
+            group=self.group,
+            batch=batch,
+            length=length,
+            cross_length=cross_length,
+        )
