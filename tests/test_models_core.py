@@ -1,5 +1,6 @@
 """Models: config, sizes/params/FLOPs, masks and packing, dropout, attention weights."""
 
+import dataclasses
 import functools
 
 import jax
@@ -8,15 +9,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from repeat_scaling.models import build, convert, forward, layers, sizes
+from repeat_scaling.models import build, convert, forward, ops, sizes
 from repeat_scaling.models.config import ModelConfig, padded_vocab_size
-from repeat_scaling.models.layers import (
+from repeat_scaling.models.layers import relative_position_bucket
+from repeat_scaling.models.ops import (
     add_bias,
     attention_context,
     attention_scores,
     dense,
     project_logits,
-    relative_position_bucket,
 )
 
 TINY_DEC = sizes.get("dec_tiny").replace(d_model=32, d_ff=64, head_dim=8)
@@ -180,7 +181,7 @@ def test_hand_written_vjps_match_einsum(name, dtype, pinned, monkeypatch):
     dot) has the value and gradients of autodiff through the plain einsum, with the
     transposes pinned by a barrier (CPU) and without (what GPU/TPU compile)."""
     if not pinned:
-        monkeypatch.setattr(layers, "_pinned_on_cpu", lambda x: x)
+        monkeypatch.setattr(ops, "_pinned_on_cpu", lambda x: x)
     fn, spec, x_shape, k_shape, f32_out = _HAND_WRITTEN_VJPS[name]
     k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
     x = jax.random.normal(k1, x_shape, jnp.float32).astype(dtype)
@@ -208,6 +209,74 @@ def test_hand_written_vjps_match_einsum(name, dtype, pinned, monkeypatch):
         np.testing.assert_allclose(
             np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=tol, atol=tol
         )
+
+
+# (operand shapes of each op of ops.Ops)
+_OPS_SHAPES = {
+    "dense": ((2, 5, 8), (8, 24)),
+    "project_logits": ((2, 5, 8), (8, 384)),
+    "attention_scores": ((2, 5, 3, 4), (2, 7, 3, 4)),
+    "attention_context": ((2, 3, 5, 7), (2, 7, 3, 4)),
+    "add_bias": ((2, 3, 5, 7), (1, 3, 5, 7)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_OPS_SHAPES))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_ops_tuned_and_plain_agree(name, dtype):
+    """``ops="tuned"`` and ``ops="plain"``: the same values, gradients equal up to rounding."""
+    assert sorted(f.name for f in dataclasses.fields(ops.Ops)) == sorted(_OPS_SHAPES)
+    tuned, plain = getattr(ops.TUNED, name), getattr(ops.PLAIN, name)
+    x_shape, y_shape = _OPS_SHAPES[name]
+    k1, k2, k3 = jax.random.split(jax.random.key(2), 3)
+    x = jax.random.normal(k1, x_shape, jnp.float32).astype(dtype)
+    y = jax.random.normal(k2, y_shape, jnp.float32).astype(dtype)
+    want = jax.jit(plain)(x, y)
+    got = jax.jit(tuned)(x, y)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    w = jax.random.normal(k3, want.shape, jnp.float32)
+
+    def loss(f):
+        return lambda x, y: jnp.sum(jax.nn.log_softmax(f(x, y).astype(jnp.float32)) * w)
+
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    got = jax.jit(jax.grad(loss(tuned), argnums=(0, 1)))(x, y)
+    want = jax.jit(jax.grad(loss(plain), argnums=(0, 1)))(x, y)
+    for g, r in zip(got, want):
+        assert g.dtype == r.dtype == dtype and g.shape == r.shape
+        g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)
+        # bfloat16: the VJPs round at other points, so compare at the gradient's scale
+        np.testing.assert_allclose(g, r, rtol=tol, atol=tol * max(1.0, np.abs(r).max()))
+
+
+@pytest.mark.parametrize("cfg", [TINY_T5, TINY_DEC], ids=["t5", "dec"])
+def test_model_ops_switch_keeps_parameters_and_numbers(cfg):
+    """A model built with ``ops="plain"`` has the parameters of the default ("tuned") one,
+    the same logits, and its loss gradients agree to rounding."""
+    assert ModelConfig().ops == "tuned"
+    with pytest.raises(ValueError, match=r"ops='fast'; expected one of \('tuned', 'plain'\)"):
+        cfg.replace(ops="fast")
+    graphdef_t, state_t = nnx.split(_model(cfg))
+    graphdef_p, state_p = nnx.split(_model(cfg.replace(ops="plain")))
+    jax.tree.map(np.testing.assert_array_equal, state_t, state_p)
+    tok = _tokens((2, 7))
+    feats = {"decoder_input_tokens": tok[:, :6], "decoder_target_tokens": tok[:, 1:]}
+    if cfg.arch == "encoder_decoder":
+        feats["encoder_input_tokens"] = tok
+
+    def loss(state, graphdef):
+        logits = forward(nnx.merge(graphdef, state), feats)[0]
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.mean(jnp.take_along_axis(logp, feats["decoder_target_tokens"][..., None], -1))
+
+    value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    (lt, gt), (lp, gp) = value_and_grad(state_t, graphdef_t), value_and_grad(state_p, graphdef_p)
+    np.testing.assert_array_equal(
+        _fwd(_model(cfg), feats), _fwd(nnx.merge(graphdef_p, state_p), feats)
+    )
+    np.testing.assert_allclose(lt, lp, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), gt, gp)
 
 
 # ----------------------------------------------------------------------------------------

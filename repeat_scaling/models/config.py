@@ -24,6 +24,9 @@ Conventions:
   dropout and returning weights), "xla" / "cudnn" (``jax.nn.dot_product_attention``;
   "cudnn" is the fused flash kernel on NVIDIA GPUs, needs bf16 compute). Probes that ask
   for attention weights always use the einsum path.
+* ``ops``: "tuned" (hand-written VJPs for XLA:CPU) or "plain" (autodiff) for the layers'
+  einsums (:mod:`repeat_scaling.models.ops`). The parameters and the forward values are the
+  same; gradients agree up to rounding.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from repeat_scaling.data.features import ARCHS
+from repeat_scaling.models.ops import IMPLS as OPS
 
 POSITIONS = ("relative", "rope")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -91,6 +95,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     float32_logits: bool = True
     attention_impl: str = "einsum"
+    ops: str = "tuned"
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -143,6 +148,8 @@ class ModelConfig:
             bad("attention_impl", f"one of {ATTENTION_IMPLS}")
         if self.attention_impl != "einsum" and self.attention_dropout_rate:
             bad("attention_impl", "'einsum' when attention_dropout_rate > 0")
+        if self.ops not in OPS:
+            bad("ops", f"one of {OPS}")
         if not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
             bad("scan_unroll", "an int >= 1 (layers per loop iteration)")
         if self.remat_policy not in REMAT_POLICIES:

@@ -14,6 +14,9 @@ Conventions:
 * Layer stacks (:class:`LayerStack`) run scanned (``lax.scan`` over stacked weights,
   compile time flat in depth), unrolled, or with one shared set of weights (ParamShare),
   with optional rematerialisation (``jax.checkpoint`` policy from ``cfg.remat_policy``).
+* The MLP and logits projections and the attention scores, context and bias add come
+  from :mod:`repeat_scaling.models.ops` (``cfg.ops``: hand-written VJPs tuned for XLA:CPU
+  or plain autodiff; same forward values); a comment at each call names its einsum.
 * Incremental decoding: :class:`Attention` writes its keys/values into a cache laid out
   by :mod:`repeat_scaling.models.kv_cache`, which the layers and stacks thread through.
 """
@@ -28,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from repeat_scaling.models import interventions, kv_cache
+from repeat_scaling.models import interventions, kv_cache, ops
 from repeat_scaling.models.config import ModelConfig
 from repeat_scaling.models.moe import MoeMlp
 from repeat_scaling.models.primitives import DropoutCtx, dropout, droppath, kernel_init, param
@@ -88,6 +91,7 @@ class LogitsDense(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.dtype = jnp.float32 if cfg.float32_logits else cfg.compute_dtype
+        self.ops = ops.of(cfg.ops)
         self.kernel = param(
             rngs,
             kernel_init(),
@@ -97,87 +101,9 @@ class LogitsDense(nnx.Module):
         )
 
     def __call__(self, x: Array) -> Array:
-        logits = project_logits(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        # einsum("bld,dv->blv") in float32
+        logits = self.ops.project_logits(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         return with_logical_constraint(logits, ("batch", "length", "act_vocab"))
-
-
-def _pinned_on_cpu(x: Array) -> Array:
-    """``x`` behind an optimization barrier when compiling for CPU.
-
-    The hand-written VJPs below transpose a small operand so that XLA:CPU's library dot
-    gets a row-major matmul; without the barrier XLA folds the transpose back into the
-    dot. GPU/TPU compilers choose dot layouts themselves, so there ``x`` is returned as
-    is and the gradient compiles as autodiff's would.
-    """
-    return jax.lax.optimization_barrier(x) if jax.default_backend() == "cpu" else x
-
-
-def _kernel_grad(x: Array, g: Array) -> Array:
-    """``einsum("...d,...f->df", x, g)`` in float32: a kernel gradient summed over tokens.
-
-    Both operands are contracted over their leading (token) axes, which XLA:CPU's library
-    dot does not take; the narrower of the two is transposed to [width, tokens] (pinned
-    on CPU) so the product is a plain row-major matmul.
-    """
-    d, f = x.shape[-1], g.shape[-1]
-    x2, g2 = x.reshape(-1, d), g.reshape(-1, f)
-    if d <= f:  # [d, N] @ [N, f]
-        return jnp.dot(_pinned_on_cpu(x2.T), g2, preferred_element_type=jnp.float32)
-    return jnp.dot(_pinned_on_cpu(g2.T), x2, preferred_element_type=jnp.float32).T
-
-
-@jax.custom_vjp
-def project_logits(x: Array, kernel: Array) -> Array:
-    """``einsum("bld,dv->blv")`` in float32, with a hand-written VJP for the kernel.
-
-    The kernel gradient contracts the [B*L, d] inputs with the [B*L, V] logits gradient
-    over tokens. Left to itself, XLA:CPU lays that out by transposing the logits
-    gradient (526 MB for gpt_peer: 0.23 s of a 3.8 s step) for an Eigen dot; transposing
-    the d-wide inputs instead (behind an optimization barrier on CPU, so the transpose is not
-    folded back into the dot) makes it a plain row-major matmul.
-    """
-    return jnp.einsum("bld,dv->blv", x, kernel, preferred_element_type=jnp.float32)
-
-
-def _project_logits_fwd(x, kernel):
-    return project_logits(x, kernel), (x, kernel)
-
-
-def _project_logits_bwd(res, g):
-    x, kernel = res
-    gc = g.astype(x.dtype)
-    dx = jnp.einsum("blv,dv->bld", gc, kernel, preferred_element_type=jnp.float32)
-    return dx.astype(x.dtype), _kernel_grad(x, gc).astype(kernel.dtype)
-
-
-project_logits.defvjp(_project_logits_fwd, _project_logits_bwd)
-
-
-@jax.custom_vjp
-def dense(x: Array, kernel: Array) -> Array:
-    """``einsum("...d,df->...f")``, with a hand-written VJP for the kernel gradient.
-
-    The kernel gradient contracts inputs and output gradients over all tokens, i.e.
-    over the leading dimension of both, which XLA:CPU's library dot (YNNPACK) does not
-    take: it falls back to an Eigen dot and first transposes one operand, for the MLP
-    the [tokens, d_ff] one. Here the narrower side is transposed (behind an
-    optimization barrier on CPU, so the transpose is not folded back into the dot) and the
-    product is a plain row-major matmul.
-    """
-    return jnp.einsum("...d,df->...f", x, kernel)
-
-
-def _dense_fwd(x, kernel):
-    return dense(x, kernel), (x, kernel)
-
-
-def _dense_bwd(res, g):
-    x, kernel = res
-    dx = jnp.einsum("...f,df->...d", g, kernel)
-    return dx.astype(x.dtype), _kernel_grad(x, g).astype(kernel.dtype)
-
-
-dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 class Mlp(nnx.Module):
@@ -188,12 +114,14 @@ class Mlp(nnx.Module):
         d, f = cfg.d_model, cfg.d_ff
         self.dtype = cfg.compute_dtype
         self.rate = cfg.dropout_rate
+        self.ops = ops.of(cfg.ops)
         self.wi_0 = param(rngs, kernel_init(), (d, f), ("embed", "mlp"), pd)
         self.wi_1 = param(rngs, kernel_init(), (d, f), ("embed", "mlp"), pd)
         self.wo = param(rngs, kernel_init(), (f, d), ("mlp", "embed"), pd)
 
     def __call__(self, x: Array, drop: DropoutCtx) -> Array:
         dt = self.dtype
+        dense = self.ops.dense  # einsum("...d,df->...f")
         h0 = dense(x, self.wi_0[...].astype(dt))
         h1 = dense(x, self.wi_1[...].astype(dt))
         h = jax.nn.gelu(h0, approximate=True) * h1
@@ -330,93 +258,6 @@ def decoder_mask(
 # ----------------------------------------------------------------------------------------
 # Attention
 # ----------------------------------------------------------------------------------------
-@jax.custom_vjp
-def add_bias(logits: Array, bias: Array) -> Array:
-    """``logits + bias`` for attention logits [B, H, q, k] and a bias broadcast over
-    the batch ([1, H, q, k], the relative-position bias shared by a stack's layers).
-
-    The hand-written VJP sums the bias gradient over the batch as a contraction with a
-    ones vector. As a plain ``sum``, XLA:CPU fused the batch reductions of every
-    unrolled layer, the softmax backward that produces them and the Toeplitz backward
-    of :class:`RelativePositionBias` into one loop that strides over all of them:
-    ~0.2 s of a 2.3 s t5_peer step. The dot keeps each layer's reduction separate.
-    """
-    return logits + bias
-
-
-def _add_bias_fwd(logits, bias):
-    # The bias (alive anyway) carries its shape and dtype; a scalar carries the logits'.
-    return logits + bias, (bias, jnp.zeros((), logits.dtype))
-
-
-def _add_bias_bwd(res, g):
-    bias, like_logits = res
-    axes = tuple(i for i, n in enumerate(bias.shape) if n == 1 and g.shape[i] != 1)
-    if axes == (0,):
-        db = jnp.einsum("b,b...->...", jnp.ones(g.shape[0], g.dtype), g)[None]
-    elif axes:
-        db = jnp.sum(g, axis=axes, keepdims=True)
-    else:
-        db = g
-    return g.astype(like_logits.dtype), db.astype(bias.dtype)
-
-
-add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
-
-
-def _key_side_grad(a: Array, w: Array) -> Array:
-    """``einsum("bqhd,bhqk->bkhd", a, w)``: a gradient on the key side of attention.
-
-    It contracts over queries, the leading non-batch axis of both operands, which
-    XLA:CPU's library dot does not take (an Eigen dot at half the speed). Transposing
-    the small operand to [B, H, d, q] (behind an optimization barrier on CPU, so it is not
-    folded back into the dot) makes it a plain batched matmul; the [B, H, d, k] result
-    is transposed back.
-    """
-    at = _pinned_on_cpu(jnp.transpose(a, (0, 2, 3, 1)))
-    r = jnp.einsum("bhdq,bhqk->bhdk", at, w.astype(a.dtype), preferred_element_type=jnp.float32)
-    return jnp.transpose(r, (0, 3, 1, 2)).astype(a.dtype)
-
-
-@jax.custom_vjp
-def attention_scores(q: Array, k: Array) -> Array:
-    """``einsum("bqhd,bkhd->bhqk")`` in float32; the key gradient via :func:`_key_side_grad`."""
-    return jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-
-
-def _attention_scores_fwd(q, k):
-    return attention_scores(q, k), (q, k)
-
-
-def _attention_scores_bwd(res, g):
-    q, k = res
-    gc = g.astype(q.dtype)
-    dq = jnp.einsum("bhqk,bkhd->bqhd", gc, k, preferred_element_type=jnp.float32)
-    return dq.astype(q.dtype), _key_side_grad(q, gc).astype(k.dtype)
-
-
-attention_scores.defvjp(_attention_scores_fwd, _attention_scores_bwd)
-
-
-@jax.custom_vjp
-def attention_context(probs: Array, v: Array) -> Array:
-    """``einsum("bhqk,bkhd->bqhd")``; the value gradient via :func:`_key_side_grad`."""
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-
-
-def _attention_context_fwd(probs, v):
-    return attention_context(probs, v), (probs, v)
-
-
-def _attention_context_bwd(res, g):
-    probs, v = res
-    dp = jnp.einsum("bqhd,bkhd->bhqk", g, v, preferred_element_type=jnp.float32)
-    return dp.astype(probs.dtype), _key_side_grad(g, probs).astype(v.dtype)
-
-
-attention_context.defvjp(_attention_context_fwd, _attention_context_bwd)
-
-
 class Attention(nnx.Module):
     """Multi-head dot-product attention, T5 style.
 
@@ -432,6 +273,7 @@ class Attention(nnx.Module):
         self.rate = cfg.attention_dropout_rate
         self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
         self.impl = cfg.attention_impl
+        self.ops = ops.of(cfg.ops)
         q_init = kernel_init(0, (1, 2), scale=1.0 / k)  # variance / head_dim
         kv_init = kernel_init(0, (1, 2))
         self.query = param(rngs, q_init, (d, h, k), ("embed", "heads", "kv"), pd)
@@ -490,6 +332,7 @@ class Attention(nnx.Module):
         impl = self.impl
         if cache is not None and impl == "cudnn":
             impl = "xla"  # incremental steps (1 query, cache-length mask): generic kernel
+        weights = copied = None
         if impl != "einsum" and not return_attention and clamp is None:
             # Fused kernel: scale=1 (T5 folds 1/sqrt(d) into the query init).
             ctx = jax.nn.dot_product_attention(
@@ -501,26 +344,31 @@ class Attention(nnx.Module):
                 scale=1.0,
                 implementation=impl,
             )
-            out = jnp.einsum("bqhd,hdm->bqm", ctx, self.out[...].astype(dt))
-            return with_logical_constraint(out, ("batch", "length", "act_embed")), None, new_cache
-        logits = attention_scores(q, k)
-        if bias is not None:
-            logits = add_bias(logits, bias)
-        if mask is not None:
-            logits = jnp.where(mask, logits, NEG_INF)
-        weights = jax.nn.softmax(logits, axis=-1)
-        if clamp is not None:
-            weights = interventions.clamp_weights(weights, clamp)
-        probs = dropout(weights, self.rate, drop.key, drop.scale).astype(dt)
-        ctx = attention_context(probs, v)
-        copied = None
-        if clamp is not None:
-            ctx, copied = interventions.clamp_context(ctx, weights, clamp)
+        else:
+            ctx, weights, copied = self._attend(q, k, v, mask, bias, drop, clamp)
         out = jnp.einsum("bqhd,hdm->bqm", ctx, self.out[...].astype(dt))
         if copied is not None:
             out = out + copied.astype(out.dtype)
         out = with_logical_constraint(out, ("batch", "length", "act_embed"))
         return out, (weights if return_attention else None), new_cache
+
+    def _attend(self, q, k, v, mask, bias, drop: DropoutCtx, clamp):
+        """The einsum path: (context [B, q, H, kv], weights [B, H, q, k], the intervention's
+        copied residual or None)."""
+        logits = self.ops.attention_scores(q, k)  # einsum("bqhd,bkhd->bhqk") in float32
+        if bias is not None:
+            logits = self.ops.add_bias(logits, bias)  # logits + bias
+        if mask is not None:
+            logits = jnp.where(mask, logits, NEG_INF)
+        weights = jax.nn.softmax(logits, axis=-1)
+        if clamp is not None:
+            weights = interventions.clamp_weights(weights, clamp)
+        probs = dropout(weights, self.rate, drop.key, drop.scale).astype(self.dtype)
+        ctx = self.ops.attention_context(probs, v)  # einsum("bhqk,bkhd->bqhd")
+        copied = None
+        if clamp is not None:
+            ctx, copied = interventions.clamp_context(ctx, weights, clamp)
+        return ctx, weights, copied
 
 
 # ----------------------------------------------------------------------------------------
