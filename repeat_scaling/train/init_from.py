@@ -74,6 +74,7 @@ _LAYOUT_FIELDS = (
     "param_dtype",
     "float32_logits",
     "attention_impl",
+    "ops",
     "dropout_rate",
     "attention_dropout_rate",
     "droppath_rate",
