@@ -78,6 +78,7 @@ from typing import Any
 
 import numpy as np
 
+from repeat_scaling import run_files
 from repeat_scaling.data.store import MANIFEST, StoreError, StoreWriter, TokenStore
 from repeat_scaling.data.vocab import EOS_ID, load_vocab_info
 
@@ -445,7 +446,7 @@ def write_sequence_store(
     if bad:
         raise IclTaskError(f"loss_positions {bad} outside [0, sequence_length={L})")
     vocab = load_vocab_info(f"tokens:{int(vocab_size)}")
-    task_json = json.loads(json.dumps(task, default=_json_default))
+    task_json = json.loads(json.dumps(task, default=run_files.json_default))
     if os.path.exists(out_dir):
         if os.path.isfile(os.path.join(out_dir, MANIFEST)):
             existing = TokenStore(out_dir)
@@ -487,16 +488,6 @@ def write_sequence_store(
         + f" sequences of {L} tokens, vocab tokens:{vocab_size})"
     )
     return store
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON-able: {o!r}")
 
 
 def prepare_icl_store(
