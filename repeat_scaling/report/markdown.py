@@ -136,7 +136,31 @@ def write_report(
     rows = figures.run_rows(runs, effective)
     points = data_constrained_points(runs)
     refit, refit_failure = _refit(points, dc_grid)
+    figs = _draw_figures(runs, rows, baselines, points, out_dir)
+    fit_rows = _fit_rows(baselines)
+    figures.write_csv(os.path.join(out_dir, "fits.csv"), FITS_HEADER, fit_rows)
+    missing = _missing(all_runs, load_problems, figs, baselines, refit_failure, ft)
+    found = findings.analyse(runs)
+    findings.write_json(found, out_dir)
 
+    n_finished = sum(r.finished for r in all_runs)
+    lines = _header_lines(title, all_runs, n_finished)
+    lines += ["", *findings.markdown(found)]
+    lines += ["", *_missing_lines(missing)]
+    lines += ["", *_runs_lines(rows, all_runs)]
+    lines += ["", *_fits_lines(fit_rows, refit, refit_failure)]
+    if ft.groups:
+        lines += ["", *finetune_lines(ft)]
+    lines += ["", *_figures_lines(figs)]
+    with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    return ReportSummary(
+        out_dir, figs + ft.figures, missing, len(all_runs), n_finished, list(found)
+    )
+
+
+def _draw_figures(runs, rows, baselines, points, out_dir: str) -> list[figures.Figure]:
+    """Every pre-training figure (PNG + CSV in ``out_dir``), in the report's order."""
     figs = [
         figures.degradation_curves(runs, out_dir),
         figures.double_descent(runs, rows, out_dir),
@@ -148,7 +172,11 @@ def write_report(
         figures.probes(runs, out_dir),
     ]
     figs += icl_report.figures(runs, out_dir)  # the ICL lab ([] without ICL-lab runs)
+    return figs
 
+
+def _fit_rows(baselines) -> list[dict]:
+    """One fits.csv row per (metric, baseline family, form)."""
     fit_rows = []
     for key, fams in baselines.items():
         for fam, bf in fams.items():
@@ -169,9 +197,11 @@ def write_report(
                         "failure": bf.failures.get(form),
                     }
                 )
-    figures.write_csv(os.path.join(out_dir, "fits.csv"), FITS_HEADER, fit_rows)
+    return fit_rows
 
-    # ----- what is missing -------------------------------------------------------------
+
+def _missing(all_runs, load_problems, figs, baselines, refit_failure, ft) -> list[str]:
+    """What is missing: unfinished runs, their problems, undrawn figures, failed fits."""
     missing: list[str] = list(load_problems)
     for r in all_runs:
         if not r.finished:
@@ -180,18 +210,7 @@ def write_report(
         missing += [f"run {r.name}: {p}" for p in r.problems if "file missing" not in p]
     for fig in figs:
         missing += [f"figure {fig.name}: {note}" for note in fig.notes]
-    # One line per (family, reason): the offset-free failure implies the offset one.
-    fit_failures: dict[tuple, list[str]] = {}
-    for key, fams in baselines.items():
-        for fam, bf in fams.items():
-            why = bf.failures.get(fits_lib.OFFSET_FREE) or bf.failures.get(fits_lib.OFFSET)
-            if why:
-                form = fits_lib.OFFSET_FREE if fits_lib.OFFSET_FREE in bf.failures else "offset"
-                fit_failures.setdefault((fam[0], fam[1], form, why), []).append(key)
-    for (arch, objective, form, why), keys in fit_failures.items():
-        missing.append(
-            f"baseline fit ({arch}, {objective}) of {', '.join(keys)}: no {form} fit, {why}"
-        )
+    missing += _fit_failures(baselines)
     if not any(baselines.values()):
         missing.append("effective sizes: no finished unique-data (f = 0) baseline runs")
     if refit_failure:
@@ -201,23 +220,42 @@ def write_report(
     for r in all_runs:
         if r.config is not None:
             missing += [f"run {r.name}: {p}" for p in r.problems if "file missing" in p]
+    return missing
 
-    found = findings.analyse(runs)
-    findings.write_json(found, out_dir)
 
-    n_finished = sum(r.finished for r in all_runs)
-    lines = [f"# {title}", ""]
-    lines.append(
+def _fit_failures(baselines) -> list[str]:
+    """One line per (family, reason): the offset-free failure implies the offset one."""
+    fit_failures: dict[tuple, list[str]] = {}
+    for key, fams in baselines.items():
+        for fam, bf in fams.items():
+            why = bf.failures.get(fits_lib.OFFSET_FREE) or bf.failures.get(fits_lib.OFFSET)
+            if why:
+                form = fits_lib.OFFSET_FREE if fits_lib.OFFSET_FREE in bf.failures else "offset"
+                fit_failures.setdefault((fam[0], fam[1], form, why), []).append(key)
+    return [
+        f"baseline fit ({arch}, {objective}) of {', '.join(keys)}: no {form} fit, {why}"
+        for (arch, objective, form, why), keys in fit_failures.items()
+    ]
+
+
+def _header_lines(title: str, all_runs, n_finished: int) -> list[str]:
+    """The title and the one-paragraph census of the run directories."""
+    return [
+        f"# {title}",
+        "",
         f"Generated {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')} "
         f"from {len(all_runs)} run directories: {n_finished} finished, "
         f"{sum(r.status == runs_lib.STATUS_TRAINING for r in all_runs)} still training, "
         f"{sum(r.status == runs_lib.STATUS_NOT_EVALUATED for r in all_runs)} not evaluated, "
         f"{sum(r.status == runs_lib.STATUS_MISSING for r in all_runs)} missing. "
         "Final metrics come only from finished runs; unfinished runs appear in the "
-        "curves (dashed)."
-    )
-    lines += ["", *findings.markdown(found)]
-    lines += ["", "## What is missing", ""]
+        "curves (dashed).",
+    ]
+
+
+def _missing_lines(missing: list[str]) -> list[str]:
+    """## What is missing."""
+    lines = ["## What is missing", ""]
     if missing:
         lines.append(
             "Runs not finished (every launched run directory is listed), files missing or "
@@ -227,8 +265,12 @@ def write_report(
         lines += [f"- {m}" for m in missing]
     else:
         lines.append("Nothing: every run is finished and every figure drawn.")
+    return lines
 
-    lines += ["", "## Runs", ""]
+
+def _runs_lines(rows: list[dict], all_runs) -> list[str]:
+    """## Runs: one table row per pre-training run, then the settings changed on resume."""
+    lines = ["## Runs", ""]
     lines += _table(
         [
             "run",
@@ -258,7 +300,6 @@ def write_report(
             for row in rows
         ],
     )
-
     resumed = [(r, e) for r in all_runs for e in r.resume_log]
     if resumed:
         lines += ["", "### Settings changed on resume (resume_log.jsonl)", ""]
@@ -273,8 +314,23 @@ def write_report(
                 for r, e in resumed
             ],
         )
+    return lines
 
-    lines += ["", "## Fits", "", "### Power laws on the unique-data baselines", ""]
+
+def _fits_lines(fit_rows: list[dict], refit, refit_failure: str | None) -> list[str]:
+    """## Fits: the baseline power laws, then the data-constrained law."""
+    return [
+        "## Fits",
+        "",
+        *_power_law_lines(fit_rows),
+        "",
+        *_data_constrained_lines(refit, refit_failure),
+    ]
+
+
+def _power_law_lines(fit_rows: list[dict]) -> list[str]:
+    """### Power laws on the unique-data baselines."""
+    lines = ["### Power laws on the unique-data baselines", ""]
     lines.append(
         "L(N) = E0 + (Nc/N)^alpha (`offset`) and (Nc/N)^alpha (`offset_free`), fitted on "
         "ln L with a robust soft-L1 loss; N = parameter count used by the report. "
@@ -283,40 +339,42 @@ def write_report(
         "(non-embedding parameters, WebText2)."
     )
     lines.append("")
-    if fit_rows:
-        lines += _table(
-            [
-                "metric",
-                "arch",
-                "objective",
-                "form",
-                "E0",
-                "Nc",
-                "alpha",
-                "points",
-                "rmse(ln L)",
-                "failure",
-            ],
-            [
-                (
-                    r["metric"],
-                    r["arch"],
-                    r["objective"],
-                    r["form"],
-                    r["e0"],
-                    r["nc"],
-                    r["alpha"],
-                    r["n_points"],
-                    r["rmse_log"],
-                    r["failure"] or "",
-                )
-                for r in fit_rows
-            ],
-        )
-    else:
-        lines.append("No baseline fits (see What is missing).")
+    if not fit_rows:
+        return lines + ["No baseline fits (see What is missing)."]
+    return lines + _table(
+        [
+            "metric",
+            "arch",
+            "objective",
+            "form",
+            "E0",
+            "Nc",
+            "alpha",
+            "points",
+            "rmse(ln L)",
+            "failure",
+        ],
+        [
+            (
+                r["metric"],
+                r["arch"],
+                r["objective"],
+                r["form"],
+                r["e0"],
+                r["nc"],
+                r["alpha"],
+                r["n_points"],
+                r["rmse_log"],
+                r["failure"] or "",
+            )
+            for r in fit_rows
+        ],
+    )
 
-    lines += ["", "### Data-constrained law (Muennighoff et al. 2023)", ""]
+
+def _data_constrained_lines(refit, refit_failure: str | None) -> list[str]:
+    """### Data-constrained law: the published constants and the refit."""
+    lines = ["### Data-constrained law (Muennighoff et al. 2023)", ""]
     lines.append(
         "L = E + A/N'^alpha + B/D'^beta with U_D = (1 - f) T + f T / E distinct tokens and "
         f"N_opt(U_D) = U_D / {dc.PUBLISHED.tokens_per_param:g} (Chinchilla rule). Refit: "
@@ -334,26 +392,16 @@ def write_report(
     lines += _table(["constants"] + consts + ["fit"], table_rows)
     if refit_failure:
         lines += ["", f"Refit not done: {refit_failure}."]
+    return lines
 
-    if ft.groups:
-        lines += ["", *finetune_lines(ft)]
 
-    lines += ["", "## Figures", ""]
+def _figures_lines(figs: list[figures.Figure]) -> list[str]:
+    """## Figures: each figure with its caption and CSVs, then the fits CSV."""
+    lines = ["## Figures", ""]
     for fig in figs:
-        lines += [f"### {fig.title}", "", fig.caption, ""]
-        if fig.png:
-            lines += [f"![{fig.title}]({fig.png})", ""]
-        for note in fig.notes:
-            lines += [f"*Not drawn: {note}.*", ""]
-        lines.append("Data: " + ", ".join(f"[{c}]({c})" for c in fig.csvs) + ".")
-        lines.append("")
+        lines += [f"### {fig.title}", "", *_figure_lines(fig)]
     lines.append("Fit parameters: [fits.csv](fits.csv).")
-
-    with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    return ReportSummary(
-        out_dir, figs + ft.figures, missing, len(all_runs), n_finished, list(found)
-    )
+    return lines
 
 
 def _figure_lines(fig: figures.Figure) -> list[str]:
@@ -368,6 +416,17 @@ def _figure_lines(fig: figures.Figure) -> list[str]:
 
 def finetune_lines(ft: finetune.FinetuneReport) -> list[str]:
     """The Markdown section on fine-tuned runs (Hernandez and Xue comparisons)."""
+    return [
+        *_finetune_runs_lines(ft),
+        "",
+        *_finetune_effective_lines(ft),
+        "",
+        *_xue_downstream_lines(ft),
+    ]
+
+
+def _finetune_runs_lines(ft: finetune.FinetuneReport) -> list[str]:
+    """## Fine-tuning: the table of fine-tuned and from-scratch runs, then their figures."""
     lines = ["## Fine-tuning after repeated pre-training", ""]
     lines.append(
         "Runs started from another run's checkpoint (`--config.init_from`, recorded in "
@@ -391,8 +450,12 @@ def finetune_lines(ft: finetune.FinetuneReport) -> list[str]:
     )
     for fig in ft.figures:
         lines += ["", f"### {fig.title}", ""] + _figure_lines(fig)[:-1]
+    return lines
 
-    lines += ["", "### Effective model size after fine-tuning", ""]
+
+def _finetune_effective_lines(ft: finetune.FinetuneReport) -> list[str]:
+    """### Effective model size after fine-tuning (Hernandez et al.)."""
+    lines = ["### Effective model size after fine-tuning", ""]
     lines.append(
         "Final test loss of each finished fine-tuned run as a ratio to the from-scratch run "
         "of the same model and to the same model fine-tuned from its unique-data (f = 0) "
@@ -428,9 +491,13 @@ def finetune_lines(ft: finetune.FinetuneReport) -> list[str]:
     if ft.effective and len(sizes) <= len({row["data"] for row in ft.effective}):
         lines += ["", "*A single model size per fine-tuning data set: no N_eff / N, "
                   "loss ratios only.*"]  # fmt: skip
-    lines += ["", "Data: [finetune_effective.csv](finetune_effective.csv).", ""]
+    lines += ["", "Data: [finetune_effective.csv](finetune_effective.csv)."]
+    return lines
 
-    lines += ["### Downstream results vs pre-training repetition (Xue et al. layout)", ""]
+
+def _xue_downstream_lines(ft: finetune.FinetuneReport) -> list[str]:
+    """### Downstream results vs pre-training repetition (Xue et al.)."""
+    lines = ["### Downstream results vs pre-training repetition (Xue et al. layout)", ""]
     lines.append(
         "Rows: the pre-training data of each fine-tuned run (f, E and distinct tokens of "
         "the source run; *from scratch* = no pre-training). *Held-out acc.* is the "
