@@ -14,8 +14,13 @@ import sys
 
 import pytest
 
-from repeat_scaling import compile as compile_lib
 from repeat_scaling import config_files
+from repeat_scaling.compile import CompileCheckError
+from repeat_scaling.compile import check as check_lib
+from repeat_scaling.compile.cli import apply_model_name
+from repeat_scaling.compile.devices import has_cuda_plugin
+from repeat_scaling.compile.report import format_report, json_line, misfit_line
+from repeat_scaling.compile.topologies import get_topology
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "tests/tiny_compile_config.py"
@@ -39,31 +44,31 @@ def base(config):
 
 @pytest.fixture(scope="module")
 def fits_report():
-    return compile_lib.check(base(tiny("fits")), "v5e-8", eval_topology="v5litepod-1")
+    return check_lib.check(base(tiny("fits")), "v5e-8", eval_topology="v5litepod-1")
 
 
 @pytest.fixture(scope="module")
 def oom_report():
-    return compile_lib.check(base(tiny("oom")), "v5litepod-8", eval_topology=None)
+    return check_lib.check(base(tiny("oom")), "v5litepod-8", eval_topology=None)
 
 
 # -- the topology table ----------------------------------------------------------------
 def test_topology_table():
-    t = compile_lib.get_topology("v4-128")
+    t = get_topology("v4-128")
     assert (t.topology_name, t.chips, t.hosts, t.wrap) == ("v4:4x4x4", 64, 16, (True,) * 3)
     assert t.generation.chip_config == "megacore" and t.generation.hbm_gib == 32
-    t = compile_lib.get_topology("v5p-512")
+    t = get_topology("v5p-512")
     assert (t.topology_name, t.chips, t.hosts) == ("v5:4x8x8", 256, 64)
     for name in ("v5litepod-256", "v5e-256"):
-        t = compile_lib.get_topology(name)
+        t = get_topology(name)
         assert (t.accelerator_type, t.topology_name, t.hosts) == ("v5litepod-256", "v5e:16x16", 64)
         assert t.wrap == (True, True, False)
-    t = compile_lib.get_topology("v5litepod-8")
+    t = get_topology("v5litepod-8")
     assert (t.topology_name, t.hosts, t.chips_per_host) == ("v5e:2x4", 1, (2, 4, 1))
-    t = compile_lib.get_topology("v6e-64")
+    t = get_topology("v6e-64")
     assert (t.topology_name, t.hosts, t.generation.peak_bf16_tflops) == ("v6e:8x8", 16, 918.0)
-    with pytest.raises(compile_lib.CompileCheckError) as e:
-        compile_lib.get_topology("v9-8")
+    with pytest.raises(CompileCheckError) as e:
+        get_topology("v9-8")
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("unknown --topology='v9-8'")
     assert "v4-128" in msg and "v5litepod-256" in msg and "v5p-512" in msg and "v6e-64" in msg
@@ -100,16 +105,16 @@ def test_tiny_model_fits_v5e_8(fits_report):
     e = r["eval"]
     assert e["topology"] == "v5litepod-1" and e["devices"] == 1 and e["fits"] is True
     assert set(e["programs"]) == {"eval loss", "eval attention"}
-    table = compile_lib.format_report(r)
+    table = format_report(r)
     assert "fits" in table and "yes (headroom" in table and "v5litepod-8" in table
-    assert json.loads(compile_lib.json_line(r))["compile_check"]["fits"] is True
+    assert json.loads(json_line(r))["compile_check"]["fits"] is True
 
 
 @needs_libtpu
 def test_flops_apply_loop_trip_counts():
     """Scanned layers are one while loop: XLA's cost analysis counts its body once."""
-    unrolled = compile_lib.check(base(tiny("unrolled")), "v5e-8")
-    scanned = compile_lib.check(base(tiny("flops")), "v5e-8")["flops"]
+    unrolled = check_lib.check(base(tiny("unrolled")), "v5e-8")
+    scanned = check_lib.check(base(tiny("flops")), "v5e-8")["flops"]
     model = scanned["model_per_step"]
     assert unrolled["flops"]["model_per_step"] == model
     a, b = scanned["compiled_per_step"], unrolled["flops"]["compiled_per_step"]
@@ -128,20 +133,20 @@ def test_batch_that_cannot_fit(oom_report):
     h = r["hbm"]
     assert "RESOURCE_EXHAUSTED" in h["compiler_message"]
     assert h["temporaries"] > h["hbm"] > 15 * 2**30  # the compiler's numbers
-    line = compile_lib.misfit_line("compile_tiny_f0_e1_s0", r)
+    line = misfit_line("compile_tiny_f0_e1_s0", r)
     assert line.startswith("run compile_tiny_f0_e1_s0 does not fit: train step needs ")
     assert "GiB per chip of 15.75 GiB on v5litepod-8" in line and "\n" not in line
 
 
 @needs_libtpu
 def test_two_slices_compile_with_the_dcn_axis():
-    r = compile_lib.check(base(tiny("fits")), "v5e-8", num_slices=2)
+    r = check_lib.check(base(tiny("fits")), "v5e-8", num_slices=2)
     assert r["topology"]["devices"] == 16 and r["topology"]["num_slices"] == 2
     assert r["mesh"]["data"] == 16 and r["mesh_dcn"]["data"] == 2 and r["fits"]
-    with pytest.raises(compile_lib.CompileCheckError, match="spans 2 slice"):
+    with pytest.raises(CompileCheckError, match="spans 2 slice"):
         c = base(tiny("fits"))
         c.mesh.dcn.data = 2
-        compile_lib.check(c, "v5e-8", num_slices=1)
+        check_lib.check(c, "v5e-8", num_slices=1)
 
 
 @needs_libtpu
@@ -205,7 +210,7 @@ def test_tpu_backend_checks_before_any_vm(fake_gcloud, tmp_path, oom_report, mon
     from launch.backends.tpu import TpuBackend, TpuOptions
     from repeat_scaling import sweeps
 
-    monkeypatch.setattr(compile_lib, "check", lambda *a, **k: oom_report)  # compiled above
+    monkeypatch.setattr(check_lib, "check", lambda *a, **k: oom_report)  # compiled above
     runs = sweeps.expand(tiny("oom"), "gs://bkt/sweep")
     opts = TpuOptions(zone="z", accelerator_type="v5litepod-8", compile_check=True,
                       tarball=str(tmp_path / "code.tgz"), log_dir=str(tmp_path / "logs"))  # fmt: skip
@@ -234,11 +239,11 @@ def test_submit_compiles_a_fitting_sweep_once_then_launches(fake_gcloud, tmp_pat
 
 
 @pytest.mark.skipif(
-    not compile_lib.has_cuda_plugin(),
+    not has_cuda_plugin(),
     reason="the CUDA PJRT plugin is not installed (pip install -e '.[compile-gpu]')",
 )
 def test_gpu_target_compiles_without_a_gpu():
-    r = compile_lib.check(base(tiny("flops")), "h100x8", eval_topology="default")
+    r = check_lib.check(base(tiny("flops")), "h100x8", eval_topology="default")
     assert r["topology"]["topology"] == "1x1x8" and r["mesh"]["data"] == 8 and r["fits"]
     assert r["hbm"]["hbm"] == int(0.75 * 84978434048)  # jax preallocates 75%
     assert abs(r["flops"]["compiled_over_model"] - 1) < 0.06
@@ -253,15 +258,15 @@ def test_check_runs_caches_reports(tmp_path, monkeypatch):
         calls.append(topology)
         return {"fits": True, "batch": int(config.train.batch_size)}
 
-    monkeypatch.setattr(compile_lib, "check", fake_check)
+    monkeypatch.setattr(check_lib, "check", fake_check)
     runs = [("a", base(tiny("fits"))), ("b", base(tiny("fits"))), ("c", base(tiny("oom")))]
     logs = []
-    first = compile_lib.check_runs(runs, "v5e-8", cache_dir=str(tmp_path), log=logs.append)
+    first = check_lib.check_runs(runs, "v5e-8", cache_dir=str(tmp_path), log=logs.append)
     assert calls == ["v5e-8", "v5e-8"] and first["a"] is first["b"]  # one per program
-    again = compile_lib.check_runs(runs, "v5e-8", cache_dir=str(tmp_path), log=logs.append)
+    again = check_lib.check_runs(runs, "v5e-8", cache_dir=str(tmp_path), log=logs.append)
     assert calls == ["v5e-8", "v5e-8"] and again == first
     assert sum("cached" in line for line in logs) == 2
-    compile_lib.check_runs(runs, "v4-8", cache_dir=str(tmp_path), log=logs.append)
+    check_lib.check_runs(runs, "v4-8", cache_dir=str(tmp_path), log=logs.append)
     assert calls[2:] == ["v4-8", "v4-8"]  # another topology is another program
 
 
@@ -271,8 +276,6 @@ def test_model_name_override_keeps_the_config_files_changes():
     assert base.model.name == "d25m" and base.model.remat_policy == "dots_no_batch"
     config = base.copy_and_resolve_references()
     config.model.name, config.model.dropout_rate = "d800m", 0.1  # as config_flags leaves it
-    out = compile_lib.apply_model_name(
-        config, {"model.name": "d800m", "model.dropout_rate": 0.1}, base
-    )
+    out = apply_model_name(config, {"model.name": "d800m", "model.dropout_rate": 0.1}, base)
     assert (out.model.d_model, out.model.num_decoder_layers) == (1536, 28)
     assert out.model.remat_policy == "dots_no_batch" and out.model.dropout_rate == 0.1

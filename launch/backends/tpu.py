@@ -319,25 +319,27 @@ class TpuBackend:
     def compile_check(self, sub: Submission, runs: list) -> None:
         """Compiles every run for the accelerator type here (no VM); LaunchError naming the
         first run that does not fit (train step, or the evaluator's programs on its VM)."""
-        from repeat_scaling import compile as compile_lib
+        from repeat_scaling.compile import CompileCheckError
+        from repeat_scaling.compile.check import check_runs
+        from repeat_scaling.compile.report import misfit_line, runs_table
 
         eval_type = None
         if self.opt.eval_on == "vm" and sub.eval_mode != "none":
             eval_type = self.opt.eval_accelerator_type
         try:
-            reports = compile_lib.check_runs(
+            reports = check_runs(
                 [(r.name, r.config) for r in runs],
                 self.opt.accelerator_type,
                 eval_topology=eval_type,
                 log=self.say,
             )
-        except compile_lib.CompileCheckError as e:
+        except CompileCheckError as e:
             raise LaunchError(f"compile check: {e} (--notpu_compile_check skips it)") from None
-        self.say(compile_lib.runs_table(reports))
+        self.say(runs_table(reports))
         bad = [name for name, r in reports.items() if not r["fits"]]
         if bad:
             more = f" ({len(bad)} of {len(reports)} runs do not fit)" if len(bad) > 1 else ""
-            raise LaunchError(compile_lib.misfit_line(bad[0], reports[bad[0]]) + more)
+            raise LaunchError(misfit_line(bad[0], reports[bad[0]]) + more)
 
     def _exists(self, node: str, dry_run: bool) -> bool:
         if dry_run:
