@@ -173,12 +173,13 @@ def test_copy_word_end_to_end_em_above_untrained(copy_run):
     from flax import nnx
 
     from repeat_scaling import models
-    from repeat_scaling.eval import evaluator, metrics, results
+    from repeat_scaling.eval import evaluator, results
+    from repeat_scaling.eval.settings import EvalSettings
 
     store, work = copy_run
     down = ds.DownstreamSettings(examples=64, batch_size=32, split="train")
     ev = evaluator.Evaluator(
-        work, metrics.EvalSettings(**SMALL), evaluator.eval_mesh(1), downstream_settings=down
+        work, EvalSettings(**SMALL), evaluator.eval_mesh(1), downstream_settings=down
     )
     (rec,) = ev.run_all()
     assert rec["step"] == COPY_STEPS
@@ -235,13 +236,14 @@ def test_decoder_only_generation_follows_the_supervised_layout(copy_store):
     from repeat_scaling import models
     from repeat_scaling.data.pipeline import make_objective
     from repeat_scaling.data.store import TokenStore
-    from repeat_scaling.eval import evaluator, metrics
+    from repeat_scaling.eval import evaluator
+    from repeat_scaling.eval.runner import ModelRunner
     from repeat_scaling.models.config import ModelConfig
 
     store = TokenStore(str(copy_store))
     cfg = ModelConfig.from_dict(_demo_config("dec").model.to_dict())
     model = models.build(cfg, nnx.Rngs(3))
-    runner = metrics.ModelRunner(model, cfg, evaluator.eval_mesh(1))
+    runner = ModelRunner(model, cfg, evaluator.eval_mesh(1))
     settings = ds.DownstreamSettings(examples=16, batch_size=8, split="validation")
     task = ds.DownstreamTask(store, settings)
     gen = ds.Generator(runner, vocab_size=store.vocab.vocab_size)
@@ -285,7 +287,8 @@ ICL_TASK = (
 def test_evaluator_on_a_clamped_icl_run(tmp_path):
     import numpy as np
 
-    from repeat_scaling.eval import evaluator, metrics, results
+    from repeat_scaling.eval import evaluator, results
+    from repeat_scaling.eval.settings import EvalSettings
     from repeat_scaling.train import loop
 
     icl_bursty = config_files.load_module(REPO / "configs" / "icl_bursty.py")
@@ -298,9 +301,7 @@ def test_evaluator_on_a_clamped_icl_run(tmp_path):
     c.train.checkpoint_every = c.train.log_every = 4
     loop.train(c, tmp_path / "run")
 
-    ev = evaluator.Evaluator(
-        tmp_path / "run", metrics.EvalSettings(**SMALL), evaluator.eval_mesh(1)
-    )
+    ev = evaluator.Evaluator(tmp_path / "run", EvalSettings(**SMALL), evaluator.eval_mesh(1))
     assert ev.run.store.vocab.kind == "tokens" and ev.icl_task is not None
     (rec,) = ev.run_all()
     for key in ("test_loss", "copy_loss", "random_repeat_loss", "icl_score"):

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from repeat_scaling import config_files
-from repeat_scaling.eval import evaluator, metrics, results
+from repeat_scaling.eval import evaluator, results
+from repeat_scaling.eval.settings import EvalSettings
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMALL = dict(
@@ -93,7 +94,7 @@ def live(store, tmp_path_factory):
             assert time.monotonic() < deadline, "trainer wrote no data_plan.json"
             time.sleep(0.2)
         assert evaluator.committed_steps(work) == []  # the evaluator starts before any save
-        ev = evaluator.Evaluator(work, metrics.EvalSettings(**SMALL), evaluator.eval_mesh(1))
+        ev = evaluator.Evaluator(work, EvalSettings(**SMALL), evaluator.eval_mesh(1))
         recs = ev.run_all(watch=True, poll_seconds=0.5, timeout_seconds=180)
     finally:
         trainer.wait(timeout=180)
@@ -145,7 +146,7 @@ def _copy(workdir, dest):
 
 def test_restore_8_devices_onto_1_identical_test_loss(live, tmp_path):
     trained, live_records = live
-    settings = metrics.EvalSettings(**SMALL)
+    settings = EvalSettings(**SMALL)
     ev8 = evaluator.Evaluator(_copy(trained, tmp_path / "a"), settings, evaluator.eval_mesh(0))
     ev1 = evaluator.Evaluator(_copy(trained, tmp_path / "b"), settings, evaluator.eval_mesh(1))
     assert ev8.mesh.devices.size == 8 and ev1.mesh.devices.size == 1
@@ -194,7 +195,7 @@ def test_all_data_seen_once_is_unique_data(live, tmp_path):
     config = json.loads((work / "config.json").read_text())
     config["data"]["repeated_fraction"], config["data"]["repeated_epochs"] = 1.0, 1
     (work / "config.json").write_text(json.dumps(config))
-    ev = evaluator.Evaluator(work, metrics.EvalSettings(**SMALL), evaluator.eval_mesh(1))
+    ev = evaluator.Evaluator(work, EvalSettings(**SMALL), evaluator.eval_mesh(1))
     assert ev.run.plan.num_repeated > 0 and ev.run.plan.epochs == 1
     rec = ev.evaluate_step(4)
     assert rec["repeated_loss"] is None and 0 < rec["unique_seen_loss"] < 10
@@ -204,7 +205,7 @@ def test_all_data_seen_once_is_unique_data(live, tmp_path):
 
 def test_deleted_checkpoint_is_skipped_and_errors_are_clear(live, tmp_path):
     trained, _ = live
-    settings = metrics.EvalSettings(**SMALL)
+    settings = EvalSettings(**SMALL)
     work = _copy(trained, tmp_path / "run")
     warnings = []
     ev = evaluator.Evaluator(work, settings, evaluator.eval_mesh(1), warn=warnings.append)
@@ -229,7 +230,7 @@ def test_deleted_checkpoint_is_skipped_and_errors_are_clear(live, tmp_path):
     with pytest.raises(evaluator.EvalError, match="not a training workdir"):
         evaluator.Evaluator(tmp_path / "nothing", settings)
     with pytest.raises(ValueError, match="unknown eval_config key 'batch'"):
-        metrics.EvalSettings.from_overrides({"batch": 3})
+        EvalSettings.from_overrides({"batch": 3})
 
 
 def _cli(workdir, *flags):
@@ -285,7 +286,7 @@ def test_cli_kill_and_restart_never_duplicates(live, tmp_path):
     with open(path, "a") as f:
         f.write("{oops\n")
     warnings = []
-    ev = evaluator.Evaluator(work, metrics.EvalSettings(**SMALL), warn=warnings.append)
+    ev = evaluator.Evaluator(work, EvalSettings(**SMALL), warn=warnings.append)
     assert ev.run_all() == [] and ev.writer.done_steps == {2, 4}
     assert "results.jsonl:3: corrupt results line skipped" in warnings[0]
     # Clear one-line CLI errors.
@@ -323,7 +324,7 @@ def test_clamped_run_on_a_pairs_store_is_flagged_unclamped(tmp_path):
         (tmp_path / name).mkdir()
         cfg = loop.resolved_config(c, model_cfg, {})
         (tmp_path / name / "config.json").write_text(json.dumps(cfg))
-    settings = metrics.EvalSettings(**SMALL)
+    settings = EvalSettings(**SMALL)
     warnings = []
     ev = evaluator.Evaluator(tmp_path / "clamped", settings, warn=warnings.append)
     assert ev.pairs is not None and ev.downstream_unclamped

@@ -94,10 +94,10 @@ def test_previous_token_head_scores_high_only_where_built(handbuilt):
 
 
 def test_copying_score_from_ov_circuit(handbuilt):
-    from repeat_scaling.eval import metrics
+    from repeat_scaling.eval.copying import copying_scores_of
 
     cfg, model = handbuilt
-    cs = np.asarray(metrics.copying_scores_of(model, cfg, np.arange(3, 100), vocab_size=V))
+    cs = np.asarray(copying_scores_of(model, cfg, np.arange(3, 100), vocab_size=V))
     assert cs.shape == (2, 2)
     assert cs[1, 1] > 0.9, cs  # the induction head copies what it attends to
     assert (np.delete(cs.ravel(), 3) < -0.9).all(), cs  # others raise no token's logit

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from repeat_scaling.eval import metrics
+from repeat_scaling.eval import features, metrics
+from repeat_scaling.eval.settings import EvalSettings
 
 
 def test_copy_layout_fits_k_copies_in_context():
@@ -27,20 +28,20 @@ def test_icl_and_probe_positions():
 
 def test_feature_builders_follow_t5x_conventions():
     t = np.array([[5, 6, 7, 0]])
-    f = metrics.decoder_features(t, np.ones_like(t))
+    f = features.decoder_features(t, np.ones_like(t))
     np.testing.assert_array_equal(f["decoder_input_tokens"], [[0, 5, 6, 7]])
     np.testing.assert_array_equal(f["decoder_loss_weights"], [[1, 1, 1, 0]])
     np.testing.assert_array_equal(f["decoder_segment_ids"], [[1, 1, 1, 0]])
-    e = metrics.encdec_features(np.array([[9, 1]]), t, np.ones_like(t))
+    e = features.encdec_features(np.array([[9, 1]]), t, np.ones_like(t))
     np.testing.assert_array_equal(e["decoder_input_tokens"], [[0, 5, 6, 7]])
 
 
 def test_settings_overrides_are_validated():
-    s = metrics.EvalSettings.from_overrides({"batch_size": "4", "probe_exclude_fraction": "0.02"})
+    s = EvalSettings.from_overrides({"batch_size": "4", "probe_exclude_fraction": "0.02"})
     assert s.batch_size == 4 and s.probe_exclude_fraction == 0.02
     with pytest.raises(ValueError, match="batch_size=0"):
-        metrics.EvalSettings(batch_size=0)
+        EvalSettings(batch_size=0)
     with pytest.raises(ValueError, match="copy_repeats=1"):
-        metrics.EvalSettings(copy_repeats=1)
+        EvalSettings(copy_repeats=1)
     with pytest.raises(ValueError, match="expected an int"):
-        metrics.EvalSettings.from_overrides({"seed": "x"})
+        EvalSettings.from_overrides({"seed": "x"})

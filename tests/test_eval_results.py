@@ -55,7 +55,8 @@ def test_evaluation_imports_no_tensorflow():
     code = (
         "import sys\n"
         "import repeat_scaling.evaluate, repeat_scaling.eval.evaluator, repeat_scaling.bench.eval\n"
-        "from repeat_scaling.eval import metrics, probes, results\n"
+        "from repeat_scaling.eval import copying, features, metrics, probes, results, runner\n"
+        "from repeat_scaling.eval import settings\n"
         "import repeat_scaling.train.loop, repeat_scaling.data.pipeline  # used by Run.load\n"
         "bad = [m for m in ('tensorflow', 'seqio', 'tensorflow_datasets') if m in sys.modules]\n"
         "assert not bad, bad\n"

@@ -140,7 +140,8 @@ def experiment(tmp_path_factory):
 
 
 def _experiment(tmp):
-    from repeat_scaling.eval import evaluator, metrics
+    from repeat_scaling.eval import evaluator
+    from repeat_scaling.eval.settings import EvalSettings
     from repeat_scaling.prepare import prepare_store
     from repeat_scaling.train import loop
 
@@ -162,7 +163,7 @@ def _experiment(tmp):
     workdirs.append(scratch)
     mesh = evaluator.eval_mesh(1)
     for work in workdirs:
-        evaluator.Evaluator(work, metrics.EvalSettings(**EVAL), mesh).run_all()
+        evaluator.Evaluator(work, EvalSettings(**EVAL), mesh).run_all()
     return root
 
 

@@ -368,12 +368,13 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_newest_good(store_dir, run_
 def test_flipped_params_bytes_resume_from_the_good_checkpoint_and_the_evaluator_retries(
     store_dir, trained, run_copy, caplog
 ):
-    from repeat_scaling.eval import evaluator, metrics, results
+    from repeat_scaling.eval import evaluator, results
+    from repeat_scaling.eval.settings import EvalSettings
 
     wd, before = run_copy
     corrupt(wd, "flip")
     # the evaluator: an error for step 8, never a null metric counted as done
-    small = metrics.EvalSettings(batch_size=8, test_batches=1, memorisation_examples=8,
+    small = EvalSettings(batch_size=8, test_batches=1, memorisation_examples=8,
                                  copy_examples=8, random_repeat_examples=8, icl_examples=8,
                                  probe_sequences=8, frequency_tokens=200_000)  # fmt: skip
     ev = evaluator.Evaluator(wd, small, evaluator.eval_mesh(1), warn=lambda m: None)

@@ -47,7 +47,8 @@ def bench_one(arg: str, out: pathlib.Path, steps: int, repeats: int) -> dict:
     import jax
     import numpy as np
 
-    from repeat_scaling.eval import evaluator, metrics
+    from repeat_scaling.eval import evaluator
+    from repeat_scaling.eval.settings import EvalSettings
     from repeat_scaling.train import loop
 
     store = out / "stores" / "builtin-byte"
@@ -61,7 +62,7 @@ def bench_one(arg: str, out: pathlib.Path, steps: int, repeats: int) -> dict:
     logs = [json.loads(x) for x in (workdir / run_files.METRICS).read_text().splitlines()]
     train_tps = [r["tokens_per_s"] for r in logs[1:] if r.get("tokens_per_s")]
 
-    ev = evaluator.Evaluator(workdir, metrics.EvalSettings(), evaluator.eval_mesh(0))
+    ev = evaluator.Evaluator(workdir, EvalSettings(), evaluator.eval_mesh(0))
     recs = ev.run_all()
     last = recs[-1]
     runner = ev._runner  # the evaluator's compiled model runner (after both checkpoints)

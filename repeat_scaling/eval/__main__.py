@@ -5,7 +5,7 @@ Flags:
   --watch          keep polling for new checkpoints until the run's final step
                    (config train.steps) is evaluated.
   --eval_config    evaluator settings: a JSON file, a JSON object, or ``key=value,...``
-                   (keys of ``repeat_scaling.eval.metrics.EvalSettings``).
+                   (keys of ``repeat_scaling.eval.settings.EvalSettings``).
   --num_devices    devices of the evaluator's data-parallel mesh (0 = all local devices).
   --poll_seconds   --watch polling interval; --watch_timeout_seconds gives up (0 = never).
 
@@ -113,8 +113,9 @@ def main(argv: list[str]) -> None:
         _fail(str(e))
     from repeat_scaling.data.repetition import RepetitionPlanError
     from repeat_scaling.data.store import StoreError
-    from repeat_scaling.eval import downstream, evaluator, metrics, probes
+    from repeat_scaling.eval import downstream, evaluator, probes
     from repeat_scaling.eval.results import ResultsLockedError
+    from repeat_scaling.eval.settings import EvalSettings
     from repeat_scaling.train.checkpointing import CheckpointError
 
     try:
@@ -123,7 +124,7 @@ def main(argv: list[str]) -> None:
             evaluator.wait_for_run(FLAGS.workdir, FLAGS.poll_seconds, FLAGS.watch_timeout_seconds)
         # The run's own config.eval first, then --eval_config on top.
         overrides, down = split_settings({**evaluator.recorded_settings(FLAGS.workdir), **given})
-        settings = metrics.EvalSettings.from_overrides(overrides)
+        settings = EvalSettings.from_overrides(overrides)
         for name in DOWNSTREAM_FLAGS:
             if FLAGS[name].present or name not in down:
                 down[name] = FLAGS[name].value

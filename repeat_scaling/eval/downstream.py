@@ -259,7 +259,7 @@ def load_split_references(
 class Generator:
     """Batched greedy decoding of one model on a mesh, jitted once per shape.
 
-    Built on a :class:`repeat_scaling.eval.metrics.ModelRunner` (its graph, current
+    Built on a :class:`repeat_scaling.eval.runner.ModelRunner` (its graph, current
     parameters, mesh and batch placement), so ``runner.load(model)`` for the next
     checkpoint reuses the compiled decoder. ``vocab_size``: the store's real vocabulary
     size; the argmax never picks the embedding table's padding rows beyond it.

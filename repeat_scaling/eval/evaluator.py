@@ -67,7 +67,10 @@ from repeat_scaling.data.store import TokenStore
 from repeat_scaling.errors import first_line
 from repeat_scaling.eval import downstream, metrics, probes
 from repeat_scaling.eval import tensorboard as eval_tensorboard
+from repeat_scaling.eval.features import Lengths
 from repeat_scaling.eval.results import ResultsWriter
+from repeat_scaling.eval.runner import ModelRunner
+from repeat_scaling.eval.settings import EvalSettings
 from repeat_scaling.models.config import ModelConfig
 from repeat_scaling.train import checkpointing, record
 
@@ -103,7 +106,7 @@ class Run:
     store: TokenStore
     objective: Any
     plan: Any
-    lengths: metrics.Lengths
+    lengths: Lengths
     final_step: int
     batch_size: int
     tokens_per_step: int
@@ -136,7 +139,7 @@ class Run:
             store=store,
             objective=data.objective,
             plan=data.plan,
-            lengths=metrics.Lengths.of(model_cfg, data.objective.feature_lengths),
+            lengths=Lengths.of(model_cfg, data.objective.feature_lengths),
             final_step=int(train["steps"]),
             batch_size=int(train["batch_size"]),
             tokens_per_step=tps,
@@ -210,13 +213,13 @@ class Evaluator:
     def __init__(
         self,
         workdir: str | pathlib.Path,
-        settings: metrics.EvalSettings | None = None,
+        settings: EvalSettings | None = None,
         mesh: jax.sharding.Mesh | None = None,
         warn: Callable[[str], None] | None = None,
         downstream_settings: downstream.DownstreamSettings | None = None,
     ):
         self.warn = warn or logging.warning
-        self.settings = settings or metrics.EvalSettings()
+        self.settings = settings or EvalSettings()
         self.downstream_settings = downstream_settings or downstream.DownstreamSettings()
         self.run = Run.load(workdir)
         manifest = self.run.store.manifest
@@ -245,7 +248,7 @@ class Evaluator:
         #: Steps of this process that could not be evaluated, with the reason.
         self.failed: dict[int, str] = {}
         self._data: dict[str, Any] | None = None
-        self._runner: metrics.ModelRunner | None = None
+        self._runner: ModelRunner | None = None
         self._generator: downstream.Generator | None = None
 
     # -- data shared by every checkpoint ------------------------------------------------
@@ -345,7 +348,7 @@ class Evaluator:
         else:
             unique = self._subsample(run.plan.unique_seen_chunks(consumed))
         if self._runner is None:
-            self._runner = metrics.ModelRunner(model, run.model_cfg, self.mesh)
+            self._runner = ModelRunner(model, run.model_cfg, self.mesh)
         else:
             self._runner.load(model)  # same graph: the compiled functions are reused
         runner = self._runner
