@@ -15,10 +15,12 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-# The trainers and evaluators the tests start share one compilation cache, removed at the
-# end (never the user's ~/.cache/repeat_scaling/jax).
+# One compilation cache for the session, removed at the end (never the user's
+# ~/.cache/repeat_scaling/jax): the trainers and evaluators the tests start use it, and so
+# does this process (JAX's own variable), where tests train the same shapes many times.
 _JAX_CACHE = tempfile.mkdtemp(prefix="repeat_scaling_test_jax_cache_")
 os.environ.setdefault("REPEAT_SCALING_COMPILATION_CACHE", _JAX_CACHE)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _JAX_CACHE)
 atexit.register(shutil.rmtree, _JAX_CACHE, ignore_errors=True)
 
 # TensorFlow >= 2.20 wheels load their LLVM with RTLD_GLOBAL, and a triton (>= 3.7) loaded
