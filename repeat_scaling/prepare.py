@@ -212,7 +212,7 @@ def prepare_store(
     out_dir = os.path.abspath(os.fspath(out_dir))
     if isinstance(source_spec, str) and source_spec.startswith("icl_"):
         # Synthetic in-context-learning tasks generate token ids, not text: their own writer.
-        from repeat_scaling.data.icl_tasks import prepare_icl_store
+        from repeat_scaling.data.icl_store import prepare_icl_store
 
         return prepare_icl_store(source_spec, out_dir, seed=seed, overwrite=overwrite, log=log)
     if num_workers < 0:

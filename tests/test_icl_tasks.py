@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from repeat_scaling.data import icl_tasks as T
+from repeat_scaling.data.icl_objective import IclObjective
+from repeat_scaling.data.icl_store import prepare_icl_store, write_sequence_store
 from repeat_scaling.data.objectives import make_objective
 from repeat_scaling.data.store import StoreError, TokenStore
 
@@ -165,7 +167,7 @@ def test_store_round_trip_idempotent_and_objective(tmp_path):
 def test_write_sequence_store_checks(tmp_path):
     task = {"name": "toy", "sequence_length": 3, "loss_positions": [2]}
     ok = {"train": np.array([[3, 4, 5]]), "validation": np.array([[5, 4, 3]])}
-    s = T.write_sequence_store(tmp_path / "s", ok, 6, task)
+    s = write_sequence_store(tmp_path / "s", ok, 6, task)
     assert json.loads((tmp_path / "s" / "manifest.json").read_text())["icl_task"] == task
     assert s.split("validation").document(0).tolist() == [5, 4, 3, 1]
     for splits, t, match in [
@@ -176,17 +178,17 @@ def test_write_sequence_store_checks(tmp_path):
         (ok, {"name": "toy"}, "sequence_length"),
     ]:
         with pytest.raises(T.IclTaskError, match=match):
-            T.write_sequence_store(tmp_path / "bad", splits, 6, t)
+            write_sequence_store(tmp_path / "bad", splits, 6, t)
 
 
 def test_objective_names_the_missing_positions_key():
     task = {"name": "toy", "sequence_length": 3, "loss_positions": [2]}
-    assert T.IclObjective(task).loss_positions.tolist() == [2]
+    assert IclObjective(task).loss_positions.tolist() == [2]
     with pytest.raises(T.IclTaskError, match="'toy' has no 'label_positions'.*all_labels=True"):
-        T.IclObjective(task, all_labels=True)
+        IclObjective(task, all_labels=True)
     del task["loss_positions"]
     with pytest.raises(T.IclTaskError, match="'toy' has no 'loss_positions'.*all_labels=False"):
-        T.IclObjective(task)
+        IclObjective(task)
 
 
 def test_clamp_label_survives_malformed_interventions():
@@ -211,7 +213,7 @@ def test_icl_metrics_on_a_tiny_model(tmp_path):
     from repeat_scaling.eval import icl
     from repeat_scaling.models import sizes
 
-    store = T.prepare_icl_store(
+    store = prepare_icl_store(
         "icl_bursty:" + ",".join(f"{k}={v}" for k, v in SMALL.items()), tmp_path / "s"
     )
     cfg = sizes.get("attn2_tiny").replace(vocab_size=128)
@@ -229,12 +231,12 @@ def test_icl_metrics_on_a_tiny_model(tmp_path):
     # The accuracy is the argmax over the label tokens at the query position.
     task = store.manifest["icl_task"]
     seq = icl._sequences(store, "eval_flipped", None)
-    feats = T.IclObjective(task).features(seq)
+    feats = IclObjective(task).features(seq)
     logits = np.asarray(models.forward(model, feats)[0])[:, 9, 3:7]
     assert out["icl_flipped_accuracy"] == pytest.approx(np.mean(logits.argmax(-1) + 3 == seq[:, 9]))
     # The query loss normalises over the store's real vocabulary, not the padded rows.
     seq = icl._sequences(store, "eval_icl", None)
-    full = np.asarray(models.forward(model, T.IclObjective(task).features(seq))[0], np.float64)
+    full = np.asarray(models.forward(model, IclObjective(task).features(seq))[0], np.float64)
     real = full[:, 9, : store.vocab.vocab_size]
     assert store.vocab.vocab_size < full.shape[-1]
     lse = np.log(np.exp(real).sum(-1))
@@ -295,7 +297,7 @@ def test_regression_store_dispatch_and_metrics(tmp_path):
     from repeat_scaling.eval import icl
     from repeat_scaling.models import sizes
 
-    store = T.prepare_icl_store("icl_regression:train=64,validation=32", tmp_path / "r")
+    store = prepare_icl_store("icl_regression:train=64,validation=32", tmp_path / "r")
     task = store.manifest["icl_task"]
     assert task["name"] == "icl_regression" and store.vocab.kind == "tokens"
     L = task["sequence_length"]

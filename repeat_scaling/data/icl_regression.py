@@ -269,7 +269,7 @@ def token_task(params: dict[str, Any], seed: int) -> tuple[dict[str, np.ndarray]
     BOS/EOS. ``loss_positions`` is ``[L - 1]`` (the query's y-token) and ``label_positions``
     all y-token positions (the ``icl`` objective's ``all_labels=True`` trains on every pair,
     i.e. also with shorter contexts); the causal-LM target at position p is token p,
-    predicted from tokens < p (repeat_scaling/data/icl_tasks.py, ``IclObjective``).
+    predicted from tokens < p (repeat_scaling/data/icl_objective.py, ``IclObjective``).
 
     Args:
       params: the ``icl_regression:k=v,...`` parameters (strings or numbers; see

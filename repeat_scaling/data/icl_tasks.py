@@ -1,5 +1,6 @@
-"""Synthetic in-context-learning tasks: the bursty few-shot classification task, its token
-stores, and the ``icl`` objective the normal trainer uses on them.
+"""Synthetic in-context-learning tasks: the bursty few-shot classification task and its
+token sequences. Their stores are written by :mod:`repeat_scaling.data.icl_store`; the
+``icl`` objective the normal trainer uses on them is :mod:`repeat_scaling.data.icl_objective`.
 
 The task (Chan et al. 2022; Reddy 2023)
 ---------------------------------------
@@ -54,33 +55,15 @@ Token ids: 0 pad, 1 EOS, 2 unk (vocabulary ``tokens:V``); labels ``3 .. 3+L-1``;
 exemplar tokens of the trained classes, the novel pool and the unseen pool, ``E`` per
 class. ``V = 3 + L + (K + novel_classes + unseen_classes) * E``.
 
-Store layout (:func:`write_sequence_store`, also used for ``icl_regression``): every
-sequence is one document of exactly ``sequence_length`` tokens (plus its EOS), so store
-chunk ``c`` with ``raw_length = sequence_length + 1`` is sequence ``c``. The manifest key
-``icl_task`` records the task: ``name``, its parameters, ``sequence_length``,
-``loss_positions`` (target positions of the query label: ``[2N + 1]``),
-``label_positions`` (all label positions), ``label_tokens`` and ``eval_splits``.
-
-The objective (:func:`make_icl_objective`, ``data.objective = "icl"``): causal LM over the
-fixed-length sequence (decoder input = sequence shifted right, starting with 0) with loss
-weight 1 on ``loss_positions`` only, or on every label position (``all_labels=True``).
-
 Only numpy is needed here (no jax, no tensorflow).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-
-from repeat_scaling import run_files
-from repeat_scaling.data.store import MANIFEST, StoreError, StoreWriter, TokenStore
-from repeat_scaling.data.vocab import EOS_ID, load_vocab_info
 
 FIRST_LABEL = 3  # ids 0, 1, 2 are pad / EOS / unk
 TASK_NAMES = ("icl_bursty", "icl_regression")
@@ -394,236 +377,11 @@ def bursty_token_task(params: dict[str, Any], seed: int):
     return splits, task.vocab_size, info
 
 
-# ----------------------------------------------------------------------------------------
-# Stores
-# ----------------------------------------------------------------------------------------
-def write_sequence_store(
-    out_dir: str | os.PathLike,
-    splits: dict[str, np.ndarray],
-    vocab_size: int,
-    task: dict[str, Any],
-    overwrite: bool = False,
-    log: Callable[[str], None] | None = None,
-    source: dict[str, Any] | None = None,
-) -> TokenStore:
-    """Write fixed-length token sequences as a store (one document per sequence).
+def __getattr__(name: str) -> Any:
+    """``IclObjective`` lives in :mod:`repeat_scaling.data.icl_objective`; this forward
+    serves ``repeat_scaling.eval.icl``'s import until that import names icl_objective."""
+    if name == "IclObjective":
+        from repeat_scaling.data.icl_objective import IclObjective
 
-    Args:
-      out_dir: the store directory.
-      splits: split name -> int array [n, L] of token ids in ``[0, vocab_size)``; must
-        contain "train" and "validation"; every split has the same ``L``.
-      vocab_size: number of ids (the store's vocabulary is ``tokens:vocab_size``).
-      task: the manifest's ``icl_task`` dict: must hold "name", "sequence_length" (= L) and
-        "loss_positions" (target positions in ``[0, L)``).
-      overwrite: replace an existing store written from a different task.
-      source: the manifest's "source" block (default: ``{"spec": task name}``).
-
-    Idempotent: an existing store with the same ``icl_task`` and vocabulary is returned
-    untouched (a different one is an error unless ``overwrite``).
-    """
-    log = log or (lambda msg: None)
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    for key in ("name", "sequence_length", "loss_positions"):
-        if key not in task:
-            raise IclTaskError(
-                f"icl_task has no {key!r}; it needs name, sequence_length, loss_positions"
-            )
-    L = int(task["sequence_length"])
-    for need in ("train", "validation"):
-        if need not in splits:
-            raise IclTaskError(f"ICL store needs a {need!r} split; got {sorted(splits)}")
-    for name, arr in splits.items():
-        arr = np.asarray(arr)
-        if arr.ndim != 2 or arr.shape[1] != L:
-            raise IclTaskError(
-                f"split {name!r} has shape {arr.shape}; expected [n, sequence_length={L}]"
-            )
-        if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
-            raise IclTaskError(
-                f"split {name!r} has ids in [{arr.min()}, {arr.max()}]; expected [0, {vocab_size})"
-            )
-    bad = [q for q in task["loss_positions"] if not 0 <= int(q) < L]
-    if bad:
-        raise IclTaskError(f"loss_positions {bad} outside [0, sequence_length={L})")
-    vocab = load_vocab_info(f"tokens:{int(vocab_size)}")
-    task_json = json.loads(json.dumps(task, default=run_files.json_default))
-    if os.path.exists(out_dir):
-        if os.path.isfile(os.path.join(out_dir, MANIFEST)):
-            existing = TokenStore(out_dir)
-            if existing.manifest.get("icl_task") == task_json and existing.vocab.same_vocabulary(
-                vocab
-            ):
-                log(f"prepare: {out_dir} is up to date (same ICL task); nothing to do")
-                return existing
-            if not overwrite:
-                raise StoreError(
-                    f"{out_dir} holds a store prepared from a different task "
-                    f"({existing.manifest.get('source', {}).get('spec')!r}); "
-                    "pass --overwrite or choose another --out"
-                )
-        elif os.listdir(out_dir):
-            raise StoreError(
-                f"--out {out_dir} exists and is not a token store; choose another --out"
-            )
-        else:
-            os.rmdir(out_dir)
-    writer = StoreWriter(out_dir, vocab)
-    try:
-        for name, arr in splits.items():
-            arr = np.asarray(arr)
-            docs = np.concatenate([arr, np.full((len(arr), 1), EOS_ID, arr.dtype)], axis=1)
-            sw = writer.split_writer(name)
-            sw.write(docs.reshape(-1), np.full(len(arr), L + 1, np.int64))
-        manifest = {
-            "source": source or {"spec": task["name"], "description": f"ICL task {task['name']}"},
-            "icl_task": task_json,
-        }
-        store = writer.commit(manifest, overwrite=True)
-    except BaseException:
-        writer.abort()
-        raise
-    log(
-        f"prepare: wrote ICL store {out_dir} ("
-        + ", ".join(f"{k} {len(v)}" for k, v in splits.items())
-        + f" sequences of {L} tokens, vocab tokens:{vocab_size})"
-    )
-    return store
-
-
-def prepare_icl_store(
-    spec: str,
-    out_dir: str | os.PathLike,
-    seed: int = 0,
-    overwrite: bool = False,
-    log: Callable[[str], None] | None = None,
-) -> TokenStore:
-    """Prepare the store of ``icl_bursty:k=v,...`` or ``icl_regression:k=v,...``."""
-    name, raw = parse_spec(spec)
-    if name == "icl_bursty":
-        splits, vocab_size, task = bursty_token_task(raw, seed)
-    else:
-        from repeat_scaling.data import icl_regression
-
-        splits, vocab_size, task = icl_regression.token_task(raw, int(seed))
-    return write_sequence_store(
-        out_dir,
-        splits,
-        vocab_size,
-        task,
-        overwrite=overwrite,
-        log=log,
-        source={"spec": spec, "description": f"synthetic ICL task {name}", "seed": int(seed)},
-    )
-
-
-# ----------------------------------------------------------------------------------------
-# The objective
-# ----------------------------------------------------------------------------------------
-class IclObjective:
-    """Causal LM over fixed-length ICL sequences, loss on the task's target positions.
-
-    Same interface as :class:`repeat_scaling.data.objectives.Objective`: ``raw_length``
-    (store tokens per example: the sequence and its EOS), ``feature_lengths``,
-    ``tokens_per_example`` and ``__call__(chunks, slots, seed)``. Deterministic (the
-    sequences carry their own randomness), so ``slots`` and ``seed`` are unused.
-    """
-
-    name = "icl"
-    arch = "decoder_only"
-    pack = False
-
-    def __init__(self, task: dict[str, Any], all_labels: bool = False):
-        self.task = task
-        self.length = int(task["sequence_length"])
-        self.raw_length = self.length + 1
-        key = "label_positions" if all_labels else "loss_positions"
-        if key not in task:
-            raise IclTaskError(
-                f"ICL task {task.get('name')!r} has no {key!r} (needed with "
-                f"all_labels={bool(all_labels)}); expected it in the store's icl_task"
-            )
-        self.loss_positions = np.asarray(task[key], np.int64)
-        self.all_labels = bool(all_labels)
-        w = np.zeros(self.length, np.float32)
-        w[self.loss_positions] = 1.0
-        self._weights = w
-
-    @property
-    def feature_lengths(self) -> dict[str, int]:
-        return {
-            k: self.length
-            for k in (
-                "decoder_input_tokens",
-                "decoder_target_tokens",
-                "decoder_loss_weights",
-                "decoder_segment_ids",
-                "decoder_positions",
-            )
-        }
-
-    @property
-    def tokens_per_example(self) -> int:
-        return self.length
-
-    def features(self, sequences: np.ndarray) -> dict[str, np.ndarray]:
-        """Model features of int sequences [B, L] (no EOS)."""
-        seq = np.asarray(sequences, np.int32)
-        b, n = seq.shape
-        if n != self.length:
-            raise IclTaskError(f"ICL sequences of length {n}; expected {self.length}")
-        dec_in = np.zeros_like(seq)
-        dec_in[:, 1:] = seq[:, :-1]
-        return {
-            "decoder_input_tokens": dec_in,
-            "decoder_target_tokens": seq,
-            "decoder_loss_weights": np.broadcast_to(self._weights, (b, n)).copy(),
-            "decoder_segment_ids": np.ones((b, n), np.int32),
-            "decoder_positions": np.broadcast_to(np.arange(n, dtype=np.int32), (b, n)).copy(),
-        }
-
-    def __call__(self, chunks: np.ndarray, slots: np.ndarray, seed: int) -> dict[str, np.ndarray]:
-        chunks = np.asarray(chunks)
-        if chunks.shape[1] != self.raw_length or np.any(chunks[:, -1] != EOS_ID):
-            raise IclTaskError(
-                f"ICL chunks must be sequences of {self.length} tokens + EOS "
-                f"(raw_length {self.raw_length}); got shape {chunks.shape}"
-            )
-        return self.features(chunks[:, :-1])
-
-
-def make_icl_objective(
-    vocab: Any,
-    arch: str,
-    *,
-    store_manifest: dict[str, Any] | None = None,
-    length: int | None = None,
-    pack: bool = False,
-    all_labels: bool = False,
-) -> IclObjective:
-    """The ``icl`` objective of a store whose manifest has ``icl_task``.
-
-    Args:
-      vocab: the store's VocabInfo (unused beyond the manifest check).
-      arch: must be "decoder_only".
-      store_manifest: the store's manifest (the trainer passes ``store.manifest``).
-      length: ``data.length``; must equal the task's ``sequence_length`` when given.
-      pack: must be False (sequences are fixed-length already).
-      all_labels: loss on every label position instead of the query's only.
-    """
-    del vocab
-    if arch != "decoder_only":
-        raise IclTaskError(f"objective 'icl' needs a decoder_only model, got arch={arch!r}")
-    if store_manifest is None or "icl_task" not in store_manifest:
-        raise IclTaskError(
-            "objective 'icl' needs a store prepared from an icl_* source "
-            "(its manifest has no 'icl_task')"
-        )
-    if pack:
-        raise IclTaskError(
-            "data.pack=True; expected False for objective 'icl' (fixed-length sequences)"
-        )
-    task = store_manifest["icl_task"]
-    L = int(task["sequence_length"])
-    if length not in (None, 0) and int(length) != L:
-        raise IclTaskError(f"data.length={length}; expected the ICL task's sequence_length={L}")
-    return IclObjective(task, all_labels=all_labels)
+        return IclObjective
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

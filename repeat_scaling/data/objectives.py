@@ -769,13 +769,13 @@ class Objective:
 def make_objective(name: str, vocab: VocabInfo, arch: str, **options: Any) -> Objective:
     """Build an :class:`Objective`; unknown options are an error naming them.
 
-    ``icl`` (fixed-length in-context-learning sequences, :mod:`repeat_scaling.data.icl_tasks`)
+    ``icl`` (fixed-length in-context-learning sequences, :mod:`repeat_scaling.data.icl_objective`)
     takes its own options; so does ``supervised`` (the (inputs, targets) examples of a
     downstream task's pairs store, :mod:`repeat_scaling.data.supervised`), which needs
     ``store_manifest``.
     """
     if name == "icl":
-        from repeat_scaling.data.icl_tasks import make_icl_objective
+        from repeat_scaling.data.icl_objective import make_icl_objective
 
         return make_icl_objective(vocab, arch, **options)
     if name == "supervised":
