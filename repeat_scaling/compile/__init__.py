@@ -12,7 +12,7 @@ the run's grad accumulation, steps per call, dropout, z-loss, interventions), on
 mesh the trainer builds (``mesh.ici`` within a slice, ``mesh.dcn`` across slices; with
 ``--num_slices`` > 1 and no ``mesh.dcn`` in the config, the slices are data parallel),
 fed with the shapes of the run's objective. The evaluator's two programs (per-token loss
-and attention weights of ``eval.metrics.ModelRunner``, at ``eval.batch_size`` rows) are
+and attention weights of ``eval.runner.ModelRunner``, at ``eval.batch_size`` rows) are
 compiled for ``--eval_topology`` (default: the tpu backend's evaluator VM type,
 ``v5litepod-1``, or one H100 for GPU targets; ``none`` skips them).
 

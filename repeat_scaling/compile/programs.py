@@ -190,7 +190,7 @@ def eval_programs(config: Any, model_cfg: Any, devices: Sequence[Any]) -> list[P
     """Compile the evaluator's per-token loss and attention programs on ``devices``.
 
     The evaluator (``eval.evaluator.Evaluator``) restores the parameters on a data-parallel
-    mesh over its host's devices and runs ``eval.metrics.ModelRunner`` on batches of
+    mesh over its host's devices and runs ``eval.runner.ModelRunner`` on batches of
     ``eval.batch_size`` rows at the run's lengths (sharded on the batch when the rows
     divide the mesh, else replicated).
     """
@@ -198,27 +198,29 @@ def eval_programs(config: Any, model_cfg: Any, devices: Sequence[Any]) -> list[P
     import numpy as np
 
     from repeat_scaling import sharding
-    from repeat_scaling.eval import metrics
+    from repeat_scaling.eval.features import decoder_features, encdec_features
+    from repeat_scaling.eval.runner import ModelRunner
+    from repeat_scaling.eval.settings import EvalSettings
     from repeat_scaling.train import state as state_lib
 
-    fields = {f.name for f in dataclasses.fields(metrics.EvalSettings)}
+    fields = {f.name for f in dataclasses.fields(EvalSettings)}
     recorded = {k: v for k, v in dict(config.get("eval", {}) or {}).items() if k in fields}
     try:
-        settings = metrics.EvalSettings.from_overrides(recorded)
+        settings = EvalSettings.from_overrides(recorded)
     except ValueError as e:
         raise CompileCheckError(str(e)) from None
     lengths_by_feature, _ = _feature_spec(config, model_cfg)
     mesh = sharding.make_mesh({"data": -1}, devices=devices)  # = evaluator.eval_mesh(0)
     graphdef, a_params = state_lib.abstract_params(model_cfg, mesh)
-    runner = metrics.ModelRunner(state_lib.merge(graphdef, a_params), model_cfg, mesh)
+    runner = ModelRunner(state_lib.merge(graphdef, a_params), model_cfg, mesh)
     rows = settings.batch_size
     dec = lengths_by_feature["decoder_target_tokens"]
     zeros = np.zeros((rows, dec), np.int32)
     if model_cfg.arch == "encoder_decoder":
         enc = np.zeros((rows, lengths_by_feature["encoder_input_tokens"]), np.int32)
-        feats = metrics.encdec_features(enc, zeros, zeros.astype(np.float32))
+        feats = encdec_features(enc, zeros, zeros.astype(np.float32))
     else:
-        feats = metrics.decoder_features(zeros, zeros.astype(np.float32))
+        feats = decoder_features(zeros, zeros.astype(np.float32))
     place = runner._batch_sharding if rows % runner.batch_shards == 0 else runner._replicated
     abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=place) for k, v in feats.items()}
     out = []
