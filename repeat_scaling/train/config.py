@@ -100,7 +100,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.repeated_epochs = 1
     c.data.prefetch = 2
 
-    # Evaluator settings of this experiment (keys of eval.metrics.EvalSettings and the
+    # Evaluator settings of this experiment (keys of eval.settings.EvalSettings and the
     # evaluator's downstream_* flags), recorded in config.json; --eval_config overrides.
     c.eval = ml_collections.ConfigDict()
 
