@@ -375,13 +375,3 @@ def bursty_token_task(params: dict[str, Any], seed: int):
         "item_tokens": [task.first_item_token, task.vocab_size],
     }
     return splits, task.vocab_size, info
-
-
-def __getattr__(name: str) -> Any:
-    """``IclObjective`` lives in :mod:`repeat_scaling.data.icl_objective`; this forward
-    serves ``repeat_scaling.eval.icl``'s import until that import names icl_objective."""
-    if name == "IclObjective":
-        from repeat_scaling.data.icl_objective import IclObjective
-
-        return IclObjective
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from repeat_scaling import models
-from repeat_scaling.data.icl_tasks import IclObjective
+from repeat_scaling.data.icl_objective import IclObjective
 
 #: store split -> metric key
 SPLIT_METRICS = {
