@@ -28,6 +28,7 @@ from typing import Any
 
 from repeat_scaling import config_files
 from repeat_scaling.errors import first_line
+from repeat_scaling.models.config import DTYPES
 
 DEFAULT_CONFIGS = ("configs/bench.py:t5_peer", "configs/bench.py:gpt_peer")
 
@@ -187,9 +188,7 @@ def main(argv: list[str]) -> None:
     flags.DEFINE_multi_string(
         "config", list(DEFAULT_CONFIGS), "Config file[:arg] (repeatable).", flag_values=fv
     )
-    flags.DEFINE_list(
-        "dtypes", ["float32", "bfloat16"], "Compute dtypes to measure.", flag_values=fv
-    )
+    flags.DEFINE_list("dtypes", list(DTYPES), "Compute dtypes to measure.", flag_values=fv)
     flags.DEFINE_integer("steps", 20, "Timed steps (median reported).", flag_values=fv)
     flags.DEFINE_integer(
         "warmup", 3, "Untimed steps first (incl. the compiling one).", flag_values=fv
@@ -200,8 +199,8 @@ def main(argv: list[str]) -> None:
     except flags.Error as e:
         sys.exit(f"error: {e}")
     for dtype in fv.dtypes:
-        if dtype not in ("float32", "bfloat16"):
-            sys.exit(f"error: --dtypes contains {dtype!r}; expected float32 and/or bfloat16")
+        if dtype not in DTYPES:
+            sys.exit(f"error: --dtypes contains {dtype!r}; expected {' and/or '.join(DTYPES)}")
     for spec in fv.config:
         for dtype in fv.dtypes:
             try:

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from repeat_scaling import workdir_io
 from repeat_scaling.data.vocab import VocabInfo, load_vocab_info
 
 FORMAT_VERSION = 1
@@ -249,8 +250,7 @@ class TokenStore:
 def verified_cache_path() -> str:
     """This host's record of verified shards: ``{realpath: [size, mtime_ns, sha256]}`` in
     ``$XDG_CACHE_HOME/repeat_scaling/verified_shards.json`` (default ``~/.cache``)."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "repeat_scaling", "verified_shards.json")
+    return str(workdir_io.user_cache_dir() / "verified_shards.json")
 
 
 def _load_cache() -> dict[str, Any]:
