@@ -204,8 +204,8 @@ def submit() -> int:
 def refuse_differing_records(runs: list[sweeps.Run]) -> None:
     """A LaunchError (one line) when a run's workdir holds a trained run (a committed
     checkpoint and its ``config.json``) whose record differs from the run's resolved
-    config in a key the trainer would refuse on resume (e.g. two sweeps whose base configs
-    differ only outside the sweep overrides, giving their runs the same names)."""
+    config in a key the trainer would refuse on resume (e.g. two sweeps from config files
+    that differ outside the sweep, which give their runs the same names)."""
     from repeat_scaling import workdir_io
     from repeat_scaling.train import checkpointing, record
     from repeat_scaling.train import config as config_lib

@@ -7,8 +7,9 @@ a list of flat dicts of dotted overrides, e.g.
      "data.repeated_epochs": 100, "seed": 0}
 
 Every entry becomes one `Run` with a readable, stable name built only from the
-resolved config of that run and the entry's own keys (never from the other entries,
-so adding points to a sweep never renames existing runs):
+resolved config of that run, the entry's own keys and the command line's overrides that
+change what is trained (`expand(named=...)`; never from the other entries, so adding
+points to a sweep never renames existing runs):
 
     <model>_f<repeated fraction in %>_e<repeated epochs>_s<seed>[_<tag><value>...]
 
