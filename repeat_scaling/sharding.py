@@ -72,36 +72,62 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
 }
 
 
-def _check_axes(d: Mapping[str, int], what: str) -> None:
-    for k in d:
-        if k not in MESH_AXES:
-            raise ValueError(f"unknown mesh axis {k!r} in {what}; expected one of {MESH_AXES}")
-
-
-def _fill(sizes: Mapping[str, int], total: int, what: str) -> list[int]:
-    """Mesh shape in MESH_AXES order; one -1 entry takes the remaining devices."""
-    _check_axes(sizes, what)
-    shape = [int(sizes.get(a, 1)) for a in MESH_AXES]
-    if sum(s == -1 for s in shape) > 1:
+def check_mesh_axes(sizes: Mapping[str, Any], what: str, fill: bool) -> None:
+    """The rules of one mesh-axes mapping (``mesh.ici`` with ``fill=True``, ``mesh.dcn``
+    with ``fill=False``): known axes, sizes positive ints, or -1 (fill) once where allowed.
+    ValueError (one line naming the entry) otherwise."""
+    for axis, size in sizes.items():
+        if axis not in MESH_AXES:
+            raise ValueError(f"unknown mesh axis {axis!r} in {what}; expected one of {MESH_AXES}")
+        ok = (
+            isinstance(size, int)
+            and not isinstance(size, bool)
+            and (size >= 1 or (fill and size == -1))
+        )
+        if not ok:
+            expected = "a positive int or -1 (fill)" if fill else "a positive int (no -1)"
+            raise ValueError(f"{what}.{axis}={size!r}; expected {expected}")
+    if sum(1 for s in sizes.values() if s == -1) > 1:
         raise ValueError(f"at most one -1 allowed in {what}={dict(sizes)}")
-    for a, s in zip(MESH_AXES, shape, strict=True):
-        if s == 0 or s < -1:
-            raise ValueError(
-                f"mesh axis {a!r} has size {s} in {what}; expected a positive int or -1"
-            )
+
+
+def resolve_mesh(
+    ici: Mapping[str, int],
+    dcn: Mapping[str, int] | None,
+    num_devices: int,
+    names: tuple[str, str] = ("ici", "dcn"),
+) -> tuple[list[int], list[int]]:
+    """``(ici_shape, dcn_shape)`` in ``MESH_AXES`` order for ``num_devices`` devices: the
+    one owner of the mesh rules (:func:`check_mesh_axes`; missing axes are 1; one -1 in
+    ``ici`` takes the devices left in each slice; ici x dcn must use every device).
+    ``names`` are the config keys the one-line ValueErrors name."""
+    dcn = dict(dcn or {})
+    check_mesh_axes(ici, names[0], fill=True)
+    check_mesh_axes(dcn, names[1], fill=False)
+    dcn_shape = [int(dcn.get(a, 1)) for a in MESH_AXES]
+    num_slices = math.prod(dcn_shape)
+    if num_devices % num_slices:
+        raise ValueError(
+            f"{names[1]}={dcn} needs a multiple of {num_slices} devices, found {num_devices}"
+        )
+    per_slice = num_devices // num_slices
+    shape = [int(ici.get(a, 1)) for a in MESH_AXES]
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
-        if total % known:
+        if per_slice % known:
             raise ValueError(
-                f"cannot fill -1 in {what}={dict(sizes)}: {total} devices not divisible by {known}"
+                f"cannot fill -1 in {names[0]}={dict(ici)}: {per_slice} devices per slice "
+                f"are not divisible by {known}"
             )
-        shape[shape.index(-1)] = total // known
-    if math.prod(shape) != total:
+        shape[shape.index(-1)] = per_slice // known
+    used = math.prod(shape) * num_slices
+    if used != num_devices:
+        where = f"{names[0]}={dict(ici)}" + (f" x {names[1]}={dcn}" if num_slices > 1 else "")
         raise ValueError(
-            f"{what}={dict(sizes)} has {math.prod(shape)} devices; expected {total} "
-            f"(the number of devices available)"
+            f"{where} uses {used} devices, but {num_devices} exist; expected {num_devices} "
+            "in all (one ici axis may be -1 to fill)"
         )
-    return shape
+    return shape, dcn_shape
 
 
 def make_mesh(
@@ -117,21 +143,10 @@ def make_mesh(
       devices: devices to use (default ``jax.devices()``).
     """
     devices = list(jax.devices() if devices is None else devices)
-    n = len(devices)
-    if dcn:
-        _check_axes(dcn, "dcn")
-        dcn_shape = [int(dcn.get(a, 1)) for a in MESH_AXES]
-        if any(s < 1 for s in dcn_shape):
-            raise ValueError(f"dcn={dict(dcn)} must have positive sizes (no -1)")
-        num_slices = math.prod(dcn_shape)
-        if n % num_slices:
-            raise ValueError(
-                f"{n} devices not divisible into {num_slices} slices (dcn={dict(dcn)})"
-            )
-        ici_shape = _fill(ici, n // num_slices, "ici")
+    ici_shape, dcn_shape = resolve_mesh(ici, dcn, len(devices))
+    if math.prod(dcn_shape) > 1:
         arr = _hybrid_device_array(ici_shape, dcn_shape, devices)
     else:
-        ici_shape = _fill(ici, n, "ici")
         try:
             from jax.experimental import mesh_utils
 

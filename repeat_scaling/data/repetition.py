@@ -68,6 +68,11 @@ def fraction_in_range(repeated_fraction: float) -> bool:
     return 0.0 <= repeated_fraction <= 1.0
 
 
+def epochs_in_range(repeated_epochs: float) -> bool:
+    """The range rule of ``E``: a whole number of epochs, at least 1."""
+    return repeated_epochs >= 1 and float(repeated_epochs).is_integer()
+
+
 def effective_epochs(repeated_fraction: Any, repeated_epochs: Any) -> Any:
     """The rule "E = 1 when f = 0": ``E`` as a plan reads it, 1 when nothing is repeated.
 
@@ -154,11 +159,11 @@ class RepetitionPlan:
             raise RepetitionPlanError(
                 f"repeated_epochs={repeated_epochs!r} must be an integer >= 1"
             ) from None
-        if not (e_float >= 1):
-            raise RepetitionPlanError(f"repeated_epochs={repeated_epochs!r} must be >= 1")
-        if not e_float.is_integer():
+        if not epochs_in_range(e_float):
             raise RepetitionPlanError(
-                f"repeated_epochs={repeated_epochs!r} must be a whole number of epochs"
+                f"repeated_epochs={repeated_epochs!r} must be >= 1"
+                if not e_float >= 1
+                else f"repeated_epochs={repeated_epochs!r} must be a whole number of epochs"
             )
         E = int(e_float)
         if effective_epochs(f, E) != E:

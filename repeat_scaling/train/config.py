@@ -45,6 +45,7 @@ from typing import Any
 
 import ml_collections
 
+from repeat_scaling import sharding
 from repeat_scaling.data import repetition
 from repeat_scaling.data.objectives import OBJECTIVE_ARCHS, OBJECTIVES
 from repeat_scaling.errors import first_line
@@ -276,7 +277,7 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
     f, epochs = data["repeated_fraction"], data["repeated_epochs"]
     if not repetition.fraction_in_range(f):
         bad("data.repeated_fraction", f, "a fraction in [0, 1]")
-    if not isinstance(epochs, int) or epochs < 1:
+    if not isinstance(epochs, int) or not repetition.epochs_in_range(epochs):
         bad("data.repeated_epochs", epochs, "an int >= 1")
     if repetition.effective_epochs(f, epochs) != epochs:
         bad("data.repeated_epochs", data["repeated_epochs"], "1 when data.repeated_fraction=0")
@@ -328,14 +329,11 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
         bad("train.optimizer.b1/b2", (opt["b1"], opt["b2"]), "betas in [0, 1)")
     # -- mesh -------------------------------------------------------------------------
     ici, dcn = d["mesh"]["ici"], d["mesh"]["dcn"]
-    for name, axes in (("mesh.ici", ici), ("mesh.dcn", dcn)):
-        for axis, size in axes.items():
-            if axis not in MESH_AXES:
-                raise ConfigError(f"unknown mesh axis {name}.{axis} (expected {MESH_AXES})")
-            if not isinstance(size, int) or (size < 1 and size != -1):
-                bad(f"{name}.{axis}", size, "a positive int or -1 (fill)")
-        if sum(1 for s in axes.values() if s == -1) > 1:
-            bad(name, dict(axes), "at most one axis of size -1")
+    try:
+        sharding.check_mesh_axes(ici, "mesh.ici", fill=True)
+        sharding.check_mesh_axes(dcn, "mesh.dcn", fill=False)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if num_devices is not None:
         sizes = mesh_shape(ici, dcn, num_devices)
         dp = sizes["data"] * sizes["fsdp"] * sizes["expert"]
@@ -390,31 +388,12 @@ def interventions(config: Any, model_cfg: Any) -> tuple:
 
 
 def mesh_shape(ici: dict, dcn: dict, num_devices: int) -> dict[str, int]:
-    """Total size of each mesh axis (ici * dcn), resolving -1; ConfigError on mismatch."""
-    ici = {a: int(ici.get(a, 1)) for a in MESH_AXES}
-    dcn = {a: int(dcn.get(a, 1)) for a in MESH_AXES}
-    n_dcn = 1
-    for a in MESH_AXES:
-        n_dcn *= dcn[a] if dcn[a] > 0 else 1
-    if num_devices % n_dcn:
-        raise ConfigError(
-            f"mesh.dcn={dcn} needs a multiple of {n_dcn} devices, found {num_devices}"
+    """Total size of each mesh axis (ici * dcn) on ``num_devices`` devices
+    (``sharding.resolve_mesh``); ConfigError (one line) when the mesh does not fit."""
+    try:
+        ici_shape, dcn_shape = sharding.resolve_mesh(
+            ici, dcn, num_devices, ("mesh.ici", "mesh.dcn")
         )
-    per_slice = num_devices // n_dcn
-    fixed = 1
-    for a in MESH_AXES:
-        if ici[a] != -1:
-            fixed *= ici[a]
-    fill = [a for a in MESH_AXES if ici[a] == -1]
-    if fill:
-        if per_slice % fixed:
-            raise ConfigError(
-                f"mesh.ici={ici} cannot fill {per_slice} devices per slice "
-                f"(fixed axes multiply to {fixed})"
-            )
-        ici[fill[0]] = per_slice // fixed
-    elif fixed != per_slice:
-        raise ConfigError(
-            f"mesh.ici={ici} x mesh.dcn={dcn} uses {fixed * n_dcn} devices, but {num_devices} exist"
-        )
-    return {a: ici[a] * dcn[a] for a in MESH_AXES}
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return {a: i * n for a, i, n in zip(MESH_AXES, ici_shape, dcn_shape, strict=True)}
