@@ -153,7 +153,7 @@ def test_pystdlib_code_corpus(tmp_path):
     import sys
     import sysconfig
 
-    from repeat_scaling.data.sources import pystdlib_files
+    from repeat_scaling.data.builtin_sources import pystdlib_files
 
     src = parse_source("pystdlib")
     train, val = _docs(src, "train"), _docs(src, "validation")
@@ -183,13 +183,13 @@ def test_pystdlib_code_corpus(tmp_path):
 
 
 def test_pystdlib_skips_undecodable_files(monkeypatch, tmp_path):
-    from repeat_scaling.data import sources
+    from repeat_scaling.data import builtin_sources
 
     (tmp_path / "good.py").write_text("x = 1\n")
     (tmp_path / "bad.py").write_bytes(b"s = '\xe9'\n")
     (tmp_path / "__pycache__").mkdir()
     (tmp_path / "__pycache__" / "good.py").write_text("cached = 1\n")
-    monkeypatch.setattr(sources.sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    monkeypatch.setattr(builtin_sources.sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
     src = parse_source("pystdlib", validation_docs=1)
     assert [d for d, _ in src._iter_native("train")] == ["good.py"]
     assert src.stats["undecodable_files_skipped"] == 1

@@ -54,6 +54,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from repeat_scaling.data import file_sources
 from repeat_scaling.data import sources as sources_lib
 from repeat_scaling.errors import first_line
 
@@ -249,7 +250,7 @@ class TfdsTask(Task):
 # --------------------------------------------------------------------------------------
 
 
-class _PairsLines(sources_lib._FileSource):
+class _PairsLines(file_sources._FileSource):
     """The raw lines of pairs files as documents: file splits or carve-out, from sources."""
 
     kind = "pairs_jsonl"
@@ -257,10 +258,10 @@ class _PairsLines(sources_lib._FileSource):
     def _iter_native(self, split):
         for path in self._files_of(split):
             base = os.path.basename(path)
-            with sources_lib._open_bytes(path) as f:
+            with file_sources._open_bytes(path) as f:
                 for lineno, raw in enumerate(f, 1):
                     if raw.strip():
-                        yield f"{base}:{lineno}", sources_lib._decode(raw, f"{path}:{lineno}")
+                        yield f"{base}:{lineno}", file_sources._decode(raw, f"{path}:{lineno}")
 
 
 class PairsJsonlTask(Task):
