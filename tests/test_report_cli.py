@@ -338,7 +338,7 @@ def _retouch(path, **changes):
 def test_findings_group_seeds_and_keep_other_settings_apart(tmp_path):
     """Seeds average into one family; a learning-rate override is its own family with its
     own label; the unique-data control is found by its token budget."""
-    from repeat_scaling.report import figures, findings
+    from repeat_scaling.report import findings, plotting
 
     # Losses law(multiplier * N): a lower multiplier is a higher loss.
     curve = {2: 1.0, 8: 0.5, 32: 0.05, 128: 0.3}
@@ -360,7 +360,7 @@ def test_findings_group_seeds_and_keep_other_settings_apart(tmp_path):
     assert main.verdict == "reproduced" and main.numbers["peak_epochs"] == 32
     assert main.numbers["seeds"] == [2, 2, 2, 2] and main.numbers["noise_std"] > 0
     assert other.verdict == "not reproduced"  # flat: every E at multiplier 1
-    labels = {figures.run_label(r, runs) for r in runs}
+    labels = {plotting.run_label(r, runs) for r in runs}
     assert "small, learning_rate=0.1, f=0.5 E=32, seed 0" in labels
     assert "small, f=0.5 E=32, seed 1" in labels
 

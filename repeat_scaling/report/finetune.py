@@ -40,8 +40,8 @@ import math
 import os
 from collections.abc import Sequence
 
-from repeat_scaling.report import figures
 from repeat_scaling.report import fits as fits_lib
+from repeat_scaling.report import plotting
 from repeat_scaling.report import runs as runs_lib
 
 TEST_LOSS = next(m for m in fits_lib.METRICS if m.key == "test_loss")
@@ -86,7 +86,7 @@ class FinetuneReport:
 
     pretrain_runs: list[runs_lib.Run]
     groups: list[Group]
-    figures: list[figures.Figure] = dataclasses.field(default_factory=list)
+    figures: list[plotting.Figure] = dataclasses.field(default_factory=list)
     lines: list[str] = dataclasses.field(default_factory=list)
     missing: list[str] = dataclasses.field(default_factory=list)
     effective: list[dict] = dataclasses.field(default_factory=list)
@@ -161,9 +161,9 @@ def _order(run: runs_lib.Run) -> tuple:
 
 
 # --------------------------------------------------------------------------------------
-def curves(groups: Sequence[Group], out_dir: str) -> figures.Figure:
+def curves(groups: Sequence[Group], out_dir: str) -> plotting.Figure:
     """Test loss on the fine-tuning data vs fine-tuning tokens (the Hernandez figure)."""
-    fig_info = figures.Figure(
+    fig_info = plotting.Figure(
         "finetune_curves",
         "Fine-tuned vs from scratch on the new data",
         "Held-out test loss on the fine-tuning data against fine-tuning tokens, one panel "
@@ -176,7 +176,7 @@ def curves(groups: Sequence[Group], out_dir: str) -> figures.Figure:
     rows: list[dict] = []
     panels = []
     for g in groups:
-        for model in figures._sorted_models(g.members):
+        for model in plotting._sorted_models(g.members):
             members = sorted((r for r in g.members if r.model == model), key=_order)
             if any(r.curve("test_loss")[1] for r in members):
                 panels.append((g, model, members))
@@ -187,12 +187,12 @@ def curves(groups: Sequence[Group], out_dir: str) -> figures.Figure:
     # One colour per pre-training setting across every panel, in (f, E) order.
     settings = sorted({(_order(r)[3:5], r.pretrain_setting) for g in groups for r in g.finetuned})
     colours = {label: f"C{k % 10}" for k, (_, label) in enumerate(settings)}
-    fig, axes = figures._grid(len(panels), ncols=2)
+    fig, axes = plotting._grid(len(panels), ncols=2)
     for ax, (g, model, members) in zip(axes, panels):
         log_x = True
         for r in members:
             xs, ys = r.curve("test_loss")
-            steps = [row["step"] for row in r.results if figures._ok(row.get("test_loss"))]
+            steps = [row["step"] for row in r.results if plotting._ok(row.get("test_loss"))]
             source = os.path.basename(os.path.normpath(r.source_path)) if r.source_path else ""
             for s, x, y in zip(steps, xs, ys):
                 rows.append(
@@ -230,7 +230,7 @@ def curves(groups: Sequence[Group], out_dir: str) -> figures.Figure:
         ax.set_ylabel("test loss on the fine-tuning data (nats/token)")
         ax.set_title(f"{g.label}: {model}")
         ax.legend(fontsize=7)
-    fig_info.png = figures._save(fig, out_dir, fig_info.name)
+    fig_info.png = plotting._save(fig, out_dir, fig_info.name)
     fig_info.write_points(out_dir, CURVES_HEADER, rows)
     fig_info.n_points = len(rows)
     return fig_info
@@ -405,12 +405,12 @@ def analyse(
     report.missing += [f"figure {fig.name}: {note}" for note in fig.notes]
     report.effective, notes = effective_rows(groups)
     report.missing += [f"fine-tuning effective size: {note}" for note in notes]
-    figures.write_csv(
+    plotting.write_csv(
         os.path.join(out_dir, "finetune_effective.csv"), EFFECTIVE_HEADER, report.effective
     )
     report.downstream, notes = downstream_rows(groups, runs, param_key)
     report.missing += [f"Xue table: {note}" for note in notes]
-    figures.write_csv(os.path.join(out_dir, "xue_downstream.csv"), XUE_HEADER, report.downstream)
+    plotting.write_csv(os.path.join(out_dir, "xue_downstream.csv"), XUE_HEADER, report.downstream)
     for g in groups:
         for r in g.finetuned:
             kind = (r.init_from or {}).get("kind")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from repeat_scaling.report.figures import Figure, _grid, _save, run_label
+from repeat_scaling.report.plotting import Figure, _grid, _save, run_label
 
 THRESHOLD = 0.9
 OTHER = (

@@ -19,7 +19,15 @@ import os
 from collections.abc import Sequence
 
 from repeat_scaling.report import data_constrained as dc
-from repeat_scaling.report import figures, findings, finetune
+from repeat_scaling.report import (
+    data_constrained_figure,
+    findings,
+    finetune,
+    plotting,
+    probes_figure,
+    repetition_figures,
+    xue_epochs_figure,
+)
 from repeat_scaling.report import fits as fits_lib
 from repeat_scaling.report import icl as icl_report
 from repeat_scaling.report import runs as runs_lib
@@ -33,7 +41,7 @@ class ReportSummary:
     """What ``write_report`` produced (paths relative to ``out_dir``)."""
 
     out_dir: str
-    figures: list[figures.Figure]
+    figures: list[plotting.Figure]
     missing: list[str]
     n_runs: int
     n_finished: int
@@ -133,12 +141,12 @@ def write_report(
     ft = finetune.analyse(all_runs, out_dir, all_runs[0].param_key if all_runs else "non_embedding")
     runs = ft.pretrain_runs
     effective, baselines = fits_lib.effective_size_rows(runs)
-    rows = figures.run_rows(runs, effective)
+    rows = repetition_figures.run_rows(runs, effective)
     points = data_constrained_points(runs)
     refit, refit_failure = _refit(points, dc_grid)
     figs = _draw_figures(runs, rows, baselines, points, out_dir)
     fit_rows = _fit_rows(baselines)
-    figures.write_csv(os.path.join(out_dir, "fits.csv"), FITS_HEADER, fit_rows)
+    plotting.write_csv(os.path.join(out_dir, "fits.csv"), FITS_HEADER, fit_rows)
     missing = _missing(all_runs, load_problems, figs, baselines, refit_failure, ft)
     found = findings.analyse(runs)
     findings.write_json(found, out_dir)
@@ -159,17 +167,17 @@ def write_report(
     )
 
 
-def _draw_figures(runs, rows, baselines, points, out_dir: str) -> list[figures.Figure]:
+def _draw_figures(runs, rows, baselines, points, out_dir: str) -> list[plotting.Figure]:
     """Every pre-training figure (PNG + CSV in ``out_dir``), in the report's order."""
     figs = [
-        figures.degradation_curves(runs, out_dir),
-        figures.double_descent(runs, rows, out_dir),
-        figures.fraction_scan(rows, out_dir),
-        figures.baseline_fits(baselines, out_dir),
-        figures.effective_params(rows, out_dir),
-        figures.xue_epochs(rows, out_dir),
-        figures.data_constrained(points, out_dir),
-        figures.probes(runs, out_dir),
+        repetition_figures.degradation_curves(runs, out_dir),
+        repetition_figures.double_descent(runs, rows, out_dir),
+        repetition_figures.fraction_scan(rows, out_dir),
+        repetition_figures.baseline_fits(baselines, out_dir),
+        repetition_figures.effective_params(rows, out_dir),
+        xue_epochs_figure.xue_epochs(rows, out_dir),
+        data_constrained_figure.data_constrained(points, out_dir),
+        probes_figure.probes(runs, out_dir),
     ]
     figs += icl_report.figures(runs, out_dir)  # the ICL lab ([] without ICL-lab runs)
     return figs
@@ -395,7 +403,7 @@ def _data_constrained_lines(refit, refit_failure: str | None) -> list[str]:
     return lines
 
 
-def _figures_lines(figs: list[figures.Figure]) -> list[str]:
+def _figures_lines(figs: list[plotting.Figure]) -> list[str]:
     """## Figures: each figure with its caption and CSVs, then the fits CSV."""
     lines = ["## Figures", ""]
     for fig in figs:
@@ -404,7 +412,7 @@ def _figures_lines(figs: list[figures.Figure]) -> list[str]:
     return lines
 
 
-def _figure_lines(fig: figures.Figure) -> list[str]:
+def _figure_lines(fig: plotting.Figure) -> list[str]:
     lines = [fig.caption, ""]
     if fig.png:
         lines += [f"![{fig.title}]({fig.png})", ""]
