@@ -195,12 +195,40 @@ def test_all_data_seen_once_is_unique_data(live, tmp_path):
     config = json.loads((work / "config.json").read_text())
     config["data"]["repeated_fraction"], config["data"]["repeated_epochs"] = 1.0, 1
     (work / "config.json").write_text(json.dumps(config))
+    (work / "data_plan.json").unlink()  # the trainer's record of the f = 0.5 plan
     ev = evaluator.Evaluator(work, EvalSettings(**SMALL), evaluator.eval_mesh(1))
     assert ev.run.plan.num_repeated > 0 and ev.run.plan.epochs == 1
     rec = ev.evaluate_step(4)
     assert rec["repeated_loss"] is None and 0 < rec["unique_seen_loss"] < 10
     seen = set(ev.run.plan.chunks(np.arange(4 * 8))[0].tolist())
     assert set(ev._seen_once(4 * 8).tolist()) <= seen
+
+
+def test_recorded_objective_is_used_and_the_plan_record_checked(live, tmp_path):
+    """The evaluator builds the objective the trainer recorded (``derived.objective``), not
+    one re-derived from ``data.*``, and refuses a ``data_plan.json`` its plan does not
+    reproduce."""
+    trained, _ = live
+    work = _copy(trained, tmp_path / "run")
+    config = json.loads((work / "config.json").read_text())
+    recorded = config["derived"]["objective"]
+    assert recorded["name"] == config["data"]["objective"]
+    assert recorded["options"]["length"] == config["data"]["length"]
+    assert recorded["tokens_per_example"] == config["derived"]["tokens_per_step"] // 8
+    config["data"]["length"] = 2 * config["data"]["length"]  # not what was trained
+    (work / "config.json").write_text(json.dumps(config))
+    ev = evaluator.Evaluator(work, EvalSettings(**SMALL), evaluator.eval_mesh(1))
+    assert (
+        ev.run.objective.feature_lengths["decoder_target_tokens"] == recorded["options"]["length"]
+    )
+    plan = json.loads((work / "data_plan.json").read_text())
+    plan["num_slots"] += 8
+    (work / "data_plan.json").write_text(json.dumps(plan))
+    with pytest.raises(
+        evaluator.EvalError,
+        match=r"data_plan.json does not match .*num_slots: \d+ \(recorded\) vs \d+ \(rebuilt\)",
+    ):
+        evaluator.Evaluator(work, EvalSettings(**SMALL), evaluator.eval_mesh(1))
 
 
 def test_deleted_checkpoint_is_skipped_and_errors_are_clear(live, tmp_path):

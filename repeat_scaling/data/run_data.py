@@ -78,12 +78,62 @@ def objective_options(data: Any, arch: str) -> dict[str, Any]:
     return opts
 
 
+def recorded_objective_options(config: Any) -> dict[str, Any] | None:
+    """The objective options a trainer resolved and recorded (``derived.objective.options``
+    of a run's ``config.json``); None for a config that holds none (a new run, or a record
+    written before the trainer recorded them)."""
+    derived = config.get("derived") or {}
+    recorded = derived.get("objective") or {}
+    options = recorded.get("options")
+    return dict(options) if options is not None else None
+
+
+def objective_record(data: Any, arch: str, objective: Objective) -> dict[str, Any]:
+    """What the trainer resolved of its objective, recorded once as ``derived.objective``:
+    ``name``, ``options`` (keyword options of ``pipeline.make_objective``; the evaluator
+    builds its objective from these), ``tokens_per_example`` (model tokens) and
+    ``raw_length`` (store tokens per example)."""
+    return {
+        "name": str(data.objective),
+        "options": objective_options(data, arch),
+        "tokens_per_example": int(objective.tokens_per_example),
+        "raw_length": int(objective.raw_length),
+    }
+
+
+def plan_record(data: RunData, total_model_tokens: int) -> dict[str, Any]:
+    """``data_plan.json``: the plan's exact accounting (``RepetitionPlan.summary``, store
+    tokens) plus the objective's ``tokens_per_example`` (model tokens) and
+    ``raw_tokens_per_chunk``."""
+    summary = dict(data.plan.summary())
+    summary.setdefault("tokens_per_example", int(data.objective.tokens_per_example))
+    summary.setdefault("raw_tokens_per_chunk", int(data.objective.raw_length))
+    summary.setdefault("total_tokens", int(total_model_tokens))
+    return summary
+
+
+def plan_differences(plan: RepetitionPlan, recorded: dict[str, Any]) -> list[str]:
+    """``"key: recorded vs rebuilt"`` for each accounting entry of ``recorded`` (a run's
+    ``data_plan.json``) that the plan rebuilt from its config does not reproduce."""
+    rebuilt = plan.summary()
+    return [
+        f"{key}: {recorded[key]!r} (recorded) vs {value!r} (rebuilt)"
+        for key, value in rebuilt.items()
+        if key in recorded and recorded[key] != value
+    ]
+
+
 def make_objective(
-    data: Any, vocab: Any, arch: str, manifest: dict[str, Any] | None = None
+    data: Any,
+    vocab: Any,
+    arch: str,
+    manifest: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
 ) -> Objective:
-    """``data.objective`` with its options; the objectives of ``MANIFEST_OBJECTIVES``
-    read the store's ``manifest``. ValueError/KeyError (one line) for bad options."""
-    options = objective_options(data, arch)
+    """``data.objective`` with its options (``options`` when given, e.g. a run's recorded
+    ones, else :func:`objective_options`); the objectives of ``MANIFEST_OBJECTIVES`` read
+    the store's ``manifest``. ValueError/KeyError (one line) for bad options."""
+    options = dict(objective_options(data, arch) if options is None else options)
     if data.objective in MANIFEST_OBJECTIVES and manifest is not None:
         options["store_manifest"] = manifest
     return pipeline.make_objective(data.objective, vocab, arch, **options)
@@ -109,7 +159,8 @@ def make_plan(
 
 def build(config: Any, model_cfg: Any, store: TokenStore) -> RunData:
     """The run's data over an opened ``store``: the store's vocabulary checked against
-    ``model_cfg.vocab_size``, the objective (for ``model_cfg.arch``) and the plan.
+    ``model_cfg.vocab_size``, the objective (for ``model_cfg.arch``; with the recorded
+    options of a run's ``config.json`` when it has them) and the plan.
 
     Raises RunDataError for a vocabulary the model does not cover; ValueError/KeyError
     subclasses of the objective and the plan (a corpus too small, ...) pass through.
@@ -120,7 +171,9 @@ def build(config: Any, model_cfg: Any, store: TokenStore) -> RunData:
             f"model.vocab_size={model_cfg.vocab_size} is smaller than the store's vocabulary "
             f"({vocab.vocab_size} ids in {config.data.store})"
         )
-    objective = make_objective(config.data, vocab, model_cfg.arch, store.manifest)
+    objective = make_objective(
+        config.data, vocab, model_cfg.arch, store.manifest, recorded_objective_options(config)
+    )
     plan = make_plan(config, store.split("train"), objective)
     return RunData(store, objective, plan)
 

@@ -127,6 +127,7 @@ class Run:
             raise EvalError(f"{path} is not a resolved training config ({e})") from None
         store = run_data.open_store(_store_path(store_name, workdir, path))
         data = run_data.build(ml_collections.ConfigDict(config), model_cfg, store)
+        _check_plan(workdir, data.plan)
         derived = config.get("derived", {})
         tps = int(
             derived.get("tokens_per_step")
@@ -149,6 +150,22 @@ class Run:
         """Tokens seen after ``step`` updates (units in the module docstring)."""
         slots = min(step * self.batch_size, self.plan.num_slots)
         return {"tokens_seen": int(step) * self.tokens_per_step, **self.plan.tokens_seen(slots)}
+
+
+def _check_plan(workdir: pathlib.Path, plan: Any) -> None:
+    """The plan rebuilt from the run's config must reproduce the trainer's
+    ``data_plan.json`` (when the run has one); EvalError naming the first difference."""
+    path = workdir / run_files.DATA_PLAN
+    recorded = run_files.read_json(path)
+    if not isinstance(recorded, dict):
+        return
+    diffs = run_data.plan_differences(plan, recorded)
+    if diffs:
+        more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+        raise EvalError(
+            f"{path} does not match the plan rebuilt from {run_files.CONFIG}: {diffs[0]}{more}; "
+            "the run's data would be misreported"
+        )
 
 
 def _store_path(store: str, workdir: Any, config_path: Any) -> pathlib.Path:

@@ -440,6 +440,7 @@ def _derived(
     derived["steps_per_call"] = config_lib.steps_per_call(
         config, derived["tokens_per_step"] * derived["flops_per_token"]["train"]
     )
+    derived["objective"] = run_data.objective_record(config.data, model_cfg.arch, objective)
     derived["init_from"] = init_record
     derived["interventions"] = [
         dataclasses.asdict(c) if dataclasses.is_dataclass(c) else c for c in clamps
@@ -495,11 +496,8 @@ def _write_record(
         wrote.append(workdir / run_files.INIT_FROM)
     run_files.write_json(workdir / run_files.CONFIG, resolved)
     wrote.append(workdir / run_files.CONFIG)
-    summary = dict(data.plan.summary())
-    summary.setdefault("tokens_per_example", int(data.objective.tokens_per_example))
-    summary.setdefault("raw_tokens_per_chunk", int(data.objective.raw_length))
-    summary.setdefault("total_tokens", resolved["derived"]["total_tokens"])
-    run_files.write_json(workdir / run_files.DATA_PLAN, summary)
+    plan = run_data.plan_record(data, resolved["derived"]["total_tokens"])
+    run_files.write_json(workdir / run_files.DATA_PLAN, plan)
     wrote.append(workdir / run_files.DATA_PLAN)
 
 
