@@ -1,27 +1,24 @@
 """Muennighoff et al. 2023, "Scaling Data-Constrained Language Models".
 
-A grid over model size N, unique tokens U_D and epochs E (total tokens D = U_D * E) of
-decoder-only causal LMs, to fit the data-constrained scaling law
-L = E0 + A / N'^alpha + B / D'^beta (REFERENCE.md section 1; the report fits it and
-compares with the published constants). A run with E = 1 sees U_D unique tokens
-(f = 0); E > 1 draws every token from a U_D-token subset seen E times (f = 100%), so
-`train.steps` = U_D * E / tokens per step is part of each entry (and of the run name).
+Decoder-only causal LMs on a grid of model size N, unique tokens U_D and epochs E (total
+tokens D = U_D * E: f = 0 at E = 1, else every token from a U_D-token subset), for the
+report's fit of the data-constrained scaling law (REFERENCE.md section 1).
 
     python launch/submit.py --config=configs/muennighoff2023.py:demo --root=demo_out/dc
 
-Scales (`:arg`):
-- `demo`: `dec_tiny`, `d1m` on the built-in corpus (byte vocabulary), 16 x 128 tokens
-  per step, U_D in {2^16, 2^17} x E in {1, 4}: 8 runs of 32 to 256 steps.
-- `small`: `d1m`, `d3m`, `d10m` on C4, 64 x 512 tokens per step, U_D in {2^25, 2^27} x E
-  in {1, 4, 16}: 18 runs.
-- `paper`: `d10m` ... `d800m`, 256 x 2048 tokens per step, U_D in {0.5B, 2B, 8B} x E in
-  {1, 2, 4, 8, 16}: 75 runs. The paper trained up to 9B parameters and 1500 epochs;
-  this grid keeps the sizes of the suite's decoder-only family (optimiser settings
+Scales (`:arg`; `train.steps` = U_D * E / tokens per step is part of each run's name):
+- `demo`: `dec_tiny`, `d1m` on the built-in corpus, 16 x 128 bytes per step, U_D in
+  {2^16, 2^17} x E in {1, 4}: 8 runs of 32 to 256 steps.
+- `small`: `d1m`-`d10m` on C4, 64 x 512 tokens per step, U_D in {2^25, 2^27} x E in
+  {1, 4, 16}: 18 runs.
+- `paper`: `d10m`-`d800m`, 256 x 2048 tokens per step, U_D in {0.5B, 2B, 8B} x E in
+  {1, 2, 4, 8, 16}: 75 runs (the paper goes to 9B parameters and 1500 epochs; optimiser
   unconfirmed: AdamW, cosine to 10%, 1% warmup).
 """
 
 import math
 
+from repeat_scaling import sweeps
 from repeat_scaling.data.vocab import BYTE_VOCAB_SIZE
 from repeat_scaling.models.config import padded_vocab_size
 from repeat_scaling.train.config import adamw, default_config, model_fields
@@ -29,22 +26,6 @@ from repeat_scaling.train.config import adamw, default_config, model_fields
 SCALES = ("demo", "small", "paper")
 C4 = "tfds:c4/en:3.1.0"
 T5_VOCAB = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
-
-
-def _grid(models, unique_tokens, epochs, tokens_per_step, **extra):
-    sweep = []
-    for m in models:
-        for u in unique_tokens:
-            for e in epochs:
-                sweep.append({
-                    "model.name": m,
-                    "data.repeated_fraction": 0.0 if e == 1 else 1.0,
-                    "data.repeated_epochs": e,
-                    "seed": 0,
-                    "train.steps": math.ceil(u * e / tokens_per_step),
-                    **extra,
-                })  # fmt: skip
-    return sweep
 
 
 def get_config(arg: str = "demo"):
@@ -88,5 +69,11 @@ def get_config(arg: str = "demo"):
     c.train.optimizer.end_learning_rate_fraction = 0.1
     # The byte vocabulary needs 384 embedding rows, not the named sizes' 32128.
     extra = {"model.vocab_size": padded_vocab_size(BYTE_VOCAB_SIZE)} if arg == "demo" else {}
-    c.sweep = _grid(models, uniques, epochs, c.data.length * c.train.batch_size, **extra)
+    tokens_per_step = c.data.length * c.train.batch_size
+    c.sweep = [
+        sweeps.all_repeated(m, e, **{"train.steps": math.ceil(u * e / tokens_per_step)}, **extra)
+        for m in models
+        for u in uniques
+        for e in epochs
+    ]
     return c

@@ -19,6 +19,8 @@ Fine-tuning stages (`init_from`, see the trainer) name the run they start from:
 `init_from="{root}/d25m_f10_e100_s0"` becomes the tag `ft_d25m_f10_e100_s0`, and
 `{root}` in any string value is replaced by this sweep's root, so a stage's entries
 point at the pre-training runs of the same root.
+Config files build their entries with `point`, `all_repeated` and `grid`, and a
+fine-tuning stage's sweep with `finetune_sweep`.
 Decimal points become `p` (`f0p5` = 0.5 %), so names are safe as directory names,
 GCS paths and (after `_` -> `-`) Cloud TPU node names. Other swept keys get a short tag
 (`TAGS`, else the key's last component without underscores). Two entries that would
@@ -31,7 +33,7 @@ import dataclasses
 import fnmatch
 import posixpath
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import ml_collections
@@ -355,18 +357,71 @@ def expand(
     return runs
 
 
-def finetune_sweep(sources: Sequence[Run], entry) -> list[dict[str, Any]]:
-    """A fine-tuning stage's sweep: one from-scratch run per model, then every source run
-    fine-tuned (``entry(run, **extra)`` builds one sweep entry).
+def point(model: str, fraction: float, epochs: int, seed: int = 0, **extra: Any) -> dict[str, Any]:
+    """One sweep entry: the core keys (model, repeated fraction, epochs, seed), then
+    ``extra`` (dotted keys, e.g. ``**{"model.dropout_rate": 0.1}``), in that order."""
+    return {MODEL_KEY: model, FRACTION_KEY: fraction, EPOCHS_KEY: epochs, SEED_KEY: seed, **extra}
 
-    ``init_from`` is the source's ``{root}/<pre-training run name>`` workdir (``sources``
-    expanded under :data:`ROOT_TEMPLATE`): :func:`expand` fills in the stage's root.
+
+def all_repeated(model: str, epochs: int, seed: int = 0, **extra: Any) -> dict[str, Any]:
+    """A :func:`point` with every token from the repeated subset (f = 1) seen ``epochs``
+    times; ``epochs=1`` is the unique baseline, written f = 0."""
+    return point(model, 0.0 if epochs == 1 else 1.0, epochs, seed, **extra)
+
+
+def grid(
+    models: Iterable[str],
+    fractions: Iterable[float],
+    epochs: Iterable[int],
+    seeds: Iterable[int] = (0,),
+    baselines: bool = True,
+    per_model: dict[str, dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Per seed and model: the f = 0 baseline (E = 1, unless ``baselines`` is False),
+    then a :func:`point` for every (f, E); ``per_model[model]`` adds keys to its entries."""
+    models, fractions, epochs = list(models), list(fractions), list(epochs)
+    sweep = []
+    for seed in seeds:
+        for m in models:
+            own = (per_model or {}).get(m, {})
+            if baselines:
+                sweep.append(point(m, 0.0, 1, seed, **own))
+            sweep += [point(m, f, e, seed, **own) for f in fractions for e in epochs]
+    return sweep
+
+
+def is_plain(run: Run) -> bool:
+    """Whether ``run``'s sweep entry sets only the core keys (no objective, regulariser,
+    ... of its own)."""
+    return set(run.overrides) <= set(CORE_KEYS)
+
+
+def finetune_sweep(
+    pretraining: ml_collections.ConfigDict,
+    select: Callable[[Run], bool] | None = None,
+    fixed: dict[str, Any] | None = None,
+    per_model: dict[str, dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """A fine-tuning stage's sweep: one from-scratch run per model, then every run of the
+    pre-training sweep ``pretraining`` that ``select`` keeps (default: all) fine-tuned.
+
+    Each entry is ``{"model.name": <the source's model>, **fixed, "seed": 0,
+    **per_model.get(<model>, {})}``; a fine-tuned one has the source's seed and
+    ``init_from``: its workdir expanded under :data:`ROOT_TEMPLATE`
+    (``{root}/<pre-training run name>``), which :func:`expand` resolves to the stage's root.
     """
+    sources = [r for r in expand(pretraining, ROOT_TEMPLATE) if select is None or select(r)]
+
+    def entry(run: Run, **extra: Any) -> dict[str, Any]:
+        model = run.config.model.name
+        own = (per_model or {}).get(model, {})
+        return {MODEL_KEY: model, **(fixed or {}), SEED_KEY: 0, **own, **extra}
+
     first: dict[str, Run] = {}  # one from-scratch run per model
     for r in sources:
         first.setdefault(r.config.model.name, r)
     sweep = [entry(r) for r in first.values()]
-    sweep += [entry(r, seed=r.config.seed, init_from=r.workdir) for r in sources]
+    sweep += [entry(r, **{SEED_KEY: r.config.seed, INIT_FROM_KEY: r.workdir}) for r in sources]
     return sweep
 
 

@@ -136,6 +136,33 @@ def test_number_formatting():
     assert sweeps.format_flag_value((1, 2)) == "(1, 2)"
 
 
+def test_entry_builders_keep_the_core_keys_first():
+    assert list(sweeps.point("m", 0.1, 10, 2, **{"model.dropout_rate": 0.1}).items()) == [
+        ("model.name", "m"), ("data.repeated_fraction", 0.1), ("data.repeated_epochs", 10),
+        ("seed", 2), ("model.dropout_rate", 0.1)]  # fmt: skip
+    assert sweeps.all_repeated("m", 1)["data.repeated_fraction"] == 0.0
+    assert sweeps.all_repeated("m", 4, seed=1)["data.repeated_fraction"] == 1.0
+    lr = {"b": {"train.optimizer.learning_rate": 1e-4}}
+    sweep = sweeps.grid(["a", "b"], [0.5], [2, 8], seeds=(0, 1), per_model=lr)
+    assert [(e["seed"], e["model.name"], e["data.repeated_epochs"]) for e in sweep] == [
+        (s, m, e) for s in (0, 1) for m in "ab" for e in (1, 2, 8)]  # fmt: skip
+    assert all(("train.optimizer.learning_rate" in e) == (e["model.name"] == "b") for e in sweep)
+    assert len(sweeps.grid(["a"], [0.5], [2, 8], baselines=False)) == 2
+
+
+def test_finetune_sweep_points_at_the_pretraining_runs():
+    base = _config([_entry(0.0, 1), _entry(0.5, 8), _entry(0.5, 8, seed=1)])
+    fixed = {"train.label_smoothing": 0.1}
+    sweep = sweeps.finetune_sweep(base, select=lambda r: r.config.seed == 0, fixed=fixed)
+    assert sweep == [
+        {"model.name": "d25m", "train.label_smoothing": 0.1, "seed": 0},
+        {"model.name": "d25m", "train.label_smoothing": 0.1, "seed": 0,
+         "init_from": "{root}/d25m_f0_e1_s0"},
+        {"model.name": "d25m", "train.label_smoothing": 0.1, "seed": 0,
+         "init_from": "{root}/d25m_f50_e8_s0"},
+    ]  # fmt: skip
+
+
 def test_submit_cli_dry_run_and_errors(tmp_path):
     cfg = tmp_path / "exp.py"
     cfg.write_text(
