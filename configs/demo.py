@@ -1,17 +1,18 @@
-"""Demo: a tiny model on the built-in corpus, a few steps per second on a laptop CPU.
+"""Demo: a tiny model on the built-in corpus (byte vocabulary, store prepared on first use
+under ``demo_out/stores/``), a few steps per second on a laptop CPU.
 
     python -m repeat_scaling.train --config=configs/demo.py --workdir=/tmp/demo
     python -m repeat_scaling.train --config=configs/demo.py:t5 --workdir=/tmp/demo_t5
 
-``configs/demo.py`` (or ``:dec``) trains the tiny decoder-only model with the causal LM
-objective; ``:t5`` trains the tiny T5 (encoder-decoder) with span corruption. Both use
-the byte vocabulary, so the store is prepared on first use (seconds) under
-``demo_out/stores/``. ``config.sweep`` lists overrides for a small repetition sweep
-(unique baseline vs. 10% of the tokens repeated 10 and 50 times); ``:sweep`` is the
-`make demo` sweep, run by ``python launch/demo.py``: ``dec_micro`` (45k parameters) on
-1.74M tokens, f = 0 and f = 50% at E = 1, 4, 16, 64, 256, 1024. Measured (2-core CPU):
-the final test loss peaks at E = 256 (2.94 nats/byte against 2.28 without repetition,
-2.34 at E = 64 and 2.76 at E = 1024), where the repeated subset is first memorised.
+Args (``:arg``):
+- ``dec`` (default): ``dec_tiny``, causal LM, 300 steps; ``config.sweep``: f = 0 and
+  f = 10% at E = 10 and 50.
+- ``t5``: ``t5_tiny`` with span corruption, same budget and sweep.
+- ``sweep``: the `make demo` sweep (``python launch/demo.py``): ``dec_micro`` (45k
+  parameters) on 1.74M tokens, f = 0 and f = 50% at E = 1, 4, 16, 64, 256, 1024: 7 runs.
+  Measured (2-core CPU): the final test loss peaks at E = 256 (2.94 nats/byte against
+  2.28 without repetition, 2.34 at E = 64 and 2.76 at E = 1024), where the repeated
+  subset is first memorised.
 """
 
 from repeat_scaling.data.vocab import BYTE_VOCAB_SIZE

@@ -1,37 +1,24 @@
 """The in-context-learning lab: the bursty few-shot task and the clamping demonstration.
 
-A 2-layer ATTENTION-ONLY decoder (rope, d_model 64, 4 heads of 16) is trained with the
-normal trainer on the bursty few-shot classification task of Chan et al. 2022 / Reddy
-2023 (:mod:`repeat_scaling.data.icl_tasks`: sequences ``x_1 l_1 ... x_N l_N x_q l_q``).
-The evaluator records the in-context accuracy on novel classes (``icl_accuracy``),
-flipped-label and in-weights accuracy (:mod:`repeat_scaling.eval.icl`) at every
-checkpoint; the report draws ICL accuracy vs step with the transition step marked.
-
-The demonstration (issue 8): the ICL accuracy jumps abruptly from the plateau of 0.5
-(choosing between the N/B = 2 labels present in the context, chance for a model that
-knows only that the answer is one of them) to > 0.9; clamping head 0 of layer 0 to
-perfect previous-token attention from step 0 (``:demo_clamped``) moves that jump earlier.
-Measured (evaluator, 2-core CPU): transition (accuracy > 0.9 from then on) at step 525
-without the clamp (0.61 at 450 -> 0.97 at 525), at step 125 with it (0.55 at 75 -> 0.98
-at 125).
+A 2-layer attention-only decoder (``attn2_tiny``) trained on the bursty few-shot
+classification task of Chan et al. 2022 / Reddy 2023 (an ``icl_bursty:k=v,...`` source,
+see ``BURSTY_DEFAULTS``); the evaluator records in-context, flipped-label and in-weights
+accuracy at every checkpoint (docs/icl.md).
 
     python launch/submit.py --config=configs/icl_bursty.py:sweep --root=demo_out/icl
 
-Arguments (``:arg``):
-- ``demo``: the CPU demonstration, unclamped (store ``demo_out/stores/icl_bursty_demo``,
-  600 steps of 128 sequences, checkpoints every 25 steps).
-- ``demo_clamped``: the same with the previous-token clamp on layer 0, head 0.
-- ``sweep`` (default): both runs (``demo`` settings) as a sweep, clamp on and off.
-- ``tradeoff``: the in-context vs in-weights trade-off of Chan et al. (no clamp): Zipfian
-  trained classes (alpha 1) in half the sequences, bursty fraction p_B in {1, 0.5, 0},
-  1200 steps; compare ``icl_accuracy`` with ``iwl_accuracy``. Measured: ICL > 0.9 from
-  step 800 / 800 / 700 for p_B = 1 / 0.5 / 0; in-weights accuracy at step 100 0.64 /
-  0.83 / 0.91; flipped-label accuracy falls to ~0.02-0.04 in all (trained classes are
-  answered from the weights).
+Args (``:arg``; measured by the evaluator on a 2-core CPU):
+- ``demo``: the CPU demonstration, unclamped: 600 steps of 128 sequences, a checkpoint
+  every 25 steps. Measured: ICL accuracy > 0.9 from step 525 (0.61 at 450 -> 0.97 at 525).
+- ``demo_clamped``: the same with head 0 of layer 0 clamped to previous-token attention
+  from step 0. Measured: from step 125 (0.55 at 75 -> 0.98 at 125).
+- ``sweep`` (default): both runs as one sweep, clamp on and off.
+- ``tradeoff``: in-context vs in-weights (Chan et al.): Zipfian trained classes (alpha 1)
+  in half the sequences, bursty fraction p_B in {1, 0.5, 0}, 1200 steps. Measured: ICL
+  > 0.9 from step 800 / 800 / 700; in-weights accuracy at step 100 0.64 / 0.83 / 0.91;
+  flipped-label accuracy ~0.02-0.04 at the end.
 - ``paper``: Reddy-like scale (N=8, B=2, K=1024 Zipf alpha=1, eps=0.1, p_C=0.75,
-  d_model 256) for accelerators (settings are this suite's choice: unconfirmed).
-
-Task parameters are the ``icl_bursty:k=v,...`` source string (see ``BURSTY_DEFAULTS``).
+  d_model 256) for accelerators (this suite's choice: unconfirmed).
 """
 
 from repeat_scaling.models.config import padded_vocab_size

@@ -1,29 +1,23 @@
 """Induction heads under repetition (Hernandez et al. 2022, section 5; Olsson et al. 2022).
 
-Two-layer ATTENTION-ONLY decoders (no MLP) trained with and without repeated data: the
-paper's case is 50% of the tokens drawn from a small repeated subset, which destroys
-the model's ability to copy a paragraph (induction heads weaken). Checkpoints are kept
-every few hundred steps (`keep_period`) so the evaluator traces the prefix-matching,
-previous-token and copying scores and the in-context-learning score over training.
+Two-layer attention-only decoders trained with and without repeated data (f = 50% from a
+small repeated subset weakens induction heads); checkpoints every few hundred steps
+(``keep_period``) let the evaluator trace the probe scores over training.
 
     python launch/submit.py --config=configs/induction_heads.py:demo --root=demo_out/ih
 
 Scales (`:arg`):
-- `demo`: `attn2_tiny` (d_model 64, 4 heads) on the built-in corpus (byte vocabulary),
-  600 steps of 16 x 128 tokens, a checkpoint every 100 steps; f = 0 and f = 50% with
-  E = 100: 2 runs.
-- `cpu`: Hernandez (c) on a 2-core CPU: `attn2_tiny` on synthetic byte text with bursty
-  in-document copies (`CPU_SOURCE`), 1000 steps of 16 x 256 tokens; f = 0 and f = 50% at
-  E = 100, two seeds: 4 runs (about 4 min each alone). Measured (f = 0, one seed): a
-  previous-token head forms (0.42) but no induction head (prefix matching 0.043 against a
-  chance level of 0.031), so the report finds the drop untestable ("not enough runs");
-  Olsson et al. see induction heads after billions of tokens: use `small` on an
-  accelerator.
-- `small`: 2 layers, d_model 512, 8 heads of 64, on C4, 20k steps of 32 x 1024 tokens,
-  checkpoints every 500 steps; f = 0 and f = 50% with E in {100, 1000}; 2 seeds: 6 runs.
-- `paper`: 2 layers, d_model 768, 12 heads, 100k steps of 256 x 1024 tokens (26B),
-  checkpoints every 1000 steps; f = 0 and f = 50% with E in {10, 100, 1000, 10000}: 5
-  runs (model width and budget are this suite's choice: unconfirmed).
+- `demo`: `attn2_tiny` on the built-in corpus, 600 steps of 16 x 128 bytes; f = 0 and
+  f = 50% at E = 100: 2 runs.
+- `cpu`: Hernandez (c), `attn2_tiny` on synthetic text with in-document copies
+  (`CPU_SOURCE`), 1000 steps of 16 x 256; f = 0 and 50% at E = 100, two seeds: 4 runs
+  (about 4 min each alone). Measured (f = 0, one seed): previous-token head 0.42 but no
+  induction head (prefix matching 0.043, chance 0.031): not testable on a CPU
+  (docs/reproducing.md).
+- `small`: d_model 512, 8 heads, C4, 20k steps of 32 x 1024; f = 0 and 50% at E in
+  {100, 1000}, 2 seeds: 6 runs.
+- `paper`: d_model 768, 12 heads, 100k steps of 256 x 1024 (26B tokens); f = 0 and 50%
+  at E in {10, 100, 1000, 10000}: 5 runs (width and budget unconfirmed).
 """
 
 from repeat_scaling.train.config import adamw, default_config, model_fields
