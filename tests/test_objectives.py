@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 
 from repeat_scaling.data.batcher import read_chunks
-from repeat_scaling.data.objectives import (
-    ObjectiveError,
-    example_rng,
-    make_objective,
+from repeat_scaling.data.objectives import ObjectiveError, make_objective
+from repeat_scaling.data.slot_rng import example_rng
+from repeat_scaling.data.span_corruption import (
     noise_mask_batch,
     span_corruption_lengths,
     span_uniforms_needed,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 seqio = pytest.importorskip("seqio")
-from repeat_scaling.data import objectives, seqio_tasks  # noqa: E402
+from repeat_scaling.data import objectives, seqio_tasks, span_corruption, ul2_denoisers  # noqa: E402
 from repeat_scaling.data.vocab import load_vocab_info  # noqa: E402
 
 BYTE_VOCAB = 359
@@ -84,7 +84,7 @@ def test_prefix_and_causal_lm_and_ul2(tasks):
 
 # The native objective's scheme: R [NLU], X [NLG], S [S2S] are the three lowest extra ids.
 VOCAB = load_vocab_info("byte")
-MODE_IDS = {n: objectives.mode_token_id(VOCAB, n) for n in "RXS"}
+MODE_IDS = {n: ul2_denoisers.mode_token_id(VOCAB, n) for n in "RXS"}
 
 
 def _undo(inputs, targets):
@@ -108,14 +108,14 @@ def test_ul2_mode_ids_are_the_native_ones():
     assert MODE_IDS == {"R": 259, "X": 260, "S": 261}  # [NLU], [NLG], [S2S]
     assert [n for n, _ in seqio_tasks.ul2_denoisers()] == list(seqio_tasks.UL2_TASKS)
     rates = [d.rate for _, d in seqio_tasks.ul2_denoisers()]
-    assert rates == [d["rate"] for d in objectives.default_ul2_denoisers()]
+    assert rates == [d["rate"] for d in ul2_denoisers.default_ul2_denoisers()]
     # The TF op and the native op make the same example from the same tokens and mask.
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, 259, size=(1, 90)).astype(np.int32)
     for name, density, span in (("R", 0.15, 3.0), ("X", 0.5, 8.0)):
-        u = rng.random((1, objectives.span_uniforms_needed(90, density, span)))
-        mask = objectives.noise_mask_batch(u, 90, density, span)
-        i, t = objectives.span_corrupt_batch(tokens, mask, VOCAB, MODE_IDS[name])
+        u = rng.random((1, span_corruption.span_uniforms_needed(90, density, span)))
+        mask = span_corruption.noise_mask_batch(u, 90, density, span)
+        i, t = span_corruption.span_corrupt_batch(tokens, mask, VOCAB, MODE_IDS[name])
         tf_ex = seqio_tasks.corrupt(tokens[0], mask[0], BYTE_VOCAB, MODE_IDS[name])
         np.testing.assert_array_equal(np.append(tf_ex["inputs"].numpy(), 1), i[0])
         np.testing.assert_array_equal(np.append(tf_ex["targets"].numpy(), 1), t[0])
@@ -137,7 +137,7 @@ def test_ul2_tasks_make_the_native_example(tasks):
             assert not np.isin(targets, list(MODE_IDS.values())).any()
             if d.is_span:
                 tokens, mask = _undo(inputs, targets)
-                i, t = objectives.span_corrupt_batch(tokens[None], mask[None], VOCAB, mode)
+                i, t = span_corruption.span_corrupt_batch(tokens[None], mask[None], VOCAB, mode)
             else:
                 tokens = np.concatenate([inputs[1:-1], targets[:-1]]).astype(np.int32)
                 i, t = native._split_example(tokens, d, len(targets) - 1)

@@ -41,12 +41,16 @@ lengths minus ``pack_slack`` (default 8) positions, and the default span-corrupt
 ``targets_length`` is T5's rounded up to a multiple of 8 plus 8 (inputs 512 -> 128).
 Without packing, the chunk's EOS tokens are
 ordinary tokens (T5's concatenated-documents semantics) and every row holds one example.
+
+This module holds the objective registry (``OBJECTIVES``, ``OBJECTIVE_ARCHS``,
+:func:`make_objective`) and :class:`Objective`; its parts live in
+:mod:`~repeat_scaling.data.span_corruption` (T5 noise masks and sentinels),
+:mod:`~repeat_scaling.data.ul2_denoisers` (denoisers, mode tokens) and
+:mod:`~repeat_scaling.data.slot_rng` (per-example randomness).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,6 +58,23 @@ import numpy as np
 
 from repeat_scaling.data import packing
 from repeat_scaling.data.features import ARCHS, ObjectiveError, layout_examples
+from repeat_scaling.data.slot_rng import SlotRng
+from repeat_scaling.data.span_corruption import (
+    _check_span_params,
+    _round,
+    noise_counts,
+    noise_mask_batch,
+    span_corrupt_batch,
+    span_corruption_lengths,
+    span_uniforms_needed,
+)
+from repeat_scaling.data.ul2_denoisers import (
+    NUM_MODE_TOKENS,
+    Denoiser,
+    default_ul2_denoisers,
+    mode_token_id,
+    parse_denoisers,
+)
 from repeat_scaling.data.vocab import VocabInfo
 
 #: The objectives of :class:`Objective` (denoising and language modelling of store chunks).
@@ -73,269 +94,9 @@ OBJECTIVE_ARCHS = {
     "supervised": ("encoder_decoder", "decoder_only"),
     "icl": ("decoder_only",),
 }
-MODE_TOKENS = {"R": 0, "X": 1, "S": 2}  # offset from the lowest extra id upwards
-NUM_MODE_TOKENS = 3
-#: The UL2 paper's paradigm token of each denoiser kind (the mode token's meaning).
-PARADIGMS = {"R": "[NLU]", "X": "[NLG]", "S": "[S2S]"}
 PACK_SLACK = 8  # positions per sequence kept free for the per-document overhead of packing
 
 
-# --------------------------------------------------------------------------- lengths
-def _round(x: float) -> int:
-    """Round half to even, as Python's ``round`` and ``tf.round`` (T5 uses both)."""
-    return int(round(x))
-
-
-def noise_counts(length: int, noise_density: float, mean_noise_span_length: float):
-    """``(num_noise_tokens, num_noise_spans)`` for a sequence of ``length`` tokens.
-
-    T5 ``random_spans_noise_mask``: length is raised to 2 to avoid degeneracy,
-    ``num_noise`` clamped to ``[1, length-1]``, ``num_spans >= 1``.
-    """
-    length = max(length, 2)
-    num_noise = min(max(_round(length * noise_density), 1), length - 1)
-    num_spans = max(_round(num_noise / mean_noise_span_length), 1)
-    return num_noise, num_spans
-
-
-def span_corruption_lengths(
-    inputs_length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0
-) -> tuple[int, int]:
-    """``(raw_length, targets_length)`` for a target inputs length (T5 ``random_spans_helper``).
-
-    Grows the raw length ``L`` while ``(L - noise) + spans + 1 <= inputs_length``; e.g.
-    inputs 512 with density 0.15 and mean span 3 -> (568, 114).
-    """
-    _check_span_params(noise_density, mean_noise_span_length)
-    if not isinstance(inputs_length, int | np.integer) or inputs_length < 2:
-        raise ObjectiveError(f"inputs_length={inputs_length!r} must be an integer >= 2")
-
-    def lengths(tokens_length: int) -> tuple[int, int]:
-        num_noise = int(round(tokens_length * noise_density))
-        num_nonnoise = tokens_length - num_noise
-        num_spans = int(round(num_noise / mean_noise_span_length))
-        return num_nonnoise + num_spans + 1, num_noise + num_spans + 1
-
-    tokens_length = inputs_length - 1
-    while lengths(tokens_length + 1)[0] <= inputs_length:
-        tokens_length += 1
-    inputs, targets = lengths(tokens_length)
-    if noise_density == 0.5 and targets > inputs:
-        tokens_length -= 1
-        targets -= 1
-    return tokens_length, targets
-
-
-def _check_span_params(noise_density: float, mean_noise_span_length: float) -> None:
-    if not (0.0 < float(noise_density) < 1.0):
-        raise ObjectiveError(f"noise_density={noise_density!r} must be in (0, 1)")
-    if not float(mean_noise_span_length) >= 1.0:
-        raise ObjectiveError(f"mean_noise_span_length={mean_noise_span_length!r} must be >= 1")
-
-
-# --------------------------------------------------------------------------- denoisers
-def mode_token_id(vocab: VocabInfo, name: str) -> int:
-    """The UL2 mode (paradigm) token of denoiser kind ``name`` (R, X or S): one extra id.
-
-    R (``[NLU]``), X (``[NLG]``) and S (``[S2S]``) are the three lowest extra ids, in that
-    order (byte vocabulary: 259, 260, 261), so sentinels (counting down from the top) never
-    reach them while at most ``extra_ids - 3`` are used. The one definition of the scheme:
-    the native objectives and the seqio UL2 tasks (``data/seqio_tasks.py``) both use it.
-    """
-    if name not in MODE_TOKENS:
-        raise ObjectiveError(f"unknown denoiser name {name!r}; expected one of 'R', 'S', 'X'")
-    if vocab.extra_ids < NUM_MODE_TOKENS + 1:
-        raise ObjectiveError(
-            f"ul2 needs >= {NUM_MODE_TOKENS + 1} extra ids, vocab has {vocab.extra_ids}"
-        )
-    return vocab.sentinel(vocab.extra_ids - 1 - MODE_TOKENS[name])
-
-
-@dataclasses.dataclass(frozen=True)
-class Denoiser:
-    """One UL2 denoiser (or the single denoiser of span_corruption / prefix_lm).
-
-    name: "R" or "X" (span corruption) or "S" (prefix LM); ``rate`` is its mixture weight
-    (normalised over the list). S draws the continuation length uniformly from
-    ``[1, round(2 * target_fraction * L)]`` (mean ~ ``target_fraction``, capped at L-1).
-    """
-
-    name: str
-    rate: float = 1.0
-    noise_density: float = 0.15
-    mean_noise_span_length: float = 3.0
-    target_fraction: float = 0.25
-    mode_token: bool = True
-
-    @property
-    def is_span(self) -> bool:
-        return self.name in ("R", "X")
-
-    def describe(self) -> str:
-        if self.is_span:
-            return f"{self.name}(density={self.noise_density}, span={self.mean_noise_span_length})"
-        return f"S(target_fraction={self.target_fraction})"
-
-
-def default_ul2_denoisers() -> list[dict[str, Any]]:
-    """REFERENCE.md section 3 mixture; 1/3 each of R, S, X (split evenly inside R and X)."""
-    return [
-        {"name": "R", "noise_density": 0.15, "mean_noise_span_length": 3.0, "rate": 1 / 6},
-        {"name": "R", "noise_density": 0.15, "mean_noise_span_length": 8.0, "rate": 1 / 6},
-        {"name": "S", "target_fraction": 0.25, "rate": 1 / 3},
-        {"name": "X", "noise_density": 0.5, "mean_noise_span_length": 3.0, "rate": 1 / 12},
-        {"name": "X", "noise_density": 0.5, "mean_noise_span_length": 8.0, "rate": 1 / 12},
-        {"name": "X", "noise_density": 0.15, "mean_noise_span_length": 64.0, "rate": 1 / 12},
-        {"name": "X", "noise_density": 0.5, "mean_noise_span_length": 64.0, "rate": 1 / 12},
-    ]
-
-
-def parse_denoisers(specs: Sequence[dict[str, Any] | Denoiser]) -> list[Denoiser]:
-    """Validate a denoiser list (dicts with ``name`` in R/S/X and optional fields)."""
-    if not specs:
-        raise ObjectiveError("denoisers list is empty; expected at least one of R, S, X")
-    fields = {f.name for f in dataclasses.fields(Denoiser)} - {"mode_token"}
-    out = []
-    for spec in specs:
-        if isinstance(spec, Denoiser):
-            spec = dataclasses.asdict(spec)
-            spec.pop("mode_token")
-        if not isinstance(spec, dict) or "name" not in spec:
-            raise ObjectiveError(f"denoiser {spec!r} must be a dict with a 'name' of R, S or X")
-        if spec["name"] not in MODE_TOKENS:
-            raise ObjectiveError(
-                f"unknown denoiser name {spec['name']!r}; expected one of 'R', 'S', 'X'"
-            )
-        unknown = set(spec) - fields
-        if unknown:
-            raise ObjectiveError(
-                f"unknown denoiser fields {sorted(unknown)}; expected {sorted(fields)}"
-            )
-        d = Denoiser(**spec)
-        if not (d.rate > 0 and math.isfinite(d.rate)):
-            raise ObjectiveError(f"denoiser {d.describe()} rate={d.rate!r} must be > 0")
-        if d.is_span:
-            _check_span_params(d.noise_density, d.mean_noise_span_length)
-        elif not 0 < d.target_fraction <= 0.5:
-            raise ObjectiveError(
-                f"S denoiser target_fraction={d.target_fraction!r} must be in (0, 0.5]"
-            )
-        out.append(d)
-    return out
-
-
-# --------------------------------------------------------------------------- RNG
-def example_rng(seed: int, slot: int) -> np.random.Generator:
-    """The generator of one example: Philox keyed by the 128-bit value (seed, slot)."""
-    return np.random.Generator(np.random.Philox(key=(int(seed) << 64) | int(slot)))
-
-
-class SlotRng:
-    """Reusable :func:`example_rng`: ``reset(seed, slot)`` rewinds one Philox to that key.
-
-    Gives exactly the stream of ``example_rng(seed, slot)`` at a sixth of the cost of
-    building a new generator; the returned generator is valid until the next ``reset``.
-    """
-
-    def __init__(self):
-        self._bitgen = np.random.Philox(key=0)
-        self._gen = np.random.Generator(self._bitgen)
-        self._state = self._bitgen.state
-
-    def reset(self, seed: int, slot: int) -> np.random.Generator:
-        if not (0 <= int(seed) < 2**64 and 0 <= int(slot) < 2**64):
-            raise ObjectiveError(f"seed={seed} and slot={slot} must be in [0, 2**64)")
-        st = self._state
-        st["state"]["counter"][:] = 0
-        st["state"]["key"][:] = (int(slot), int(seed))
-        st["buffer_pos"] = 4
-        st["has_uint32"] = 0
-        st["uinteger"] = 0
-        self._bitgen.state = st
-        return self._gen
-
-
-# --------------------------------------------------------------------------- core transforms
-def _segment_lengths(u: np.ndarray, num_items: int, num_segments: int) -> np.ndarray:
-    """T5 ``_random_segmentation`` for a batch: uniforms ``[g, num_items-1]`` -> ``[g, k]``.
-
-    Chooses the ``num_segments - 1`` segment starts uniformly among the ``num_items - 1``
-    interior positions (the positions holding the smallest uniforms).
-    """
-    g = u.shape[0]
-    if num_segments == 1:
-        return np.full((g, 1), num_items, dtype=np.int64)
-    k = num_segments - 1
-    if k >= num_items - 1:
-        # Every interior position starts a segment; T5 leaves the extra segments empty.
-        ones = np.ones((g, num_items), np.int64)
-        return np.concatenate([ones, np.zeros((g, num_segments - num_items), np.int64)], axis=1)
-    else:
-        idx = np.argpartition(u, k - 1, axis=1)[:, :k]
-        idx.sort(axis=1)
-    starts = np.concatenate([np.zeros((g, 1), np.int64), idx + 1], axis=1)
-    ends = np.concatenate([starts[:, 1:], np.full((g, 1), num_items, np.int64)], axis=1)
-    return ends - starts
-
-
-def span_uniforms_needed(length: int, noise_density: float, mean_noise_span_length: float) -> int:
-    """How many uniforms :func:`noise_mask_batch` consumes for one example."""
-    n, s = noise_counts(length, noise_density, mean_noise_span_length)
-    return (n - 1) + (max(length, 2) - n - 1)
-
-
-def noise_mask_batch(
-    u: np.ndarray, length: int, noise_density: float, mean_noise_span_length: float
-) -> np.ndarray:
-    """Boolean noise masks ``[g, length]`` (T5 ``random_spans_noise_mask``) from uniforms."""
-    orig = length
-    length = max(length, 2)
-    n, s = noise_counts(length, noise_density, mean_noise_span_length)
-    g = u.shape[0]
-    noise_lens = _segment_lengths(u[:, : n - 1], n, s)
-    nonnoise_lens = _segment_lengths(u[:, n - 1 :], length - n, s)
-    lens = np.stack([nonnoise_lens, noise_lens], axis=2).reshape(g, 2 * s)
-    parity = np.broadcast_to(np.tile(np.array([False, True]), s), (g, 2 * s))
-    mask = np.repeat(parity.ravel(), lens.ravel()).reshape(g, length)
-    return mask[:, :orig]
-
-
-def span_corrupt_batch(
-    tokens: np.ndarray, mask: np.ndarray, vocab: VocabInfo, mode_token: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Apply noise masks to ``tokens [g, L]`` -> ``(inputs [g, Li], targets [g, Lt])``.
-
-    All rows must have the same number of noise tokens and spans (true for masks from
-    :func:`noise_mask_batch`). Inputs: non-noise tokens with one sentinel per noise span,
-    then EOS (after an optional leading mode token); targets: sentinel + span for each
-    span, then EOS.
-    """
-    g, L = tokens.shape
-    prev = np.zeros_like(mask)
-    prev[:, 1:] = mask[:, :-1]
-    noise_start = mask & ~prev
-    nonnoise_start = ~mask & (prev | (np.arange(L) == 0))
-    sentinel_base = vocab.vocab_size  # sentinel for span number c (1-based) = base - c
-    in_vals = np.where(
-        noise_start, sentinel_base - np.cumsum(noise_start, axis=1, dtype=np.int32), tokens
-    )
-    in_keep = ~mask | noise_start
-    n_in = int(in_keep[0].sum())
-    inputs = in_vals[in_keep].reshape(g, n_in)
-    tg_vals = np.where(
-        nonnoise_start, sentinel_base - np.cumsum(nonnoise_start, axis=1, dtype=np.int32), tokens
-    )
-    tg_keep = mask | nonnoise_start
-    n_tg = int(tg_keep[0].sum())
-    targets = tg_vals[tg_keep].reshape(g, n_tg)
-    eos = np.full((g, 1), vocab.eos_id, dtype=tokens.dtype)
-    parts = [inputs, eos]
-    if mode_token is not None:
-        parts.insert(0, np.full((g, 1), mode_token, dtype=tokens.dtype))
-    return np.concatenate(parts, axis=1), np.concatenate([targets, eos], axis=1)
-
-
-# --------------------------------------------------------------------------- the objective
 class Objective:
     """A configured objective; see the module docstring. Build with :func:`make_objective`.
 

@@ -20,9 +20,9 @@ Registered names (``prefix`` defaults to ``repeat_scaling_c4``):
 - ``{prefix}_ul2_{r1,r2,x1,x2,x3,x4,s}`` and the Mixture ``{prefix}_ul2``: UL2's mixture of
   denoisers (R: mean span 3 / 8 at 15%; X: 3 / 8 at 50%, 64 at 15% / 50%; S: prefix LM)
   with the native ``ul2`` objective's denoisers and rates
-  (``objectives.default_ul2_denoisers``: R 1/3, S 1/3, X 1/3), each input starting with
+  (``ul2_denoisers.default_ul2_denoisers``: R 1/3, S 1/3, X 1/3), each input starting with
   the native mode token: ONE extra id per paradigm (``[NLU]`` R, ``[NLG]`` X, ``[S2S]``
-  S; ``objectives.mode_token_id``: the three lowest extra ids, 259/260/261 for the byte
+  S; ``ul2_denoisers.mode_token_id``: the three lowest extra ids, 259/260/261 for the byte
   vocabulary), never the paradigm's text. Sentinels count down from the top and never
   reach them (more spans than ``extra_ids - 3`` is an error, as natively).
 
@@ -47,20 +47,21 @@ import os
 import seqio
 import tensorflow as tf
 
-from repeat_scaling.data import objectives
+from repeat_scaling.data import span_corruption as span_lib
+from repeat_scaling.data import ul2_denoisers as denoisers_lib
 from repeat_scaling.data.vocab import load_vocab_info, seqio_vocabulary
 
 DEFAULT_TFDS_NAME = "c4/en:3.1.0"
 MAX_CHUNK_TOKENS = 65536
 CONCAT_BATCH = 128
 
-#: Task suffixes of ``objectives.default_ul2_denoisers()``, in its order.
+#: Task suffixes of ``ul2_denoisers.default_ul2_denoisers()``, in its order.
 UL2_TASKS = ("r1", "r2", "s", "x1", "x2", "x3", "x4")
 
 
-def ul2_denoisers() -> list[tuple[str, objectives.Denoiser]]:
+def ul2_denoisers() -> list[tuple[str, denoisers_lib.Denoiser]]:
     """``(task suffix, Denoiser)`` of the UL2 mixture: the native objective's defaults."""
-    denoisers = objectives.parse_denoisers(objectives.default_ul2_denoisers())
+    denoisers = denoisers_lib.parse_denoisers(denoisers_lib.default_ul2_denoisers())
     if len(denoisers) != len(UL2_TASKS):
         raise ValueError(f"UL2_TASKS {UL2_TASKS} do not name the {len(denoisers)} denoisers")
     return list(zip(UL2_TASKS, denoisers, strict=True))
@@ -172,7 +173,7 @@ def corrupt(tokens, noise_mask, vocab_size, mode_token=None):
 
     Inputs: the non-noise tokens with one sentinel per noise span, after the mode token
     when one is given; targets: each sentinel followed by its span. The same example as
-    ``objectives.span_corrupt_batch`` for the same tokens and mask (which also adds EOS).
+    ``data.span_corruption.span_corrupt_batch`` for the same tokens and mask (which also adds EOS).
     """
     inputs = noise_span_to_unique_sentinel(tokens, noise_mask, vocab_size)
     if mode_token is not None:
@@ -193,15 +194,15 @@ def span_corruption(
 ):
     """T5 span corruption: chunk, concat, split to fit ``inputs``, denoise with sentinels.
 
-    ``mode_token``: a UL2 mode token id (``objectives.mode_token_id``) put first in the
+    ``mode_token``: a UL2 mode token id (``data.ul2_denoisers.mode_token_id``) put first in the
     inputs; the segments are one token shorter so that the inputs still fit.
     """
     budget = sequence_length["inputs"] - (0 if mode_token is None else 1)
     tokens_length, _ = random_spans_helper(budget, noise_density, mean_noise_span_length)
     vocabulary = output_features["inputs"].vocabulary
     vocab_size = vocabulary.vocab_size
-    _, spans = objectives.noise_counts(tokens_length, noise_density, mean_noise_span_length)
-    free = vocabulary.extra_ids - (0 if mode_token is None else objectives.NUM_MODE_TOKENS)
+    _, spans = span_lib.noise_counts(tokens_length, noise_density, mean_noise_span_length)
+    free = vocabulary.extra_ids - (0 if mode_token is None else denoisers_lib.NUM_MODE_TOKENS)
     if spans > free:
         raise ValueError(
             f"span corruption (density={noise_density}, span={mean_noise_span_length}) of "
@@ -317,7 +318,7 @@ def register_c4_tasks(
     }
     ul2 = ul2_denoisers()
     for name, d in ul2:
-        mode = objectives.mode_token_id(info, d.name)
+        mode = denoisers_lib.mode_token_id(info, d.name)
         if d.is_span:
             fn = functools.partial(
                 span_corruption,
