@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from absl import flags
 
@@ -49,6 +50,12 @@ def _config_file_error(flag, error: BaseException) -> str:
 def _fail(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(1)
+
+
+def fail(msg: str) -> NoReturn:
+    """Print ``error: MSG`` as one line on stderr and exit 1: how an entry point reports
+    bad input (the same line :func:`parse_flags` prints)."""
+    _fail(msg)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
