@@ -1,37 +1,23 @@
 """In-context linear regression (von Oswald et al. 2022, "Transformers learn in-context by
-gradient descent").
+gradient descent"): tasks ``y = w . x`` with a fresh ``w`` per sequence. Details and
+measurements: docs/icl.md.
 
-Two experiments share this file:
+``:demo`` (d = 5, n = 10, 500 steps of 512 tasks), ``:paper`` (d = 10, n = 10, 5000 x 2048):
+a linear self-attention model trained on the tasks, compared on held-out tasks with the
+one-step-GD construction; extra args ``,layers=K`` (vs K GD steps) and ``,heads=H``::
 
-1. Linear self-attention vs one step of gradient descent (``:demo``, ``:paper``): a
-   single-layer linear self-attention model (no softmax) trained with Adam on fresh tasks
-   ``y = w . x`` (``x ~ U(-1,1)^d``, ``w ~ N(0, I)``, ``n`` context pairs and a query), then
-   compared on held-out tasks with the paper's one-step-GD construction (``eta`` fitted on
-   training tasks). Run with the small trainer::
+    python -m repeat_scaling.train.icl_regression \\
+        --config=configs/icl_linear_regression.py:demo --workdir=runs/lsa_demo
 
-       python -m repeat_scaling.train.icl_regression \\
-           --config=configs/icl_linear_regression.py:demo --workdir=runs/lsa_demo
+``:tokens`` (``dec_tiny``), ``:tokens_attn2`` (``attn2_tiny``): the task as token sequences
+(d = 1, n = 8, 16 x-bins, 32 y-bins) for the normal trainer::
 
-   ``demo``: d = 5, n = 10, 500 steps of 512 tasks (seconds on a CPU). ``paper``: d = 10,
-   n = 10, 5000 steps of 2048 tasks, Adam 1e-3 (the paper's single-layer setting; its exact
-   step count and batch are unconfirmed). Extra args after a comma: ``layers=K`` (K LSA
-   layers, compared with K GD steps), ``heads=H``, e.g. ``:paper,layers=2``.
+    python -m repeat_scaling.train --config=configs/icl_linear_regression.py:tokens \\
+        --workdir=runs/icl_regression_tokens
 
-2. The token-sequence version for the normal trainer (``:tokens``, ``:tokens_attn2``): x and
-   y are quantised into value tokens (repeat_scaling/data/icl_regression.py, ``token_task``)
-   and stored by the ICL lab's writer (``data.source = "icl_regression:k=v,..."``, prepared on
-   first use); a decoder-only model trains with ``data.objective = "icl"`` on every y-token
-   (``all_labels``)::
-
-       python -m repeat_scaling.train --config=configs/icl_linear_regression.py:tokens \\
-           --workdir=runs/icl_regression_tokens
-
-   ``tokens``: ``dec_tiny`` (2 layers, d_model 64, with MLPs); ``tokens_attn2``: the 2-layer
-   attention-only ``attn2_tiny``. d = 1 (in-context slope estimation: the smallest case a
-   tiny model learns on a CPU in minutes), n = 8, 16 x-bins and 32 y-bins (sequence length
-   18, vocabulary 51), 2000 steps of 64 sequences (every training sequence seen once).
-   Larger d: ``--config.data.source=icl_regression:d=2,...`` with ``data.length`` =
-   ``(n + 1)(d + 1)``.
+Measured on the 2-core CPU: held-out loss trained / GD 1.004 for ``:demo`` (about 11 s),
+1.002 for ``:paper`` (227 s of training), 0.64 for ``:demo,layers=2`` against two GD steps;
+``:tokens`` query y-bin accuracy 0.964 after 2000 steps (about 6 min).
 """
 
 from repeat_scaling.models.config import padded_vocab_size

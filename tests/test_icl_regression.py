@@ -133,16 +133,39 @@ def test_trained_lsa_matches_one_gd_step(tmp_path):
     assert loss == pytest.approx(result["loss_trained"], rel=1e-4)
 
 
-def test_cli_bad_value_is_one_line(tmp_path):
-    p = _cli(
-        "--config=configs/icl_linear_regression.py:demo",
-        f"--workdir={tmp_path}",
-        "--config.train.learning_rate=-1.0",
-    )
+@pytest.mark.parametrize(
+    "arg, expected",
+    [
+        ("--config.train.learning_rate=-1.0", "error: train.learning_rate=-1.0 must be a number > 0"),
+        ("--config.train.stpes=3", 'error: bad command line: stpes Did you mean "steps" instead of "stpes"?'),
+    ],
+)  # fmt: skip
+def test_cli_bad_input_is_one_line(tmp_path, arg, expected):
+    p = _cli("--config=configs/icl_linear_regression.py:demo", f"--workdir={tmp_path}", arg)
     assert p.returncode == 1
-    assert p.stderr.strip().splitlines()[-1] == (
-        "error: train.learning_rate=-1.0 must be a number > 0"
-    ), p.stderr
+    assert p.stderr.strip().splitlines()[-1] == expected, p.stderr
+
+
+def test_lab_optimizer_is_adam_with_linear_warmup():
+    """The shared make_optimizer config gives exactly optax.adam on the warm-up schedule."""
+    import optax
+
+    from repeat_scaling.train.icl_regression import _optimizer, default_config
+
+    c = default_config()
+    c.train.learning_rate, c.train.warmup_steps = 3e-3, 4
+    tx, schedule = _optimizer(c)
+    ref = optax.adam(optax.linear_schedule(0.0, 3e-3, 4))
+    rng = np.random.default_rng(0)
+    p = {"w": jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)}
+    p_ref, s, s_ref = p, tx.init(p), ref.init(p)
+    for step in range(7):
+        g = {"w": jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)}
+        u, s = tx.update(g, s, p)
+        u_ref, s_ref = ref.update(g, s_ref, p_ref)
+        p, p_ref = optax.apply_updates(p, u), optax.apply_updates(p_ref, u_ref)
+        np.testing.assert_array_equal(np.asarray(p["w"]), np.asarray(p_ref["w"]))
+        assert float(schedule(step)) == float(optax.linear_schedule(0.0, 3e-3, 4)(step))
 
 
 # ----------------------------------------------------------------------------------------

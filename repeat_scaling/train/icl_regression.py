@@ -8,19 +8,24 @@ What it does:
 
 1. Fits the GD step size ``eta`` on ``eval.eta_tasks`` training-distribution tasks (closed
    form for one step, line search for ``K`` steps: ``data.icl_regression.optimal_eta``).
-2. Trains :class:`~repeat_scaling.models.linear_attention.LinearTransformer` with optax
-   Adam on fresh tasks every step (batch of step s = a pure function of ``(seed, s)``), with
-   the paper's loss ``1/(2B) sum (y_hat - y_q)^2``, in one jitted step.
+2. Trains :class:`~repeat_scaling.models.linear_attention.LinearTransformer` with Adam on
+   fresh tasks every step (batch of step s = a pure function of ``(seed, s)``), with the
+   paper's loss ``1/(2B) sum (y_hat - y_q)^2``, in one jitted step.
 3. Compares the trained model and the GD construction (``K = model.num_layers`` GD steps) on
    ``eval.tasks`` held-out tasks: both losses and their ratio, the cosine similarity of their
    predictions (across tasks), the mean per-task cosine similarity of their sensitivities
    ``d y_hat / d x_q`` (the paper's "model cos"), and the zero / least-squares baselines.
 
+The main trainer's pieces do the rest: ``optimizers.make_optimizer`` (:data:`ADAM`),
+``run_files`` (file names, atomic JSON), ``metrics.truncate_jsonl`` + ``workdir_io``'s JSONL
+appender, ``Checkpointer`` and ``cli`` (one-line errors, ``--library_logs``) with
+``--compilation_cache``. The lab's own: model, tasks, the loop around them, the comparison.
+
 Workdir: ``config.json`` (the resolved config), ``train/metrics.jsonl`` (one JSON line per
 logged step: step, loss, learning_rate, and ``heldout_loss`` every ``train.eval_every``),
-``checkpoints/<step>/`` (orbax, via :class:`repeat_scaling.train.checkpointing.Checkpointer`;
-``extra`` holds ``eta``) and ``comparison.json`` (the result, also printed as one JSON line
-on stdout). Bad config values: one line on stderr, exit 1.
+``checkpoints/<step>/`` (``extra`` holds ``eta``) and ``comparison.json`` (the result, also
+printed as one JSON line on stdout). Bad input (a flag, a config value, a workdir that
+already holds a run): one line ``error: ...`` on stderr, exit 1.
 """
 
 from __future__ import annotations
@@ -38,12 +43,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from repeat_scaling import run_files
+from repeat_scaling import run_files, workdir_io
 from repeat_scaling.data import icl_regression as data
 from repeat_scaling.errors import first_line
 from repeat_scaling.models import linear_attention as lsa
-from repeat_scaling.train.checkpointing import Checkpointer
+from repeat_scaling.train import metrics, optimizers
+from repeat_scaling.train.checkpointing import Checkpointer, CheckpointError
 
+#: The lab's result file in the workdir (the trainer's files are named in run_files).
 RESULT_FILE = "comparison.json"
 
 
@@ -109,11 +116,21 @@ def _model_cfg(c: Any) -> lsa.LSAConfig:
     )
 
 
-def _optimizer(c: Any) -> optax.GradientTransformation:
-    lr = float(c.train.learning_rate)
-    if c.train.warmup_steps:
-        lr = optax.linear_schedule(0.0, lr, int(c.train.warmup_steps))
-    return optax.adam(lr)
+#: Adam with optax's defaults as a main-trainer ``train.optimizer`` (``adamw`` without weight
+#: decay is the same update) and the ``constant`` schedule (after a linear warm-up from 0).
+ADAM = dict(name="adamw", b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=0.0)
+CONSTANT = dict(schedule="constant", decay_steps=0, end_learning_rate_fraction=1.0)
+
+
+def _optimizer(c: Any) -> tuple[optax.GradientTransformation, optimizers.Schedule]:
+    lr, warmup = float(c.train.learning_rate), int(c.train.warmup_steps)
+    opt = {**ADAM, **CONSTANT, "learning_rate": lr, "warmup_steps": warmup}
+    return optimizers.make_optimizer(opt, int(c.train.steps))
+
+
+def _state(step, params, opt_state, eta) -> dict[str, Any]:
+    """The checkpointed state (``Checkpointer``'s layout; ``extra`` holds ``eta``)."""
+    return {"step": step, "params": params, "opt_state": opt_state, "extra": {"eta": eta}}
 
 
 def _cosine(a: np.ndarray, b: np.ndarray, axis: int | None = None) -> np.ndarray:
@@ -159,37 +176,19 @@ def compare(
     }
 
 
-def run(config: Any, workdir: str | pathlib.Path, *, log=None) -> dict[str, Any]:
-    """Train, checkpoint and compare; returns (and writes) the comparison result."""
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    validate(config)
-    c = config
+def train_lsa(c: Any, heldout: data.RegressionBatch, metrics_path: Any, log) -> tuple:
+    """Adam on fresh tasks every step, logging to ``metrics_path``; ``(graphdef, params,
+    opt_state)`` after ``train.steps`` steps. Stops with FloatingPointError on a non-finite
+    logged loss."""
     d, n, seed = int(c.task.d), int(c.task.n), int(c.seed)
-    workdir = pathlib.Path(workdir).absolute()
-    if (workdir / run_files.CHECKPOINTS).is_dir() or (workdir / RESULT_FILE).exists():
-        raise ConfigError(f"workdir {workdir} already holds a run; choose another --workdir")
-    (workdir / "train").mkdir(parents=True, exist_ok=True)
-    (workdir / run_files.CONFIG).write_text(json.dumps(c.to_dict(), indent=2, sort_keys=True))
-    mcfg = _model_cfg(c)
-
-    t0 = time.time()
-    eta = data.optimal_eta(data.eta_fit_tasks(seed, int(c.eval.eta_tasks), d, n), mcfg.num_layers)
-    log(f"GD step size eta={eta:.5f} ({mcfg.num_layers} step(s), {c.eval.eta_tasks} tasks)")
-    heldout = data.heldout_tasks(seed, int(c.eval.tasks), d, n)
-
-    model = lsa.LinearTransformer(mcfg, rngs=nnx.Rngs(seed))
+    model = lsa.LinearTransformer(_model_cfg(c), rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(params)
-    tx = _optimizer(c)
+    tx, schedule = _optimizer(c)
     opt_state = tx.init(params)
-    warmup, peak = int(c.train.warmup_steps), float(c.train.learning_rate)
-
-    def lr_of(step: int) -> float:
-        return peak * min(1.0, step / warmup) if warmup else peak
 
     def loss_fn(p, tokens, target):
-        m = nnx.merge(graphdef, p)
-        return lsa.regression_loss(m.predict(tokens), target)
+        return lsa.regression_loss(nnx.merge(graphdef, p).predict(tokens), target)
 
     @jax.jit
     def train_step(p, o, tokens, target):
@@ -199,38 +198,53 @@ def run(config: Any, workdir: str | pathlib.Path, *, log=None) -> dict[str, Any]
 
     eval_loss = jax.jit(loss_fn)
     h_tokens, h_target = jnp.asarray(heldout.tokens), jnp.asarray(heldout.target)
-    steps, bs = int(c.train.steps), int(c.train.batch_size)
-    metrics_path = workdir / run_files.METRICS
-    with open(metrics_path, "w") as f:
+    steps, bs, eval_every = int(c.train.steps), int(c.train.batch_size), c.train.eval_every
+    metrics.truncate_jsonl(metrics_path, 0)  # lines of an attempt that stopped early
+    out = workdir_io.JsonlAppender(metrics_path)
+    try:
         for step in range(steps):
             b = data.train_batch(seed, step, bs, d, n)
             params, opt_state, loss = train_step(params, opt_state, b.tokens, b.target)
             done = step + 1
-            if done % c.train.log_every == 0 or done == steps:
-                rec = {"step": done, "loss": float(loss), "learning_rate": lr_of(step)}
-                if c.train.eval_every and (done % c.train.eval_every == 0 or done == steps):
-                    rec["heldout_loss"] = float(eval_loss(params, h_tokens, h_target))
-                if not np.isfinite(rec["loss"]):
-                    raise FloatingPointError(f"loss is {rec['loss']} at step {done}")
-                f.write(json.dumps(rec) + "\n")
-                f.flush()
-                log(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))  # fmt: skip
+            if done % c.train.log_every and done != steps:
+                continue
+            rec = {"step": done, "loss": float(loss), "learning_rate": float(schedule(step))}
+            if eval_every and (done % eval_every == 0 or done == steps):
+                rec["heldout_loss"] = float(eval_loss(params, h_tokens, h_target))
+            if not np.isfinite(rec["loss"]):
+                raise FloatingPointError(f"loss is {rec['loss']} at step {done}")
+            out.write_line(json.dumps(rec))
+            log(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))  # fmt: skip
+    finally:
+        out.close()
+    return graphdef, params, opt_state
+
+
+def run(config: Any, workdir: str | pathlib.Path, *, log=None) -> dict[str, Any]:
+    """Train, checkpoint and compare; returns (and writes) the comparison result."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    validate(config)
+    c = config
+    d, n, seed, steps = int(c.task.d), int(c.task.n), int(c.seed), int(c.train.steps)
+    workdir = workdir_io.workdir_path(workdir)
+    if (workdir / run_files.CHECKPOINTS).is_dir() or (workdir / RESULT_FILE).exists():
+        raise ConfigError(f"workdir {workdir} already holds a run; choose another --workdir")
+    run_files.write_json(workdir / run_files.CONFIG, c.to_dict())
+    mcfg = _model_cfg(c)
+
+    t0 = time.time()
+    eta = data.optimal_eta(data.eta_fit_tasks(seed, int(c.eval.eta_tasks), d, n), mcfg.num_layers)
+    log(f"GD step size eta={eta:.5f} ({mcfg.num_layers} step(s), {c.eval.eta_tasks} tasks)")
+    heldout = data.heldout_tasks(seed, int(c.eval.tasks), d, n)
+    graphdef, params, opt_state = train_lsa(c, heldout, workdir / run_files.METRICS, log)
     train_s = time.time() - t0
 
     ckpt = Checkpointer(workdir, save_every=steps, keep=1, async_save=False)
-    ckpt.save(
-        {
-            "step": jnp.asarray(steps, jnp.int32),
-            "params": params,
-            "opt_state": opt_state,
-            "extra": {"eta": jnp.asarray(eta, jnp.float32)},
-        },
-        force=True,
-    )
+    eta_arr = jnp.asarray(eta, jnp.float32)
+    ckpt.save(_state(jnp.asarray(steps, jnp.int32), params, opt_state, eta_arr), force=True)
     ckpt.close()
 
-    trained = nnx.merge(graphdef, params)
-    gd = lsa.gd_model(mcfg, eta)
+    trained, gd = nnx.merge(graphdef, params), lsa.gd_model(mcfg, eta)
     result = {
         "experiment": "icl_linear_regression",
         "d": d,
@@ -238,20 +252,20 @@ def run(config: Any, workdir: str | pathlib.Path, *, log=None) -> dict[str, Any]
         "num_layers": mcfg.num_layers,
         "num_heads": mcfg.num_heads,
         "steps": steps,
-        "batch_size": bs,
+        "batch_size": int(c.train.batch_size),
         "eta": eta,
         "train_seconds": round(train_s, 2),
         **compare(trained, gd, heldout, int(c.eval.sensitivity_tasks), float(c.eval.tolerance)),
     }
-    (workdir / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    run_files.write_json(workdir / RESULT_FILE, result)
     print(json.dumps(result), flush=True)
     return result
 
 
 def load_trained(workdir: str | pathlib.Path) -> tuple[lsa.LinearTransformer, float, int]:
     """``(model, eta, step)`` restored from the latest checkpoint of a finished run."""
-    workdir = pathlib.Path(workdir).absolute()
-    c = ml_collections.ConfigDict(json.loads((workdir / run_files.CONFIG).read_text()))
+    workdir = workdir_io.workdir_path(workdir)
+    c = ml_collections.ConfigDict(run_files.load_json(workdir / run_files.CONFIG))
     mcfg = _model_cfg(c)
     graphdef, a_params = nnx.split(
         nnx.eval_shape(lambda: lsa.LinearTransformer(mcfg, rngs=nnx.Rngs(0))), nnx.Param
@@ -261,55 +275,40 @@ def load_trained(workdir: str | pathlib.Path) -> tuple[lsa.LinearTransformer, fl
     step = ckpt.latest_step()
     if step is None:
         raise FileNotFoundError(f"no committed checkpoint under {workdir}/checkpoints")
-    abstract = {
-        "step": jax.ShapeDtypeStruct((), jnp.int32),
-        "params": a_params,
-        "opt_state": jax.eval_shape(_optimizer(c).init, a_params),
-        "extra": {"eta": jax.ShapeDtypeStruct((), jnp.float32)},
-    }
-    state = ckpt.restore(step, abstract)
+    a_opt = jax.eval_shape(_optimizer(c)[0].init, a_params)
+    i32, f32 = (jax.ShapeDtypeStruct((), t) for t in (jnp.int32, jnp.float32))
+    state = ckpt.restore(step, _state(i32, a_params, a_opt, f32))
     ckpt.close()
     return nnx.merge(graphdef, state["params"]), float(state["extra"]["eta"]), int(step)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: ``--config=configs/icl_linear_regression.py[:arg] --workdir=DIR``."""
+    """CLI: ``--config=configs/icl_linear_regression.py[:arg] --workdir=DIR``; starts up as
+    ``python -m repeat_scaling.train`` does."""
     from absl import app, flags
     from ml_collections import config_flags
 
-    from repeat_scaling import host_malloc
+    from repeat_scaling import cli, compilation_cache, host_malloc
 
     host_malloc.configure()  # before jax starts XLA's thread pools
-
-    flags_ = flags.FLAGS
     config_flags.DEFINE_config_file("config", None, "configs/icl_linear_regression.py[:arg]")
     flags.DEFINE_string("workdir", None, "Run directory.")
 
     def _main(args: list[str]) -> None:
-        from absl import logging
-
-        logging.set_verbosity(logging.WARNING)  # orbax's per-file INFO lines drown the log
+        cli.quiet_library_logs()
+        compilation_cache.configure()  # before anything compiles
         if len(args) > 1:
-            _fail(f"unexpected arguments {args[1:]}")
-        if flags_.config is None:
-            _fail("--config is required (e.g. --config=configs/icl_linear_regression.py:demo)")
-        if not flags_.workdir:
-            _fail("--workdir is required (the run directory)")
+            cli.fail(f"unexpected arguments {args[1:]}")
+        if flags.FLAGS.config is None:
+            cli.fail("--config is required (e.g. --config=configs/icl_linear_regression.py:demo)")
+        if not flags.FLAGS.workdir:
+            cli.fail("--workdir is required (the run directory)")
         try:
-            run(flags_.config, flags_.workdir)
-        except (ConfigError, ValueError, FloatingPointError) as e:
-            _fail(first_line(e))
+            run(flags.FLAGS.config, flags.FLAGS.workdir)
+        except (ValueError, FloatingPointError, CheckpointError) as e:
+            cli.fail(first_line(e))
 
-    try:
-        argv = flags_(argv if argv is not None else sys.argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        _fail(str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
-    app.run(_main, argv=argv, flags_parser=lambda a: a)
-
-
-def _fail(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(1)
+    app.run(_main, argv=argv, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":
