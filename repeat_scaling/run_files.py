@@ -18,6 +18,7 @@ and work with ``pathlib.Path`` and gs:// paths alike (``workdir / METRICS``).
 | ``tensorboard/`` (``eval/`` inside) | trainer, evaluator | event files |
 | ``eval/results.jsonl``, ``eval/errors.jsonl``, ``eval/results.lock`` | evaluator | |
 | ``launch.json`` | launcher | state, pids, commands |
+| ``comparison.json`` | in-context regression lab | trained model vs the GD construction |
 | ``export.json`` (in an export directory) | ``repeat_scaling.export`` | |
 """
 
@@ -43,6 +44,7 @@ RESULTS = "eval/results.jsonl"
 EVAL_ERRORS = "eval/errors.jsonl"
 EVAL_LOCK = "eval/results.lock"
 LAUNCH = "launch.json"
+COMPARISON = "comparison.json"
 EXPORT = "export.json"
 
 

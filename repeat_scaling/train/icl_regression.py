@@ -50,9 +50,6 @@ from repeat_scaling.models import linear_attention as lsa
 from repeat_scaling.train import metrics, optimizers
 from repeat_scaling.train.checkpointing import Checkpointer, CheckpointError
 
-#: The lab's result file in the workdir (the trainer's files are named in run_files).
-RESULT_FILE = "comparison.json"
-
 
 class ConfigError(ValueError):
     """A bad ICL-regression config value (one line naming the key and the value)."""
@@ -227,7 +224,7 @@ def run(config: Any, workdir: str | pathlib.Path, *, log=None) -> dict[str, Any]
     c = config
     d, n, seed, steps = int(c.task.d), int(c.task.n), int(c.seed), int(c.train.steps)
     workdir = workdir_io.workdir_path(workdir)
-    if (workdir / run_files.CHECKPOINTS).is_dir() or (workdir / RESULT_FILE).exists():
+    if (workdir / run_files.CHECKPOINTS).is_dir() or (workdir / run_files.COMPARISON).exists():
         raise ConfigError(f"workdir {workdir} already holds a run; choose another --workdir")
     run_files.write_json(workdir / run_files.CONFIG, c.to_dict())
     mcfg = _model_cfg(c)
@@ -257,7 +254,7 @@ def run(config: Any, workdir: str | pathlib.Path, *, log=None) -> dict[str, Any]
         "train_seconds": round(train_s, 2),
         **compare(trained, gd, heldout, int(c.eval.sensitivity_tasks), float(c.eval.tolerance)),
     }
-    run_files.write_json(workdir / RESULT_FILE, result)
+    run_files.write_json(workdir / run_files.COMPARISON, result)
     print(json.dumps(result), flush=True)
     return result
 
