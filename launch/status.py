@@ -31,7 +31,8 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from repeat_scaling import run_files, workdir_io  # noqa: E402  (after the sys.path line)
+from repeat_scaling import cli, run_files, workdir_io  # noqa: E402  (after the sys.path line)
+from repeat_scaling.errors import first_line  # noqa: E402
 from repeat_scaling.train.metrics import format_duration as format_eta  # noqa: E402
 
 TIME_KEYS = ("time", "timestamp", "wall_time")
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         statuses = root_status(args.root)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        cli.print_error(first_line(e))
         return 1
     if not statuses:
         print(f"no runs under {args.root}")

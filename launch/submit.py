@@ -234,12 +234,11 @@ def refuse_differing_records(runs: list[sweeps.Run]) -> None:
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-        sys.exit(1)
+        cli.fail(f"unexpected arguments {argv[1:]}")
     try:
         code = submit()
     except (LaunchError, sweeps.SweepError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        cli.print_error(first_line(e))
         code = 1
     sys.exit(code)
 

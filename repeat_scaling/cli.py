@@ -47,15 +47,15 @@ def _config_file_error(flag, error: BaseException) -> str:
     return f"--{flag.name}={path}: {flag_error_line(cause)}"
 
 
-def _fail(msg: str) -> None:
+def print_error(msg: str) -> None:
+    """The one line ``error: MSG`` on stderr: how every entry point reports bad input."""
     print(f"error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(1)
 
 
 def fail(msg: str) -> NoReturn:
-    """Print ``error: MSG`` as one line on stderr and exit 1: how an entry point reports
-    bad input (the same line :func:`parse_flags` prints)."""
-    _fail(msg)
+    """:func:`print_error`, then exit 1 (:func:`parse_flags` fails this way too)."""
+    print_error(msg)
+    sys.exit(1)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -68,16 +68,16 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         rest = flags.FLAGS(argv)
     except SyntaxError as e:
-        _fail(f"config file {e.filename}: line {e.lineno}: {e.msg} (not valid Python)")
+        fail(f"config file {e.filename}: line {e.lineno}: {e.msg} (not valid Python)")
     except FLAG_ERRORS as e:
-        _fail(f"bad command line: {flag_error_line(e)}")
+        fail(f"bad command line: {flag_error_line(e)}")
     for name in list(flags.FLAGS):
         flag = flags.FLAGS[name]
         if flag.present and hasattr(flag, "config_filename"):
             try:
                 flag.value.keys()  # a config that failed to load raises here
             except (OSError, SyntaxError) as e:
-                _fail(_config_file_error(flag, e))
+                fail(_config_file_error(flag, e))
     return rest
 
 

@@ -29,7 +29,7 @@ import pathlib
 import sys
 from typing import Any
 
-from repeat_scaling import run_files
+from repeat_scaling import cli, run_files
 from repeat_scaling.errors import first_line
 
 FORMATS = ("hf", "t5x")
@@ -131,8 +131,7 @@ def export(workdir: str, out: str, fmt: str = "hf", step: int | None = None) -> 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 1 (argparse: usage + exit 2)
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        cli.fail(message)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rec = export(args.workdir, args.out, args.format, args.step)
     except ExportError as e:
-        print(f"error: {first_line(e)}", file=sys.stderr, flush=True)
+        cli.print_error(first_line(e))
         return 1
     print(
         f"exported {args.workdir} step {rec['step']} as {rec['format']} to {args.out} "

@@ -43,9 +43,11 @@ from typing import Any
 
 import numpy as np
 
+from repeat_scaling import cli
 from repeat_scaling.data import sources as sources_lib
 from repeat_scaling.data import store as store_lib
 from repeat_scaling.data.vocab import EOS_ID, Encoder, VocabInfo, load_vocab_info
+from repeat_scaling.errors import first_line
 
 PREPARE_VERSION = 1
 DEFAULT_CHUNK_DOCS = 256
@@ -661,8 +663,7 @@ def cli_main(main_fn) -> None:
         try:
             main_fn(argv)
         except (ValueError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
+            cli.fail(first_line(e))
 
     app.run(wrapped)
 

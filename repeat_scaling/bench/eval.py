@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 
-from repeat_scaling import config_files, run_files
+from repeat_scaling import cli, config_files, run_files
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -108,7 +108,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--out", default="", help="work directory (default: a temporary one)")
     args = p.parse_args(argv[1:])
     if args.steps < 2:
-        sys.exit(f"error: --steps={args.steps}; expected >= 2 (two checkpoints)")
+        cli.fail(f"--steps={args.steps}; expected >= 2 (two checkpoints)")
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(args.out or tmp).absolute()
         for arg in [a for a in args.configs.split(",") if a]:

@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 from typing import Any
 
-from repeat_scaling import config_files
+from repeat_scaling import cli, config_files
 from repeat_scaling.errors import first_line
 from repeat_scaling.models.config import DTYPES
 
@@ -197,14 +196,14 @@ def main(argv: list[str]) -> None:
     try:
         fv(argv)
     except flags.Error as e:
-        sys.exit(f"error: {e}")
+        cli.fail(str(e))
     for dtype in fv.dtypes:
         if dtype not in DTYPES:
-            sys.exit(f"error: --dtypes contains {dtype!r}; expected {' and/or '.join(DTYPES)}")
+            cli.fail(f"--dtypes contains {dtype!r}; expected {' and/or '.join(DTYPES)}")
     for spec in fv.config:
         for dtype in fv.dtypes:
             try:
                 result = bench_one(spec, dtype, fv.steps, fv.warmup, fv.set)
             except ValueError as e:
-                sys.exit(f"error: {first_line(e)}")
+                cli.fail(first_line(e))
             print(json.dumps(result), flush=True)

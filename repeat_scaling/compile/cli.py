@@ -6,7 +6,7 @@ import os
 import sys
 from typing import Any
 
-from repeat_scaling import config_files
+from repeat_scaling import cli, config_files
 from repeat_scaling.compile import CompileCheckError
 from repeat_scaling.compile.check import check
 from repeat_scaling.compile.report import format_report, json_line
@@ -44,11 +44,11 @@ def main(argv: list[str]) -> None:
 
     flags_ = flags.FLAGS
     if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}; use --config.KEY=VALUE to override the config")
+        cli.fail(f"unexpected arguments {argv[1:]}; use --config.KEY=VALUE to override the config")
     if flags_.config is None:
-        _fail("--config is required (e.g. --config=configs/xue2023.py:paper)")
+        cli.fail("--config is required (e.g. --config=configs/xue2023.py:paper)")
     if not flags_.topology:
-        _fail(f"--topology is required; known accelerator types: {', '.join(TOPOLOGIES)}")
+        cli.fail(f"--topology is required; known accelerator types: {', '.join(TOPOLOGIES)}")
     from ml_collections import config_flags
 
     try:
@@ -59,15 +59,10 @@ def main(argv: list[str]) -> None:
         config = apply_model_name(flags_.config, overrides, base)
         report = check(config, flags_.topology, flags_.num_slices, flags_.eval_topology)
     except CompileCheckError as e:
-        _fail(str(e))
+        cli.fail(str(e))
     print(format_report(report), flush=True)
     print(json_line(report), flush=True)
     sys.exit(0 if report["fits"] else 2)
-
-
-def _fail(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(1)
 
 
 def run() -> None:

@@ -93,24 +93,19 @@ def split_settings(d: dict) -> tuple[dict, dict]:
     return {k: v for k, v in d.items() if k not in down}, down
 
 
-def _fail(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(1)
-
-
 def main(argv: list[str]) -> None:
     cli.quiet_library_logs()
     compilation_cache.configure()  # before anything compiles
     if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}")
+        cli.fail(f"unexpected arguments {argv[1:]}")
     if not FLAGS.workdir:
-        _fail("--workdir is required (a training run directory)")
+        cli.fail("--workdir is required (a training run directory)")
     from repeat_scaling import workdir_io
 
     try:  # a local path or gs://BUCKET/PATH; other URL schemes are refused here
         workdir_io.check_workdir(FLAGS.workdir)
     except workdir_io.WorkdirError as e:
-        _fail(str(e))
+        cli.fail(str(e))
     from repeat_scaling.data.repetition import RepetitionPlanError
     from repeat_scaling.data.store import StoreError
     from repeat_scaling.eval import downstream, evaluator, probes
@@ -148,7 +143,7 @@ def main(argv: list[str]) -> None:
         RepetitionPlanError,
         probes.ProbeError,
     ) as e:
-        _fail(first_line(e))
+        cli.fail(first_line(e))
     logging.info("evaluated %d checkpoint(s)", len(records))
     done = sorted(ev.writer.done_steps)
     print(

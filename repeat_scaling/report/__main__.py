@@ -9,7 +9,6 @@ not exist is reported as a missing run. Bad flags get a one-line error and exit 
 from __future__ import annotations
 
 import os
-import sys
 
 # The report's linear algebra is on tiny matrices, where BLAS worker threads only cost
 # (L-BFGS-B slows ~100x on a busy machine). Set before numpy/scipy load OpenBLAS.
@@ -18,6 +17,8 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 from absl import app, flags  # noqa: E402
 
+from repeat_scaling import cli  # noqa: E402
+from repeat_scaling.errors import first_line  # noqa: E402
 from repeat_scaling.report import markdown  # noqa: E402
 from repeat_scaling.report import runs as runs_lib  # noqa: E402
 
@@ -56,8 +57,7 @@ def _main(argv: list[str]) -> None:
     try:
         main(argv)
     except (runs_lib.ReportError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        cli.fail(first_line(e))
 
 
 def run() -> None:

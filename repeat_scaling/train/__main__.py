@@ -41,24 +41,24 @@ def main(argv: list[str]) -> None:
     cli.quiet_library_logs()
     compilation_cache.configure()  # before anything compiles
     if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}; use --config.KEY=VALUE to override the config")
+        cli.fail(f"unexpected arguments {argv[1:]}; use --config.KEY=VALUE to override the config")
     if FLAGS.config is None:
-        _fail("--config is required (e.g. --config=configs/demo.py)")
+        cli.fail("--config is required (e.g. --config=configs/demo.py)")
     if not FLAGS.workdir:
-        _fail("--workdir is required (the run directory)")
+        cli.fail("--workdir is required (the run directory)")
     from repeat_scaling import workdir_io
 
     try:  # a local path or gs://BUCKET/PATH; other URL schemes are refused here
         workdir_io.check_workdir(FLAGS.workdir)
     except workdir_io.WorkdirError as e:
-        _fail(str(e))
+        cli.fail(str(e))
     # Imports after flag parsing: jax must not start a backend before distributed init.
     from repeat_scaling.train import distributed
 
     try:
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     except ValueError as e:
-        _fail(str(e))
+        cli.fail(str(e))
 
     from repeat_scaling.data.store import StoreError
     from repeat_scaling.train import checkpointing, loop
@@ -73,7 +73,7 @@ def main(argv: list[str]) -> None:
         checkpointing.CheckpointError,
         loop.NonFiniteLossError,
     ) as e:
-        _fail(first_line(e))
+        cli.fail(first_line(e))
     except loop.Preempted as e:
         print(str(e), file=sys.stderr, flush=True)
         sys.exit(PREEMPTED_EXIT)
@@ -87,11 +87,6 @@ def main(argv: list[str]) -> None:
         f"workdir {FLAGS.workdir}",
         file=sys.stderr,
     )
-
-
-def _fail(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(1)
 
 
 def run() -> None:

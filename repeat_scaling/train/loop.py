@@ -42,7 +42,6 @@ import pathlib
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from importlib import metadata
@@ -678,8 +677,3 @@ def _evaluate(eval_step, state, heldout, batch_sh) -> dict[str, float]:
             tot[k] += float(out[k])
     w = max(tot["weight_sum"], 1.0)
     return {"loss": tot["loss_sum"] / w, "accuracy": tot["correct"] / w}
-
-
-def main_error(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
