@@ -49,10 +49,7 @@ from repeat_scaling.errors import first_line
 from repeat_scaling.models import linear_attention as lsa
 from repeat_scaling.train import metrics, optimizers
 from repeat_scaling.train.checkpointing import Checkpointer, CheckpointError
-
-
-class ConfigError(ValueError):
-    """A bad ICL-regression config value (one line naming the key and the value)."""
+from repeat_scaling.train.config import ConfigError  # a bad config value, as the trainer's
 
 
 def default_config() -> ml_collections.ConfigDict:
