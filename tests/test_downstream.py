@@ -11,7 +11,7 @@ import pytest
 from repeat_scaling.data import downstream
 from repeat_scaling.data.store import StoreError
 from repeat_scaling.data.vocab import Encoder
-from repeat_scaling.prepare import prepare_task_store
+from repeat_scaling.prepare_tasks import prepare_task_store
 
 QUIET = {"log": lambda m: None}
 

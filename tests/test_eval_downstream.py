@@ -131,7 +131,7 @@ def _demo_config(arg: str):
 @pytest.fixture(scope="module")
 def copy_store(tmp_path_factory):
     """The pairs store of COPY_TASK (byte vocabulary, inputs 16, targets 12 tokens)."""
-    from repeat_scaling.prepare import prepare_task_store
+    from repeat_scaling.prepare_tasks import prepare_task_store
 
     store = tmp_path_factory.mktemp("copy_store") / "copy_word"
     prepare_task_store(

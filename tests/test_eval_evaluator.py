@@ -328,7 +328,7 @@ def test_cli_kill_and_restart_never_duplicates(live, tmp_path):
 def test_clamped_run_on_a_pairs_store_is_flagged_unclamped(tmp_path):
     """Decoding ignores attention clamps: the evaluator says so (log + record field)."""
     from repeat_scaling.eval import downstream
-    from repeat_scaling.prepare import prepare_task_store
+    from repeat_scaling.prepare_tasks import prepare_task_store
     from repeat_scaling.train import checkpointing, loop
     from repeat_scaling.train import config as config_lib
 

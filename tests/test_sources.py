@@ -200,7 +200,8 @@ def test_pystdlib_and_pairs_stores_with_sentencepiece(tmp_path):
 
     from repeat_scaling.data.downstream import load_references
     from repeat_scaling.data.vocab import Encoder
-    from repeat_scaling.prepare import prepare_store, prepare_task_store
+    from repeat_scaling.prepare import prepare_store
+    from repeat_scaling.prepare_tasks import prepare_task_store
     from repeat_scaling.train_vocab import train_vocab
 
     quiet = {"log": lambda m: None}

@@ -12,7 +12,7 @@ from repeat_scaling.data.objectives import Objective, ObjectiveError, make_objec
 from repeat_scaling.data.pipeline import Batcher, build_plan, chunk_batches
 from repeat_scaling.data.supervised import PairsLayout
 from repeat_scaling.data.vocab import Encoder
-from repeat_scaling.prepare import prepare_task_store
+from repeat_scaling.prepare_tasks import prepare_task_store
 
 
 @pytest.fixture(scope="module")

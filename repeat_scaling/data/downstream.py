@@ -2,7 +2,7 @@
 
 A *task* yields examples ``(inputs, targets, answers)`` of text per split ("train",
 "validation"); ``answers`` are every acceptable answer text (for exact match / F1) and
-default to ``[targets]``. :func:`repeat_scaling.prepare.prepare_task_store` tokenizes a task
+default to ``[targets]``. :func:`repeat_scaling.prepare_tasks.prepare_task_store` tokenizes a task
 into a token store of fixed-size pairs (layout below) and writes the texts beside it as
 ``<split>.references.jsonl``, which :func:`load_references` reads back.
 

@@ -1,6 +1,6 @@
 """The ``supervised`` objective: (inputs, targets) examples of a downstream "pairs" store.
 
-A pairs store (:func:`repeat_scaling.prepare.prepare_task_store`, layout in
+A pairs store (:func:`repeat_scaling.prepare_tasks.prepare_task_store`, layout in
 :mod:`repeat_scaling.data.downstream`) holds one example per chunk of
 ``raw_length = I + T + 1`` tokens: the inputs + EOS 0-padded to ``I``, the targets + EOS
 0-padded to ``T``, then the store's document EOS. :class:`PairsLayout` reads that layout
