@@ -59,7 +59,7 @@ def bench_one(arg: str, out: pathlib.Path, steps: int, repeats: int) -> dict:
 
         shutil.rmtree(workdir)
     loop.train(config, workdir)
-    logs = [json.loads(x) for x in (workdir / run_files.METRICS).read_text().splitlines()]
+    logs, _ = run_files.read_jsonl(workdir / run_files.METRICS)
     train_tps = [r["tokens_per_s"] for r in logs[1:] if r.get("tokens_per_s")]
 
     ev = evaluator.Evaluator(workdir, EvalSettings(), evaluator.eval_mesh(0))

@@ -50,7 +50,6 @@ Stores with a task (the store manifest says which):
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import time
 from collections.abc import Callable
@@ -119,11 +118,11 @@ class Run:
             raise EvalError(f"{path} not found: --workdir={workdir} is not a training workdir")
         try:
             config = record.effective_config(
-                json.loads(path.read_text()), record.read_resume_log(workdir)
+                run_files.load_json(path), record.read_resume_log(workdir)
             )
             model_cfg = ModelConfig.from_dict(config["model"])
             store_name, train = str(config["data"]["store"]), config["train"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (run_files.RunFileError, KeyError, TypeError) as e:
             raise EvalError(f"{path} is not a resolved training config ({e})") from None
         store = run_data.open_store(_store_path(store_name, workdir, path))
         data = run_data.build(ml_collections.ConfigDict(config), model_cfg, store)
@@ -207,11 +206,8 @@ def wait_for_run(
 def recorded_settings(workdir: str | pathlib.Path) -> dict[str, Any]:
     """The ``eval`` block of the run's config.json (evaluator settings the experiment
     chose; ``--eval_config`` overrides them); {} when absent or unreadable."""
-    path = workdir_io.workdir_path(workdir) / run_files.CONFIG
-    try:
-        block = json.loads(path.read_text()).get("eval")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return {}
+    recorded = run_files.read_json(workdir_io.workdir_path(workdir) / run_files.CONFIG)
+    block = (recorded or {}).get("eval")
     return dict(block) if isinstance(block, dict) else {}
 
 

@@ -24,7 +24,6 @@ holds ``{"step", "opt_state", "extra"}``. ``<step>`` is the number of completed 
 
 from __future__ import annotations
 
-import json
 import pathlib
 import time
 from collections.abc import Callable
@@ -314,10 +313,10 @@ def committed_steps(workdir: str | pathlib.Path) -> list[int]:
 def _read_model_config(workdir: pathlib.Path):
     from repeat_scaling.models.config import ModelConfig
 
-    path = workdir / run_files.CONFIG
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found: is {workdir} a training workdir?")
-    d = json.loads(path.read_text())
+    try:
+        d = run_files.load_json(workdir / run_files.CONFIG)
+    except run_files.RunFileError as e:
+        raise CheckpointError(f"{e}: is {workdir} a training workdir?") from None
     return ModelConfig.from_dict(d["model"])
 
 

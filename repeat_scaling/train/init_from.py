@@ -175,12 +175,9 @@ def first_mismatch(there: dict[str, tuple], here: dict[str, tuple]) -> str | Non
 # ----------------------------------------------------------------------------------
 def _read_json(path: pathlib.Path, what: str) -> dict[str, Any]:
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{what}: {path} is unreadable ({e})") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{what}: {path} is not a JSON object")
-    return d
+        return run_files.load_json(path)
+    except (run_files.RunFileError, OSError) as e:
+        raise ConfigError(f"{what}: {first_line(e)}") from None
 
 
 def _as_path(init_from: str, *, check: bool = False):
