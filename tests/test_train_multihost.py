@@ -1,5 +1,10 @@
 """Multi-host for real: two CPU processes on localhost (gloo collectives, 2 devices each)
-train like one process with 4 devices, and their checkpoint restores in one process."""
+train like one process with 4 devices, and their checkpoint restores in one process.
+
+The two processes run 3 steps per compiled call (``train.steps_per_call=3``): with
+checkpoints every 3 steps and 7 steps, their calls are 3 + 3 stacked steps and one single
+step, so both ways of feeding a call run across processes; the one-process reference and
+the resumed run take one step per call (bit-identical to 3 in one process)."""
 
 import json
 import os
@@ -12,7 +17,7 @@ import sys
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-STEPS = 6
+STEPS = 7
 
 
 def _free_port() -> int:
@@ -34,6 +39,7 @@ def _cmd(workdir, store_dir, *extra):
         "--config.train.batch_size=8",
         f"--config.train.steps={STEPS}",
         "--config.train.checkpoint_every=3",
+        "--config.train.keep=3",  # 3, 6 and the final 7
         "--config.train.log_every=1",
         "--config.train.progress_bar=off",
         *extra,
@@ -54,9 +60,8 @@ def _losses(workdir) -> dict[int, float]:
     return {d["step"]: d["loss"] for d in map(json.loads, lines)}
 
 
-@pytest.mark.parametrize("steps_per_call", [1, 3])  # 3: one lax.scan call per checkpoint
-def test_two_processes_match_one_process_and_restore(store_dir, tmp_path, steps_per_call):
-    spc = f"--config.train.steps_per_call={steps_per_call}"
+def test_two_processes_match_one_process_and_restore(store_dir, tmp_path):
+    spc = "--config.train.steps_per_call=3"
     cache = tmp_path / "cache"
     port = _free_port()
     multi = tmp_path / "multi"
@@ -79,7 +84,7 @@ def test_two_processes_match_one_process_and_restore(store_dir, tmp_path, steps_
         for i in range(2)
     ]
     ref = subprocess.run(
-        _cmd(tmp_path / "ref", store_dir, spc),
+        _cmd(tmp_path / "ref", store_dir),
         cwd=REPO,
         env=_env(4, cache / "single"),
         capture_output=True,
@@ -97,11 +102,13 @@ def test_two_processes_match_one_process_and_restore(store_dir, tmp_path, steps_
     config = json.loads((multi / "config.json").read_text())
     assert config["derived"]["num_processes"] == 2 and config["derived"]["num_devices"] == 4
 
+    assert config["derived"]["steps_per_call"] == 3
     # The two-process checkpoint at step 3 restores in ONE process (4 devices) and the
     # run continues exactly as the single-process reference.
-    shutil.rmtree(multi / "checkpoints" / str(STEPS))
+    for step in (6, STEPS):
+        shutil.rmtree(multi / "checkpoints" / str(step))
     r = subprocess.run(
-        _cmd(multi, store_dir, spc),
+        _cmd(multi, store_dir),
         cwd=REPO,
         env=_env(4, cache / "single"),
         capture_output=True,
