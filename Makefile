@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup test lint demo bench clean slurm
+.PHONY: setup test lint demo bench clean slurm cxx
 
 # .venv/.installed is refreshed whenever setup.py changes.
 $(VENV)/.installed: setup.py constraints-cpu.txt
@@ -25,7 +25,11 @@ lint: $(VENV)/.installed
 slurm:
 	-bash .ci/install_slurm.sh
 
-test: lint slurm
+# model.attention_impl='cpu_fused' compiles its kernel with the host's C++ compiler.
+cxx:
+	-bash .ci/install_cxx.sh
+
+test: lint slurm cxx
 	$(PY) -m pytest -q tests
 
 # prepare the built-in corpus -> demo sweep (train + evaluate) -> report in demo_out/report

@@ -14,6 +14,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.11",
     packages=find_packages(include=["repeat_scaling", "repeat_scaling.*"]),
+    # the fused CPU attention's source, compiled on first use (models/cpu_attention.py)
+    package_data={"repeat_scaling.models": ["*.cc"]},
     install_requires=[
         # Training and evaluation (accelerator images carry these).
         "jax>=0.6",

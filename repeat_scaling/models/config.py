@@ -22,8 +22,10 @@ Conventions:
 * ``dtype`` is the compute dtype; parameters are stored in ``param_dtype`` (float32).
 * ``attention_impl``: "einsum" (explicit einsums, float32 softmax; supports attention
   dropout and returning weights), "xla" / "cudnn" (``jax.nn.dot_product_attention``;
-  "cudnn" is the fused flash kernel on NVIDIA GPUs, needs bf16 compute). Probes that ask
-  for attention weights always use the einsum path.
+  "cudnn" is the fused flash kernel on NVIDIA GPUs, needs bf16 compute), "cpu_fused" (one
+  XLA:CPU custom call per attention and its VJP, :mod:`repeat_scaling.models.cpu_attention`:
+  CPU, float32, no position bias). Probes that ask for attention weights always use the
+  einsum path.
 * ``ops``: "tuned" (hand-written VJPs for XLA:CPU) or "plain" (autodiff) for the layers'
   einsums (:mod:`repeat_scaling.models.ops`). The parameters and the forward values are the
   same; gradients agree up to rounding.
@@ -44,7 +46,7 @@ POSITIONS = ("relative", "rope")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 #: The dtypes a model may compute in (``dtype``) or store its parameters in (``param_dtype``).
 DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn", "cpu_fused")
 
 _JNP_DTYPES = {name: jnp.dtype(name) for name in DTYPES}
 
@@ -148,6 +150,11 @@ class ModelConfig:
             bad("attention_impl", f"one of {ATTENTION_IMPLS}")
         if self.attention_impl != "einsum" and self.attention_dropout_rate:
             bad("attention_impl", "'einsum' when attention_dropout_rate > 0")
+        if self.attention_impl == "cpu_fused":
+            if self.position != "rope":
+                bad("attention_impl", "'einsum' or 'xla' with relative position bias")
+            if self.dtype != "float32":
+                bad("attention_impl", "'einsum' or 'xla' when dtype is not float32")
         if self.ops not in OPS:
             bad("ops", f"one of {OPS}")
         if not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:

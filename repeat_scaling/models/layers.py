@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from repeat_scaling.models import interventions, kv_cache, ops
+from repeat_scaling.models import cpu_attention, interventions, kv_cache, ops
 from repeat_scaling.models.config import ModelConfig
 from repeat_scaling.models.moe import MoeMlp
 from repeat_scaling.models.primitives import DropoutCtx, dropout, droppath, kernel_init, param
@@ -333,7 +333,11 @@ class Attention(nnx.Module):
         if cache is not None and impl == "cudnn":
             impl = "xla"  # incremental steps (1 query, cache-length mask): generic kernel
         weights = copied = None
-        if impl != "einsum" and not return_attention and clamp is None:
+        if impl == "cpu_fused" and cache is not None:
+            impl = "xla"  # incremental steps: generic kernel
+        if impl == "cpu_fused" and bias is None and not return_attention and clamp is None:
+            ctx = cpu_attention.fused_attention(q, k, v, mask)
+        elif impl != "einsum" and not return_attention and clamp is None:
             # Fused kernel: scale=1 (T5 folds 1/sqrt(d) into the query init).
             ctx = jax.nn.dot_product_attention(
                 q,
