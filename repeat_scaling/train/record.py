@@ -53,6 +53,7 @@ RESUMABLE = (
     "data.prepare_options",
     "model.scan_unroll",  # the compiled program's loop, not the model
     "model.ops",  # the gradients' kernels (tuned or plain einsums), not the model
+    "model.attention_impl",  # the attention's kernel, not the model
 )
 #: Groups of keys (every key under them) that may differ on resume.
 RESUMABLE_GROUPS = ("eval", "mesh")
