@@ -40,6 +40,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from repeat_scaling.data.features import ARCHS
+from repeat_scaling.models.cpu_attention import HEAD_DIMS as CPU_HEAD_DIMS
 from repeat_scaling.models.ops import IMPLS as OPS
 
 POSITIONS = ("relative", "rope")
@@ -155,6 +156,8 @@ class ModelConfig:
                 bad("attention_impl", "'einsum' or 'xla' with relative position bias")
             if self.dtype != "float32":
                 bad("attention_impl", "'einsum' or 'xla' when dtype is not float32")
+            if self.head_dim not in CPU_HEAD_DIMS:
+                bad("attention_impl", f"'einsum' or 'xla' unless head_dim is in {CPU_HEAD_DIMS}")
         if self.ops not in OPS:
             bad("ops", f"one of {OPS}")
         if not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:

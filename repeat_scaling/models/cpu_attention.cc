@@ -4,12 +4,12 @@
 // scale 1, no bias and no dropout:
 //   logits = einsum("bqhd,bkhd->bhqk", q, k); logits = where(mask, logits, -1e10)
 //   weights = softmax(logits); out = einsum("bhqk,bkhd->bqhd", weights, v)
-// done per (batch, head) pair with the pair's rows in cache, keys beyond a row's last
-// unmasked key skipped (their weight is exactly 0). A row without any unmasked key gets
+// done per (batch, head) pair with the pair's rows in cache, kR query rows at a time, keys
+// beyond a row's last unmasked key skipped (their weight is exactly 0). A row without any unmasked key gets
 // uniform weights, as the finite -1e10 gives there. The backward pass is the VJP of the
 // same expression (the where() passes no gradient to masked logits).
 //
-// Layouts: q [B, Lq, H, D], k and v [B, Lk, H, D], mask [Bm, Hm, Lq, Lk] (bool, Bm in
+// Layouts: q [B, Lq, H, D] (D in 8, 16, 32, 64, 128), k and v [B, Lk, H, D], mask [Bm, Hm, Lq, Lk] (bool, Bm in
 // {1, B}, Hm in {1, H}), weights [B, H, Lq, Lk] (the forward's second result, kept for the
 // backward pass).
 //
@@ -37,7 +37,6 @@ constexpr int64_t kW = 16;  // keys per chunk: one vector of kW floats
 
 typedef float V __attribute__((vector_size(kW * sizeof(float))));
 typedef int32_t VI __attribute__((vector_size(kW * sizeof(int32_t))));
-typedef uint8_t VB __attribute__((vector_size(kW)));
 
 inline V load(const float* p) {
   V v;
@@ -116,7 +115,7 @@ inline int64_t round_up(int64_t n) { return (n + kW - 1) / kW * kW; }
 template <int64_t DT>
 void gather_t(const float* x, const Shape& s, int64_t L, int64_t b, int64_t h, float* t,
               int64_t Lp) {
-  const int64_t D = DT ? DT : s.D;
+  constexpr int64_t D = DT;
   std::fill(t, t + D * Lp, 0.0f);
   for (int64_t l = 0; l < L; ++l) {
     const float* src = x + ((b * L + l) * s.H + h) * D;
@@ -128,7 +127,7 @@ void gather_t(const float* x, const Shape& s, int64_t L, int64_t b, int64_t h, f
 template <int64_t DT>
 void gather_rows(const float* x, const Shape& s, int64_t L, int64_t b, int64_t h, float* r,
                  int64_t Lp) {
-  const int64_t D = DT ? DT : s.D;
+  constexpr int64_t D = DT;
   std::fill(r, r + D * Lp, 0.0f);
   for (int64_t l = 0; l < L; ++l) {
     const float* src = x + ((b * L + l) * s.H + h) * D;
@@ -136,169 +135,288 @@ void gather_rows(const float* x, const Shape& s, int64_t L, int64_t b, int64_t h
   }
 }
 
-// valid[j] = mask[j] for j < Lk, 0 past it (Lp floats); returns one past the last valid
-// key (0: none). `bytes` is scratch of Lp bytes.
-inline int64_t mask_row(const bool* m, int64_t Lk, int64_t Lp, uint8_t* bytes, float* valid) {
+constexpr VI kIota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+// Which keys of a query row are unmasked: the range [start, end) when the unmasked keys are
+// contiguous (causal, packed segments, padding), else per key in `valid`. end == 0: none.
+struct RowMask {
+  int64_t start = 0, end = 0;
+  bool range = true;
+  const float* valid = nullptr;
+  // -1 in the lanes j0 .. j0 + kW - 1 that are unmasked, else 0
+  VI lanes(int64_t j0) const {
+    if (!range) return load(valid + j0) != 0.0f;
+    const VI j = kIota + static_cast<int32_t>(j0);
+    return (j >= static_cast<int32_t>(start)) & (j < static_cast<int32_t>(end));
+  }
+};
+
+// The RowMask of mask row m (Lk bools); `bytes` (Lp) and `valid` (Lp floats) are scratch.
+inline RowMask mask_row(const bool* m, int64_t Lk, int64_t Lp, uint8_t* bytes, float* valid) {
+  RowMask r;
   std::memcpy(bytes, m, Lk);
   std::memset(bytes + Lk, 0, Lp - Lk);
-  int64_t end = Lk;
+  int64_t end = Lp;
+  for (uint64_t a, b; end >= kW; end -= kW) {  // whole empty chunks first
+    std::memcpy(&a, bytes + end - kW, 8);
+    std::memcpy(&b, bytes + end - 8, 8);
+    if (a | b) break;
+  }
   while (end > 0 && !bytes[end - 1]) --end;
-  for (int64_t j0 = 0; j0 < Lp; j0 += kW) {
-    VB vb;
-    std::memcpy(&vb, bytes + j0, kW);
-    store(valid + j0, __builtin_convertvector(vb, V));
+  r.end = end;
+  if (end == 0) return r;
+  const void* first = std::memchr(bytes, 1, end);
+  r.start = static_cast<const uint8_t*>(first) - bytes;
+  if (std::memchr(bytes + r.start, 0, end - r.start)) {  // holes: per key
+    r.range = false;
+    for (int64_t j = 0; j < Lp; ++j) valid[j] = bytes[j] ? 1.0f : 0.0f;
+    r.valid = valid;
   }
-  return end;
+  return r;
 }
 
-// sc[j] = q . kt[:, j] for the chunks below `end` (scores of one query row).
-template <int64_t DT>
-inline void scores_row(const float* qi, const float* kt, int64_t D_, int64_t Lp, int64_t end,
-                       float* sc) {
-  const int64_t D = DT ? DT : D_;
-  for (int64_t j0 = 0; j0 < end; j0 += kW) {
-    float acc[kW] = {};
-    for (int64_t d = 0; d < D; ++d) {
-      const float qd = qi[d];
-      const float* kd = kt + d * Lp + j0;
-      for (int64_t l = 0; l < kW; ++l) acc[l] += qd * kd[l];
-    }
-    for (int64_t l = 0; l < kW; ++l) sc[j0 + l] = acc[l];
-  }
-}
+// ---- Row-blocked kernels for head sizes 8, 16, 32, 64 -------------------------------
+// kR query rows at a time share every load of a key (or value) vector; the key/value
+// gradients are accumulated per block of kC keys over the query rows that reach them.
 
-// out[d] = sum_{j < n} w[j] * rows[j * D + d] (a weighted sum of n rows of width D).
+constexpr int64_t kR = 4;  // query rows per block
+constexpr int64_t kC = 8;  // keys per block of the key/value gradient passes
+
 template <int64_t DT>
-inline void weighted_rows(const float* w, const float* rows, int64_t n, int64_t D_,
-                          float* out) {
-  if constexpr (DT > 0 && DT % 8 == 0) {
-    constexpr int64_t K = DT / 8;  // vectors of 8 per row; two rows per iteration
-    V8 a0[K] = {}, a1[K] = {};
-    int64_t j = 0;
-    for (; j + 1 < n; j += 2) {
-      const float* r0 = rows + j * DT;
-      for (int64_t c = 0; c < K; ++c) {
-        a0[c] += w[j] * load8(r0 + 8 * c);
-        a1[c] += w[j + 1] * load8(r0 + DT + 8 * c);
+struct HeadRow {  // a row of DT floats as kN vectors
+  using T = std::conditional_t<DT % 16 == 0, V, V8>;
+  static constexpr int64_t kLanes = DT % 16 == 0 ? 16 : 8;
+  static constexpr int64_t kN = DT / kLanes;
+  static T get(const float* p) {
+    T v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static void put(float* p, T v) { std::memcpy(p, &v, sizeof(v)); }
+};
+
+// out[r][j] = a[r] . bt[:, j] for j < E (E a multiple of kW), kR rows; out is [kR][Lp].
+template <int64_t DT>
+inline void block_scores(const float* const* a, const float* bt, int64_t Lp, int64_t E,
+                         float* out) {
+  int64_t j0 = 0;
+  for (; j0 + 2 * kW <= E; j0 += 2 * kW) {
+    V acc[kR][2] = {};
+    for (int64_t d = 0; d < DT; ++d) {
+      const V b0 = load(bt + d * Lp + j0), b1 = load(bt + d * Lp + j0 + kW);
+      for (int64_t r = 0; r < kR; ++r) {
+        const float x = a[r][d];
+        acc[r][0] += x * b0;
+        acc[r][1] += x * b1;
       }
     }
-    if (j < n)
-      for (int64_t c = 0; c < K; ++c) a0[c] += w[j] * load8(rows + j * DT + 8 * c);
-    for (int64_t c = 0; c < K; ++c) store8(out + 8 * c, a0[c] + a1[c]);
-  } else {
-    std::fill(out, out + D_, 0.0f);
-    for (int64_t j = 0; j < n; ++j)
-      for (int64_t d = 0; d < D_; ++d) out[d] += w[j] * rows[j * D_ + d];
+    for (int64_t r = 0; r < kR; ++r) {
+      store(out + r * Lp + j0, acc[r][0]);
+      store(out + r * Lp + j0 + kW, acc[r][1]);
+    }
+  }
+  for (; j0 < E; j0 += kW) {
+    V acc[kR] = {};
+    for (int64_t d = 0; d < DT; ++d) {
+      const V b = load(bt + d * Lp + j0);
+      for (int64_t r = 0; r < kR; ++r) acc[r] += a[r][d] * b;
+    }
+    for (int64_t r = 0; r < kR; ++r) store(out + r * Lp + j0, acc[r]);
   }
 }
 
+// out[r] = sum_{j < E} p[r][j] * rows[j] for kR rows (p [kR][Lp], rows [Lp][DT]); rows
+// with out[r] == nullptr are not written.
 template <int64_t DT>
-void forward_pair(const Shape& s, int64_t pair, const float* q, const float* k,
-                  const float* v, const bool* mask, float* out, float* weights) {
-  const int64_t b = pair / s.H, h = pair % s.H, D = DT ? DT : s.D, Lk = s.Lk;
-  const int64_t Lp = round_up(Lk);
-  std::vector<float> kt(D * Lp), vr(D * Lp), sc(Lp), valid(Lp);
+inline void block_context(const float* p, int64_t Lp, const float* rows, int64_t E,
+                          float* const* out) {
+  using H = HeadRow<DT>;
+  typename H::T acc[kR][H::kN] = {};
+  for (int64_t j = 0; j < E; ++j) {
+    typename H::T v[H::kN];
+    for (int64_t c = 0; c < H::kN; ++c) v[c] = H::get(rows + j * DT + c * H::kLanes);
+    for (int64_t r = 0; r < kR; ++r) {
+      const float x = p[r * Lp + j];
+      for (int64_t c = 0; c < H::kN; ++c) acc[r][c] += x * v[c];
+    }
+  }
+  for (int64_t r = 0; r < kR; ++r)
+    if (out[r])
+      for (int64_t c = 0; c < H::kN; ++c) H::put(out[r] + c * H::kLanes, acc[r][c]);
+}
+
+// out[c] = sum_i m[i][j0 + c] * x_i for c < kC, over the rows i with reach[i] > j0 (m
+// [Lq][Lp]; x_i = x + i * stride); out is [kC][DT].
+template <int64_t DT>
+inline void block_columns(const float* m, int64_t Lp, const float* x, int64_t stride,
+                          const int64_t* reach, int64_t Lq, int64_t j0, float* out) {
+  using H = HeadRow<DT>;
+  typename H::T acc[kC][H::kN] = {};
+  for (int64_t i = 0; i < Lq; ++i) {
+    if (reach[i] <= j0) continue;
+    typename H::T xi[H::kN];
+    for (int64_t c = 0; c < H::kN; ++c) xi[c] = H::get(x + i * stride + c * H::kLanes);
+    const float* mi = m + i * Lp + j0;
+    for (int64_t k = 0; k < kC; ++k) {
+      const float w = mi[k];
+      for (int64_t c = 0; c < H::kN; ++c) acc[k][c] += w * xi[c];
+    }
+  }
+  for (int64_t k = 0; k < kC; ++k)
+    for (int64_t c = 0; c < H::kN; ++c) H::put(out + k * DT + c * H::kLanes, acc[k][c]);
+}
+
+// Masked softmax of a score row in place over [0, E): masked keys and keys past `end`
+// weigh exactly 0; a row without an unmasked key (end == 0) gets 1 / Lk on every key.
+inline void softmax_row(float* p, const RowMask& mask, int64_t Lk, int64_t E) {
+  const int64_t end = mask.end;
+  if (end == 0) {
+    std::fill(p, p + E, 0.0f);
+    std::fill(p, p + std::min(Lk, E), 1.0f / static_cast<float>(Lk));
+    return;
+  }
+  const int64_t wend = round_up(end);
+  V mx = splat(kNegInf);
+  for (int64_t j0 = 0; j0 < wend; j0 += kW) {
+    const V x = mask.lanes(j0) ? load(p + j0) : splat(kNegInf);
+    store(p + j0, x);
+    mx = x > mx ? x : mx;
+  }
+  const float m = hmax(mx);
+  V sum{};
+  for (int64_t j0 = 0; j0 < wend; j0 += kW) {
+    const V e = mask.lanes(j0) ? exp_nonpositive(load(p + j0) - m) : V{};
+    store(p + j0, e);
+    sum += e;
+  }
+  const float total = hsum(sum);
+  for (int64_t j0 = 0; j0 < wend; j0 += kW) store(p + j0, load(p + j0) / total);
+  std::fill(p + wend, p + E, 0.0f);
+}
+
+template <int64_t DT>
+void forward_pair_blocked(const Shape& s, int64_t pair, const float* q, const float* k,
+                          const float* v, const bool* mask, float* out, float* weights) {
+  const int64_t b = pair / s.H, h = pair % s.H, Lk = s.Lk, Lp = round_up(Lk);
+  std::vector<float> kt(DT * Lp), vr(DT * Lp), p(kR * Lp), valid(kR * Lp), zero(DT, 0.0f);
   std::vector<uint8_t> bytes(Lp);
   gather_t<DT>(k, s, Lk, b, h, kt.data(), Lp);
   gather_rows<DT>(v, s, Lk, b, h, vr.data(), Lp);
-  for (int64_t i = 0; i < s.Lq; ++i) {
-    const float* qi = q + ((b * s.Lq + i) * s.H + h) * D;
-    float* wi = weights + (pair * s.Lq + i) * Lk;
-    float* oi = out + ((b * s.Lq + i) * s.H + h) * D;
-    const int64_t end = mask_row(s.mask_row(mask, b, h, i), Lk, Lp, bytes.data(), valid.data());
-    int64_t wend = round_up(end);
-    float* p = sc.data();
-    if (end == 0) {  // every key masked: softmax of equal logits
-      std::fill(p, p + Lp, 0.0f);
-      std::fill(p, p + Lk, 1.0f / static_cast<float>(Lk));
-      wend = Lp;
-    } else {
-      scores_row<DT>(qi, kt.data(), D, Lp, wend, p);
-      V mx = splat(kNegInf);
-      for (int64_t j0 = 0; j0 < wend; j0 += kW) {
-        const V x = load(valid.data() + j0) != 0.0f ? load(p + j0) : splat(kNegInf);
-        store(p + j0, x);
-        mx = x > mx ? x : mx;
+  for (int64_t i0 = 0; i0 < s.Lq; i0 += kR) {
+    const float* qa[kR];
+    float* oa[kR];
+    RowMask rows[kR];
+    int64_t E = 0;
+    for (int64_t r = 0; r < kR; ++r) {
+      const int64_t i = i0 + r;
+      if (i < s.Lq) {
+        qa[r] = q + ((b * s.Lq + i) * s.H + h) * DT;
+        oa[r] = out + ((b * s.Lq + i) * s.H + h) * DT;
+        rows[r] = mask_row(s.mask_row(mask, b, h, i), Lk, Lp, bytes.data(), &valid[r * Lp]);
+        E = std::max(E, rows[r].end == 0 ? Lp : round_up(rows[r].end));
+      } else {
+        qa[r] = zero.data();
+        oa[r] = nullptr;
+        rows[r].end = -1;
       }
-      const float m = hmax(mx);
-      V sum{};
-      for (int64_t j0 = 0; j0 < wend; j0 += kW) {
-        // masked keys (and the padding past Lk) weigh exactly 0
-        const V e = load(valid.data() + j0) != 0.0f ? exp_nonpositive(load(p + j0) - m) : V{};
-        store(p + j0, e);
-        sum += e;
-      }
-      const float total = hsum(sum);
-      for (int64_t j0 = 0; j0 < wend; j0 += kW) store(p + j0, load(p + j0) / total);
     }
-    std::copy(p, p + std::min(wend, Lk), wi);
-    std::fill(wi + std::min(wend, Lk), wi + Lk, 0.0f);
-    weighted_rows<DT>(p, vr.data(), wend, D, oi);
+    block_scores<DT>(qa, kt.data(), Lp, E, p.data());
+    for (int64_t r = 0; r < kR; ++r) {
+      float* pr = &p[r * Lp];
+      if (rows[r].end < 0) {
+        std::fill(pr, pr + E, 0.0f);
+        continue;
+      }
+      softmax_row(pr, rows[r], Lk, E);
+      float* wi = weights + (pair * s.Lq + i0 + r) * Lk;
+      std::copy(pr, pr + std::min(E, Lk), wi);
+      std::fill(wi + std::min(E, Lk), wi + Lk, 0.0f);
+    }
+    block_context<DT>(p.data(), Lp, vr.data(), E, oa);
   }
 }
 
 template <int64_t DT>
-void backward_pair(const Shape& s, int64_t pair, const float* q, const float* k,
-                   const float* v, const bool* mask, const float* weights, const float* dout,
-                   float* dq, float* dk, float* dv) {
-  const int64_t b = pair / s.H, h = pair % s.H, D = DT ? DT : s.D, Lk = s.Lk;
-  const int64_t Lp = round_up(Lk);
-  std::vector<float> kr(D * Lp), vt(D * Lp), dkt(D * Lp, 0.0f), dvt(D * Lp, 0.0f);
-  std::vector<float> w(Lp), dw(Lp), valid(Lp), g(D), qv(D);
+void backward_pair_blocked(const Shape& s, int64_t pair, const float* q, const float* k,
+                           const float* v, const bool* mask, const float* weights,
+                           const float* dout, float* dq, float* dk, float* dv) {
+  const int64_t b = pair / s.H, h = pair % s.H, Lq = s.Lq, Lk = s.Lk, Lp = round_up(Lk);
+  const int64_t row = s.H * DT;  // stride between the tokens of one (b, h) pair
+  std::vector<float> kr(DT * Lp), vt(DT * Lp), w(Lq * Lp), ds(Lq * Lp), valid(kR * Lp);
+  std::vector<float> zero(DT, 0.0f), cols(kC * DT);
+  std::vector<int64_t> reach_ds(Lq), reach_w(Lq);
   std::vector<uint8_t> bytes(Lp);
   gather_rows<DT>(k, s, Lk, b, h, kr.data(), Lp);
   gather_t<DT>(v, s, Lk, b, h, vt.data(), Lp);
-  for (int64_t i = 0; i < s.Lq; ++i) {
-    const float* qi = q + ((b * s.Lq + i) * s.H + h) * D;
-    const float* gi = dout + ((b * s.Lq + i) * s.H + h) * D;
-    const float* wrow = weights + (pair * s.Lq + i) * Lk;
-    std::copy(gi, gi + D, g.begin());
-    std::copy(qi, qi + D, qv.begin());
-    const int64_t end = mask_row(s.mask_row(mask, b, h, i), Lk, Lp, bytes.data(), valid.data());
-    const int64_t wend = end == 0 ? Lp : round_up(end);  // keys with a nonzero weight
-    std::copy(wrow, wrow + std::min(wend, Lk), w.begin());
-    std::fill(w.begin() + std::min(wend, Lk), w.begin() + wend, 0.0f);
-    // dv[j] += w[i, j] * g[i]
-    for (int64_t d = 0; d < D; ++d) {
-      const float gd = g[d];
-      float* dvd = dvt.data() + d * Lp;
-      for (int64_t j0 = 0; j0 < wend; j0 += kW)
-        for (int64_t l = 0; l < kW; ++l) dvd[j0 + l] += w[j0 + l] * gd;
+  const float* q0 = q + (b * Lq * s.H + h) * DT;
+  const float* g0 = dout + (b * Lq * s.H + h) * DT;
+  for (int64_t i0 = 0; i0 < Lq; i0 += kR) {
+    const float* ga[kR];
+    float* dqa[kR];
+    RowMask rows[kR];
+    int64_t ends[kR], E = 0;
+    for (int64_t r = 0; r < kR; ++r) {
+      const int64_t i = i0 + r;
+      if (i < Lq) {
+        ga[r] = g0 + i * row;
+        dqa[r] = dq + ((b * Lq + i) * s.H + h) * DT;
+        rows[r] = mask_row(s.mask_row(mask, b, h, i), Lk, Lp, bytes.data(), &valid[r * Lp]);
+        ends[r] = rows[r].end;
+        E = std::max(E, ends[r] == 0 ? Lp : round_up(ends[r]));
+        const float* wi = weights + (pair * Lq + i) * Lk;
+        std::copy(wi, wi + Lk, &w[i * Lp]);
+        std::fill(&w[i * Lp] + Lk, &w[i * Lp] + Lp, 0.0f);
+        reach_ds[i] = ends[r];
+        reach_w[i] = ends[r] == 0 ? Lk : ends[r];
+      } else {
+        ga[r] = zero.data();
+        dqa[r] = nullptr;
+        ends[r] = -1;
+      }
     }
-    float* dqo = dq + ((b * s.Lq + i) * s.H + h) * D;
-    if (end == 0) {  // no logit of this row reaches q or k
-      std::fill(dqo, dqo + D, 0.0f);
-      continue;
+    float* dsb = &ds[i0 * Lp];  // rows i0.. of ds; the block's dweights first
+    std::vector<float> tail;
+    if (i0 + kR > Lq) {  // the last block writes kR rows: past Lq into scratch
+      tail.assign(kR * Lp, 0.0f);
+      dsb = tail.data();
     }
-    // dweights[j] = g[i] . v[j]; dlogits = w * (dweights - sum(w * dweights)), 0 if masked
-    scores_row<DT>(g.data(), vt.data(), D, Lp, wend, dw.data());
-    V dots{};
-    for (int64_t j0 = 0; j0 < wend; j0 += kW) dots += load(w.data() + j0) * load(dw.data() + j0);
-    const float dot = hsum(dots);
-    for (int64_t j0 = 0; j0 < wend; j0 += kW) {
-      const V ds = load(w.data() + j0) * (load(dw.data() + j0) - dot);
-      store(dw.data() + j0, load(valid.data() + j0) != 0.0f ? ds : V{});
+    block_scores<DT>(ga, vt.data(), Lp, E, dsb);
+    for (int64_t r = 0; r < kR && i0 + r < Lq; ++r) {
+      float* dr = dsb + r * Lp;
+      const float* wr = &w[(i0 + r) * Lp];
+      if (ends[r] == 0) {  // no logit of this row reaches q or k
+        std::fill(dr, dr + Lp, 0.0f);
+        continue;
+      }
+      // dlogits = w * (dweights - sum(w * dweights)), 0 where masked
+      V dots{};
+      for (int64_t j0 = 0; j0 < E; j0 += kW) dots += load(wr + j0) * load(dr + j0);
+      const float dot = hsum(dots);
+      for (int64_t j0 = 0; j0 < E; j0 += kW) {
+        const V x = load(wr + j0) * (load(dr + j0) - dot);
+        store(dr + j0, rows[r].lanes(j0) ? x : V{});
+      }
+      std::fill(dr + E, dr + Lp, 0.0f);
     }
-    // dq[i] = sum_j dlogits[j] k[j]; dk[j] += dlogits[j] q[i]
-    weighted_rows<DT>(dw.data(), kr.data(), wend, D, dqo);
-    for (int64_t d = 0; d < D; ++d) {
-      const float qd = qv[d];
-      float* dkd = dkt.data() + d * Lp;
-      for (int64_t j0 = 0; j0 < wend; j0 += kW)
-        for (int64_t l = 0; l < kW; ++l) dkd[j0 + l] += dw[j0 + l] * qd;
-    }
+    for (int64_t r = i0 + kR > Lq ? Lq - i0 : kR; r < kR; ++r)
+      std::fill(dsb + r * Lp, dsb + (r + 1) * Lp, 0.0f);
+    block_context<DT>(dsb, Lp, kr.data(), E, dqa);  // dq[i] = sum_j dlogits[j] k[j]
+    if (dsb != &ds[i0 * Lp]) std::copy(dsb, dsb + (Lq - i0) * Lp, &ds[i0 * Lp]);
   }
-  for (int64_t j = 0; j < Lk; ++j) {
-    float* dkj = dk + ((b * Lk + j) * s.H + h) * D;
-    float* dvj = dv + ((b * Lk + j) * s.H + h) * D;
-    for (int64_t d = 0; d < D; ++d) {
-      dkj[d] = dkt[d * Lp + j];
-      dvj[d] = dvt[d * Lp + j];
-    }
+  // dk[j] = sum_i dlogits[i, j] q[i]; dv[j] = sum_i w[i, j] g[i]
+  for (int64_t j0 = 0; j0 < Lk; j0 += kC) {
+    const int64_t n = std::min(kC, Lk - j0);
+    block_columns<DT>(ds.data(), Lp, q0, row, reach_ds.data(), Lq, j0, cols.data());
+    for (int64_t c = 0; c < n; ++c)
+      std::copy(&cols[c * DT], &cols[(c + 1) * DT], dk + ((b * Lk + j0 + c) * s.H + h) * DT);
+    block_columns<DT>(w.data(), Lp, g0, row, reach_w.data(), Lq, j0, cols.data());
+    for (int64_t c = 0; c < n; ++c)
+      std::copy(&cols[c * DT], &cols[(c + 1) * DT], dv + ((b * Lk + j0 + c) * s.H + h) * DT);
   }
 }
 
-// Calls fn.template operator()<D>() with D a compile-time head size where one is common.
+// Calls fn(std::integral_constant<int64_t, D>) for the head sizes compiled in (HEAD_DIMS
+// in cpu_attention.py).
 template <typename Fn>
 void with_head_dim(int64_t D, Fn fn) {
   switch (D) {
@@ -306,7 +424,8 @@ void with_head_dim(int64_t D, Fn fn) {
     case 16: fn(std::integral_constant<int64_t, 16>()); break;
     case 32: fn(std::integral_constant<int64_t, 32>()); break;
     case 64: fn(std::integral_constant<int64_t, 64>()); break;
-    default: fn(std::integral_constant<int64_t, 0>()); break;
+    case 128: fn(std::integral_constant<int64_t, 128>()); break;
+    default: break;  // refused by shape_of
   }
 }
 
@@ -320,6 +439,9 @@ ffi::Error shape_of(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
   ok = ok && vd[0] == kd[0] && vd[1] == kd[1] && vd[2] == kd[2] && vd[3] == kd[3];
   ok = ok && (s->Bm == 1 || s->Bm == s->B) && (s->Hm == 1 || s->Hm == s->H);
   ok = ok && md[2] == s->Lq && md[3] == s->Lk;
+  const int64_t D = s->D;
+  if (D != 8 && D != 16 && D != 32 && D != 64 && D != 128)
+    return ffi::Error::InvalidArgument("cpu_fused attention: head size must be 8, 16, 32, 64 or 128");
   if (!ok)
     return ffi::Error::InvalidArgument(
         "cpu_fused attention: expected q [B, Lq, H, D], k and v [B, Lk, H, D], mask "
@@ -337,7 +459,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
   float *op = out->typed_data(), *wp = weights->typed_data();
   with_head_dim(s.D, [&](auto dt) {
     parallel_for(s.B * s.H, [&](int64_t p) {
-      forward_pair<decltype(dt)::value>(s, p, qp, kp, vp, mp, op, wp);
+      forward_pair_blocked<decltype(dt)::value>(s, p, qp, kp, vp, mp, op, wp);
     });
   });
   return ffi::Error::Success();
@@ -355,7 +477,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
   with_head_dim(s.D, [&](auto dt) {
     parallel_for(s.B * s.H, [&](int64_t p) {
-      backward_pair<decltype(dt)::value>(s, p, qp, kp, vp, mp, wp, gp, dqp, dkp, dvp);
+      backward_pair_blocked<decltype(dt)::value>(s, p, qp, kp, vp, mp, wp, gp, dqp, dkp, dvp);
     });
   });
   return ffi::Error::Success();

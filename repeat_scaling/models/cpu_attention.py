@@ -37,6 +37,8 @@ from repeat_scaling import workdir_io
 Array = jax.Array
 
 SOURCE = pathlib.Path(__file__).with_suffix(".cc")
+#: The head sizes the kernel is compiled for (``with_head_dim`` in cpu_attention.cc).
+HEAD_DIMS = (8, 16, 32, 64, 128)
 _TARGETS = {"forward": "RsAttentionForward", "backward": "RsAttentionBackward"}
 _FLAGS = "-O3 -march=native -std=c++17 -shared -fPIC -pthread -fno-math-errno -fno-trapping-math"
 
