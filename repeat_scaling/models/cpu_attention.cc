@@ -320,19 +320,22 @@ void forward_pair_blocked(const Shape& s, int64_t pair, const float* q, const fl
         rows[r].end = -1;
       }
     }
-    block_scores<DT>(qa, kt.data(), Lp, E, p.data());
+    // the weights rows themselves when they are whole chunks, else scratch copied out
+    const bool direct = Lk == Lp && i0 + kR <= s.Lq;
+    float* pb = direct ? weights + (pair * s.Lq + i0) * Lk : p.data();
+    block_scores<DT>(qa, kt.data(), Lp, E, pb);
     for (int64_t r = 0; r < kR; ++r) {
-      float* pr = &p[r * Lp];
+      float* pr = pb + r * Lp;
       if (rows[r].end < 0) {
         std::fill(pr, pr + E, 0.0f);
         continue;
       }
       softmax_row(pr, rows[r], Lk, E);
       float* wi = weights + (pair * s.Lq + i0 + r) * Lk;
-      std::copy(pr, pr + std::min(E, Lk), wi);
+      if (!direct) std::copy(pr, pr + std::min(E, Lk), wi);
       std::fill(wi + std::min(E, Lk), wi + Lk, 0.0f);
     }
-    block_context<DT>(p.data(), Lp, vr.data(), E, oa);
+    block_context<DT>(pb, Lp, vr.data(), E, oa);
   }
 }
 
@@ -342,7 +345,10 @@ void backward_pair_blocked(const Shape& s, int64_t pair, const float* q, const f
                            const float* dout, float* dq, float* dk, float* dv) {
   const int64_t b = pair / s.H, h = pair % s.H, Lq = s.Lq, Lk = s.Lk, Lp = round_up(Lk);
   const int64_t row = s.H * DT;  // stride between the tokens of one (b, h) pair
-  std::vector<float> kr(DT * Lp), vt(DT * Lp), w(Lq * Lp), ds(Lq * Lp), valid(kR * Lp);
+  // the weights rows as [Lq][Lp]: in place when Lk is whole chunks, else a padded copy
+  std::vector<float> kr(DT * Lp), vt(DT * Lp), wcopy(Lk == Lp ? 0 : Lq * Lp), ds(Lq * Lp);
+  std::vector<float> valid(kR * Lp);
+  const float* w = Lk == Lp ? weights + pair * Lq * Lk : wcopy.data();
   std::vector<float> zero(DT, 0.0f), cols(kC * DT);
   std::vector<int64_t> reach_ds(Lq), reach_w(Lq);
   std::vector<uint8_t> bytes(Lp);
@@ -363,9 +369,11 @@ void backward_pair_blocked(const Shape& s, int64_t pair, const float* q, const f
         rows[r] = mask_row(s.mask_row(mask, b, h, i), Lk, Lp, bytes.data(), &valid[r * Lp]);
         ends[r] = rows[r].end;
         E = std::max(E, ends[r] == 0 ? Lp : round_up(ends[r]));
-        const float* wi = weights + (pair * Lq + i) * Lk;
-        std::copy(wi, wi + Lk, &w[i * Lp]);
-        std::fill(&w[i * Lp] + Lk, &w[i * Lp] + Lp, 0.0f);
+        if (Lk != Lp) {
+          const float* wi = weights + (pair * Lq + i) * Lk;
+          std::copy(wi, wi + Lk, &wcopy[i * Lp]);
+          std::fill(&wcopy[i * Lp] + Lk, &wcopy[i * Lp] + Lp, 0.0f);
+        }
         reach_ds[i] = ends[r];
         reach_w[i] = ends[r] == 0 ? Lk : ends[r];
       } else {
@@ -409,7 +417,7 @@ void backward_pair_blocked(const Shape& s, int64_t pair, const float* q, const f
     block_columns<DT>(ds.data(), Lp, q0, row, reach_ds.data(), Lq, j0, cols.data());
     for (int64_t c = 0; c < n; ++c)
       std::copy(&cols[c * DT], &cols[(c + 1) * DT], dk + ((b * Lk + j0 + c) * s.H + h) * DT);
-    block_columns<DT>(w.data(), Lp, g0, row, reach_w.data(), Lq, j0, cols.data());
+    block_columns<DT>(w, Lp, g0, row, reach_w.data(), Lq, j0, cols.data());
     for (int64_t c = 0; c < n; ++c)
       std::copy(&cols[c * DT], &cols[(c + 1) * DT], dv + ((b * Lk + j0 + c) * s.H + h) * DT);
   }
