@@ -111,6 +111,7 @@ def main(argv: list[str]) -> None:
     from repeat_scaling.eval import downstream, evaluator, probes
     from repeat_scaling.eval.results import ResultsLockedError
     from repeat_scaling.eval.settings import EvalSettings
+    from repeat_scaling.models.cpu_attention import CpuAttentionError
     from repeat_scaling.train.checkpointing import CheckpointError
 
     try:
@@ -142,6 +143,7 @@ def main(argv: list[str]) -> None:
         StoreError,
         RepetitionPlanError,
         probes.ProbeError,
+        CpuAttentionError,
     ) as e:
         cli.fail(first_line(e))
     logging.info("evaluated %d checkpoint(s)", len(records))

@@ -61,6 +61,7 @@ def main(argv: list[str]) -> None:
         cli.fail(str(e))
 
     from repeat_scaling.data.store import StoreError
+    from repeat_scaling.models.cpu_attention import CpuAttentionError
     from repeat_scaling.train import checkpointing, loop
     from repeat_scaling.train.config import ConfigError
 
@@ -72,6 +73,7 @@ def main(argv: list[str]) -> None:
         workdir_io.WorkdirError,
         checkpointing.CheckpointError,
         loop.NonFiniteLossError,
+        CpuAttentionError,
     ) as e:
         cli.fail(first_line(e))
     except loop.Preempted as e:
