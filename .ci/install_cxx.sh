@@ -6,12 +6,4 @@ set -euo pipefail
 if command -v "${CXX:-g++}" >/dev/null 2>&1; then
   exit 0
 fi
-if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-  echo "error: no C++ compiler (${CXX:-g++}); install g++ as root with apt-get" \
-    "(bash .ci/install_cxx.sh)" >&2
-  exit 1
-fi
-echo "installing g++"
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -q >/dev/null
-apt-get install -y -q g++ >/dev/null
+exec bash "$(dirname "$0")/apt_install.sh" "no C++ compiler (${CXX:-g++})" .ci/install_cxx.sh g++

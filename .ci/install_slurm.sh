@@ -11,12 +11,5 @@ done
 if [ "${#missing[@]}" -eq 0 ]; then
   exit 0
 fi
-if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-  echo "error: SLURM is not installed (no ${missing[*]}); install slurm-wlm and munge" \
-    "as root with apt-get (bash .ci/install_slurm.sh)" >&2
-  exit 1
-fi
-echo "installing slurm-wlm and munge (missing: ${missing[*]})"
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -q >/dev/null
-apt-get install -y -q slurm-wlm munge >/dev/null
+exec bash "$(dirname "$0")/apt_install.sh" "SLURM is not installed (no ${missing[*]})" \
+  .ci/install_slurm.sh slurm-wlm munge

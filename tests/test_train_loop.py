@@ -124,6 +124,18 @@ def run_cli(workdir, store_dir, *args, env=None, wait=True):
     )
 
 
+def test_cpu_fused_attention_without_a_compiler_is_one_line(store_dir, tmp_path):
+    """The trainer with model.attention_impl='cpu_fused' where its kernel cannot be built
+    (no compiler, empty cache): one error line naming the setting and the compiler."""
+    env = {"CXX": "/nonexistent/c++", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    r = run_cli(tmp_path / "w", store_dir, "--config.model.attention_impl=cpu_fused", env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: model.attention_impl='cpu_fused' needs a C++ compiler: '/nonexistent/c++' "
+        "(No such file or directory); set $CXX or use attention_impl='einsum'"
+    )
+
+
 def test_cli_error_is_one_line(store_dir, tmp_path):
     r = run_cli(tmp_path / "w", store_dir, "--config.train.batch_size=12")
     assert r.returncode == 1

@@ -111,27 +111,14 @@ void parallel_for(int64_t n, Fn fn) {
 
 inline int64_t round_up(int64_t n) { return (n + kW - 1) / kW * kW; }
 
-// The (b, h) rows of x [B, L, H, D], transposed to [D, Lp] (zero past L).
-template <int64_t DT>
-void gather_t(const float* x, const Shape& s, int64_t L, int64_t b, int64_t h, float* t,
-              int64_t Lp) {
-  constexpr int64_t D = DT;
-  std::fill(t, t + D * Lp, 0.0f);
+// The (b, h) rows of x [B, L, H, D] as [Lp, D], or transposed to [D, Lp]; zero past L.
+template <int64_t D, bool kTransposed>
+void gather(const float* x, const Shape& s, int64_t L, int64_t b, int64_t h, float* out,
+            int64_t Lp) {
+  std::fill(out, out + D * Lp, 0.0f);
   for (int64_t l = 0; l < L; ++l) {
     const float* src = x + ((b * L + l) * s.H + h) * D;
-    for (int64_t d = 0; d < D; ++d) t[d * Lp + l] = src[d];
-  }
-}
-
-// The (b, h) rows of x [B, L, H, D] as [Lp, D] (zero past L).
-template <int64_t DT>
-void gather_rows(const float* x, const Shape& s, int64_t L, int64_t b, int64_t h, float* r,
-                 int64_t Lp) {
-  constexpr int64_t D = DT;
-  std::fill(r, r + D * Lp, 0.0f);
-  for (int64_t l = 0; l < L; ++l) {
-    const float* src = x + ((b * L + l) * s.H + h) * D;
-    for (int64_t d = 0; d < D; ++d) r[l * D + d] = src[d];
+    for (int64_t d = 0; d < D; ++d) out[kTransposed ? d * Lp + l : l * D + d] = src[d];
   }
 }
 
@@ -300,8 +287,8 @@ void forward_pair_blocked(const Shape& s, int64_t pair, const float* q, const fl
   const int64_t b = pair / s.H, h = pair % s.H, Lk = s.Lk, Lp = round_up(Lk);
   std::vector<float> kt(DT * Lp), vr(DT * Lp), p(kR * Lp), valid(kR * Lp), zero(DT, 0.0f);
   std::vector<uint8_t> bytes(Lp);
-  gather_t<DT>(k, s, Lk, b, h, kt.data(), Lp);
-  gather_rows<DT>(v, s, Lk, b, h, vr.data(), Lp);
+  gather<DT, true>(k, s, Lk, b, h, kt.data(), Lp);
+  gather<DT, false>(v, s, Lk, b, h, vr.data(), Lp);
   for (int64_t i0 = 0; i0 < s.Lq; i0 += kR) {
     const float* qa[kR];
     float* oa[kR];
@@ -352,8 +339,8 @@ void backward_pair_blocked(const Shape& s, int64_t pair, const float* q, const f
   std::vector<float> zero(DT, 0.0f), cols(kC * DT);
   std::vector<int64_t> reach_ds(Lq), reach_w(Lq);
   std::vector<uint8_t> bytes(Lp);
-  gather_rows<DT>(k, s, Lk, b, h, kr.data(), Lp);
-  gather_t<DT>(v, s, Lk, b, h, vt.data(), Lp);
+  gather<DT, false>(k, s, Lk, b, h, kr.data(), Lp);
+  gather<DT, true>(v, s, Lk, b, h, vt.data(), Lp);
   const float* q0 = q + (b * Lq * s.H + h) * DT;
   const float* g0 = dout + (b * Lq * s.H + h) * DT;
   for (int64_t i0 = 0; i0 < Lq; i0 += kR) {
