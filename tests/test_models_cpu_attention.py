@@ -111,3 +111,12 @@ def test_a_missing_compiler_is_one_line(monkeypatch, tmp_path):
     )
     assert "\n" not in str(e.value)
     assert list((tmp_path / "repeat_scaling" / "cpu_attention").iterdir()) == []
+    monkeypatch.setenv("CXX", "g++ -Dnamespace=")  # a compiler that fails on this source
+    with pytest.raises(cpu_attention.CpuAttentionError) as e:
+        cpu_attention.library_path()
+    message = str(e.value)
+    assert message.startswith(
+        "model.attention_impl='cpu_fused': compiling cpu_attention.cc failed: "
+    )
+    assert "error" in message and "\n" not in message
+    assert list((tmp_path / "repeat_scaling" / "cpu_attention").iterdir()) == []

@@ -4,16 +4,18 @@
 // scale 1, no bias and no dropout:
 //   logits = einsum("bqhd,bkhd->bhqk", q, k); logits = where(mask, logits, -1e10)
 //   weights = softmax(logits); out = einsum("bhqk,bkhd->bqhd", weights, v)
-// done per (batch, head) pair with the pair's rows in cache, kR query rows at a time, keys
-// beyond a row's last unmasked key skipped (their weight is exactly 0). A row without any unmasked key gets
-// uniform weights, as the finite -1e10 gives there. The backward pass is the VJP of the
+// done per (batch, head) pair with the pair's rows in cache, kR query rows at a time,
+// keys beyond a row's last unmasked key skipped (their weight is exactly 0). A row without
+// any unmasked key gets uniform weights, as the finite -1e10 gives there. The backward pass is the VJP of the
 // same expression (the where() passes no gradient to masked logits).
 //
-// Layouts: q [B, Lq, H, D] (D in 8, 16, 32, 64, 128), k and v [B, Lk, H, D], mask [Bm, Hm, Lq, Lk] (bool, Bm in
-// {1, B}, Hm in {1, H}), weights [B, H, Lq, Lk] (the forward's second result, kept for the
-// backward pass).
+// Layouts: q [B, Lq, H, D] (D in 8, 16, 32, 64, 128), k and v [B, Lk, H, D], mask
+// [Bm, Hm, Lq, Lk] (bool, Bm in {1, B}, Hm in {1, H}), weights [B, H, Lq, Lk] (the
+// forward's second result, kept for the backward pass).
 //
 // Built by repeat_scaling/models/cpu_attention.py with the host's compiler.
+
+#include <sched.h>
 
 #include <algorithm>
 #include <atomic>
@@ -32,7 +34,6 @@ namespace {
 
 constexpr float kNegInf = -1e10f;  // layers.NEG_INF
 
-
 constexpr int64_t kW = 16;  // keys per chunk: one vector of kW floats
 
 typedef float V __attribute__((vector_size(kW * sizeof(float))));
@@ -45,13 +46,7 @@ inline V load(const float* p) {
 }
 inline void store(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
 
-typedef float V8 __attribute__((vector_size(8 * sizeof(float))));
-inline V8 load8(const float* p) {
-  V8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store8(float* p, V8 v) { std::memcpy(p, &v, sizeof(v)); }
+typedef float V8 __attribute__((vector_size(8 * sizeof(float))));  // rows of head size 8
 inline V splat(float x) { return V{} + x; }
 inline float hsum(V v) {
   float t = 0.0f;
@@ -94,10 +89,17 @@ struct Shape {
   }
 };
 
-// Runs fn(pair) for pair in [0, n) on up to `threads` threads.
+// The CPUs this process may run on (its affinity mask: a SLURM or taskset share).
+int64_t usable_cpus() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// Runs fn(pair) for pair in [0, n) on up to usable_cpus() threads.
 template <typename Fn>
 void parallel_for(int64_t n, Fn fn) {
-  static const int64_t kThreads = std::max(1u, std::thread::hardware_concurrency());
+  static const int64_t kThreads = usable_cpus();
   const int64_t threads = std::min<int64_t>(kThreads, n);
   std::atomic<int64_t> next{0};
   auto work = [&]() {

@@ -87,7 +87,8 @@ def library_path() -> pathlib.Path:
         ) from None
     if done.returncode:
         os.unlink(tmp)
-        first = (done.stderr.strip().splitlines() or ["(no output)"])[0]
+        lines = done.stderr.strip().splitlines() or ["(no output)"]
+        first = next((x for x in lines if "error" in x), lines[0])
         raise CpuAttentionError(
             f"model.attention_impl='cpu_fused': compiling {SOURCE.name} failed: {first}"
         )

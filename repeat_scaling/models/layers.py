@@ -330,11 +330,9 @@ class Attention(nnx.Module):
             k, v = (kv_cache.write(cache[n], t, cache_index) for n, t in (("k", k), ("v", v)))
             new_cache = {"k": k, "v": v}
         impl = self.impl
-        if cache is not None and impl == "cudnn":
+        if cache is not None and impl in ("cudnn", "cpu_fused"):
             impl = "xla"  # incremental steps (1 query, cache-length mask): generic kernel
         weights = copied = None
-        if impl == "cpu_fused" and cache is not None:
-            impl = "xla"  # incremental steps: generic kernel
         if impl == "cpu_fused" and bias is None and not return_attention and clamp is None:
             ctx = cpu_attention.fused_attention(q, k, v, mask)
         elif impl != "einsum" and not return_attention and clamp is None:
