@@ -29,10 +29,10 @@ def _masks(B, L, H, seed):
     return [causal[None, None], packed[:, None], per_head]
 
 
-@pytest.mark.parametrize("D,L", [(16, 128), (8, 37), (32, 20)])
+@pytest.mark.parametrize("D,L", [(16, 128), (8, 37)])
 def test_values_and_gradients_match_the_einsum_path(D, L):
-    """Head sizes in two vector widths (16 and 32: 16 lanes, 8: 8 lanes); lengths on and
-    off the kernel's 16-key chunks and 4-row blocks; causal, packed (segments + padding:
+    """Head sizes in both vector widths (16: 16 lanes, 8: 8 lanes; 32, two vectors a row,
+    in the model test below); lengths on and off the kernel's 16-key chunks and 4-row blocks; causal, packed (segments + padding:
     fully masked rows) and per-head masks (keys with holes)."""
     B, H = 3, 4
     keys = jax.random.split(jax.random.key(D), 4)
@@ -54,7 +54,7 @@ def test_values_and_gradients_match_the_einsum_path(D, L):
 def test_decoder_model_trains_the_same_on_eight_devices():
     """The decoder-only model with cpu_fused attention: the einsum path's logits and
     parameter gradients (same weights), under jit with the batch sharded over 8 devices."""
-    cfg = sizes.get("dec_tiny").replace(d_model=32, d_ff=64, head_dim=8, vocab_size=384)
+    cfg = sizes.get("dec_tiny").replace(d_model=32, d_ff=64, head_dim=32, vocab_size=384)
     einsum_model = build(cfg, nnx.Rngs(0))
     fused_model = convert.canonical_to_model(
         cfg.replace(attention_impl="cpu_fused"), convert.model_to_canonical(einsum_model)
