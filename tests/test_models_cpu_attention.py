@@ -7,10 +7,12 @@ import pytest
 from flax import nnx
 
 from repeat_scaling.models import build, convert, cpu_attention, forward, sizes
-from repeat_scaling.models.layers import NEG_INF
+from repeat_scaling.models.layers import NEG_INF, rope_tables, rotate
 
 
-def _reference(q, k, v, mask):
+def _reference(q, k, v, mask, rope=None):
+    if rope is not None:
+        q, k = rotate(q, *rope[0]), rotate(k, *rope[1])
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
     weights = jax.nn.softmax(jnp.where(mask, logits, NEG_INF), axis=-1)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
@@ -32,19 +34,26 @@ def _masks(B, L, H, seed):
 @pytest.mark.parametrize("D,L", [(16, 128), (8, 37)])
 def test_values_and_gradients_match_the_einsum_path(D, L):
     """Head sizes in both vector widths (16: 16 lanes, 8: 8 lanes; 32, two vectors a row,
-    in the model test below); lengths on and off the kernel's 16-key chunks and 4-row blocks; causal, packed (segments + padding:
-    fully masked rows) and per-head masks (keys with holes)."""
+    in the model test below); lengths on and off the kernel's 16-key chunks and 4-row
+    blocks; causal, packed (segments + padding: fully masked rows) and per-head masks (keys
+    with holes); q and k rotated in the kernel (per-example positions, as packing gives)
+    and not rotated."""
     B, H = 3, 4
     keys = jax.random.split(jax.random.key(D), 4)
     q, k, v, g = (jax.random.normal(kk, (B, L, H, D)) for kk in keys)
-    for mask in _masks(B, L, H, seed=D):
+    positions = np.random.default_rng(D).integers(0, 2 * L, (B, L))
+    tables = rope_tables(jnp.asarray(positions), D, 10000.0)
+    for n, mask in enumerate(_masks(B, L, H, seed=D)):
         mask = jnp.asarray(mask)
+        rope = None if n == 1 else (tables, tables)
         assert not bool(mask.any(-1).all()) or mask.shape[0] == 1  # packed: empty rows
-        ref = _reference(q, k, v, mask)
-        got = cpu_attention.fused_attention(q, k, v, mask)
+        ref = _reference(q, k, v, mask, rope)
+        got = cpu_attention.fused_attention(q, k, v, mask, rope)
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=2e-6)
         grads = [
-            jax.grad(lambda q, k, v, f=f, m=mask: (f(q, k, v, m) * g).sum(), (0, 1, 2))(q, k, v)
+            jax.grad(lambda q, k, v, f=f, m=mask, r=rope: (f(q, k, v, m, r) * g).sum(), (0, 1, 2))(
+                q, k, v
+            )
             for f in (_reference, cpu_attention.fused_attention)
         ]
         for want, have in zip(*grads):

@@ -9,8 +9,15 @@
 // any unmasked key gets uniform weights, as the finite -1e10 gives there. The backward pass is the VJP of the
 // same expression (the where() passes no gradient to masked logits).
 //
+// q and k arrive before their rotary embedding, which the kernel applies to each row as it
+// loads it (layers.rotate's float operations, in the same order) from the tables sin and
+// cos of the query and key positions; their gradients leave through the transposed
+// rotation. XLA:CPU would otherwise recompute the tables' sines and cosines in every pass
+// over q and k and their gradients.
+//
 // Layouts: q [B, Lq, H, D] (D in 8, 16, 32, 64, 128), k and v [B, Lk, H, D], mask
-// [Bm, Hm, Lq, Lk] (bool, Bm in {1, B}, Hm in {1, H}), weights [B, H, Lq, Lk] (the
+// [Bm, Hm, Lq, Lk] (bool, Bm in {1, B}, Hm in {1, H}), the rotary tables of the queries
+// [Bt, Lq, D/2] and of the keys [Bt, Lk, D/2] (Bt in {1, B}), weights [B, H, Lq, Lk] (the
 // forward's second result, kept for the backward pass).
 //
 // Built by repeat_scaling/models/cpu_attention.py with the host's compiler.
@@ -82,12 +89,40 @@ inline V exp_nonpositive(V x) {
 }
 
 struct Shape {
-  int64_t B, Lq, Lk, H, D, Bm, Hm;
+  int64_t B, Lq, Lk, H, D, Bm, Hm, Bt;
   const bool* mask_row(const bool* mask, int64_t b, int64_t h, int64_t i) const {
     const int64_t bm = Bm == 1 ? 0 : b, hm = Hm == 1 ? 0 : h;
     return mask + ((bm * Hm + hm) * Lq + i) * Lk;
   }
 };
+
+// The rotary tables of the queries and the keys: [Bt, Lq, D/2] and [Bt, Lk, D/2].
+struct Rope {
+  const float *sin_q, *cos_q, *sin_k, *cos_k;
+  int64_t offset(const Shape& s, int64_t b, int64_t L, int64_t l) const {
+    return ((s.Bt == 1 ? 0 : b) * L + l) * (s.D / 2);
+  }
+};
+
+// Rotary embedding of one row (rotate-half): [x1 c - x2 s, x2 c + x1 s] with x = [x1, x2].
+template <int64_t D>
+inline void rotate(const float* x, const float* s, const float* c, float* out) {
+  constexpr int64_t h = D / 2;
+  for (int64_t d = 0; d < h; ++d) {
+    out[d] = x[d] * c[d] - x[d + h] * s[d];
+    out[d + h] = x[d + h] * c[d] + x[d] * s[d];
+  }
+}
+
+// Its transpose (the gradient of the row before rotation): [g1 c + g2 s, g2 c - g1 s].
+template <int64_t D>
+inline void unrotate(const float* g, const float* s, const float* c, float* out) {
+  constexpr int64_t h = D / 2;
+  for (int64_t d = 0; d < h; ++d) {
+    out[d] = g[d] * c[d] + g[d + h] * s[d];
+    out[d + h] = g[d + h] * c[d] - g[d] * s[d];
+  }
+}
 
 // The CPUs this process may run on (its affinity mask: a SLURM or taskset share).
 int64_t usable_cpus() {
@@ -96,14 +131,38 @@ int64_t usable_cpus() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
-// Runs fn(pair) for pair in [0, n) on up to usable_cpus() threads.
+// The scratch buffers of one worker thread, reused by every pair it computes (no
+// allocation per pair): take(n) hands out the pair's next buffer of n T's, contents
+// unspecified; reset() starts the next pair.
+class Scratch {
+ public:
+  void reset() { next_ = 0; }
+  template <typename T>
+  T* take(int64_t n) {
+    if (next_ == bufs_.size()) bufs_.emplace_back();
+    std::vector<unsigned char>& b = bufs_[next_++];
+    const size_t bytes = static_cast<size_t>(n) * sizeof(T);
+    if (b.size() < bytes) b.resize(bytes);
+    return reinterpret_cast<T*>(b.data());
+  }
+
+ private:
+  std::vector<std::vector<unsigned char>> bufs_;
+  size_t next_ = 0;
+};
+
+// Runs fn(pair, scratch) for pair in [0, n) on up to usable_cpus() threads.
 template <typename Fn>
 void parallel_for(int64_t n, Fn fn) {
   static const int64_t kThreads = usable_cpus();
   const int64_t threads = std::min<int64_t>(kThreads, n);
   std::atomic<int64_t> next{0};
   auto work = [&]() {
-    for (int64_t p; (p = next.fetch_add(1)) < n;) fn(p);
+    Scratch scratch;
+    for (int64_t p; (p = next.fetch_add(1)) < n;) {
+      scratch.reset();
+      fn(p, scratch);
+    }
   };
   std::vector<std::thread> pool;
   for (int64_t t = 1; t < threads; ++t) pool.emplace_back(work);
@@ -114,12 +173,19 @@ void parallel_for(int64_t n, Fn fn) {
 inline int64_t round_up(int64_t n) { return (n + kW - 1) / kW * kW; }
 
 // The (b, h) rows of x [B, L, H, D] as [Lp, D], or transposed to [D, Lp]; zero past L.
+// With tables (sin, cos [Bt, L, D/2]) the rows are rotated.
 template <int64_t D, bool kTransposed>
 void gather(const float* x, const Shape& s, int64_t L, int64_t b, int64_t h, float* out,
-            int64_t Lp) {
+            int64_t Lp, const float* sin = nullptr, const float* cos = nullptr) {
   std::fill(out, out + D * Lp, 0.0f);
+  float rotated[D];
   for (int64_t l = 0; l < L; ++l) {
     const float* src = x + ((b * L + l) * s.H + h) * D;
+    if (sin) {
+      const int64_t t = ((s.Bt == 1 ? 0 : b) * L + l) * (D / 2);
+      rotate<D>(src, sin + t, cos + t, rotated);
+      src = rotated;
+    }
     for (int64_t d = 0; d < D; ++d) out[kTransposed ? d * Lp + l : l * D + d] = src[d];
   }
 }
@@ -285,12 +351,20 @@ inline void softmax_row(float* p, const RowMask& mask, int64_t Lk, int64_t E) {
 
 template <int64_t DT>
 void forward_pair_blocked(const Shape& s, int64_t pair, const float* q, const float* k,
-                          const float* v, const bool* mask, float* out, float* weights) {
+                          const float* v, const bool* mask, const Rope& rope, float* out,
+                          float* weights, Scratch& scratch) {
   const int64_t b = pair / s.H, h = pair % s.H, Lk = s.Lk, Lp = round_up(Lk);
-  std::vector<float> kt(DT * Lp), vr(DT * Lp), p(kR * Lp), valid(kR * Lp), zero(DT, 0.0f);
-  std::vector<uint8_t> bytes(Lp);
-  gather<DT, true>(k, s, Lk, b, h, kt.data(), Lp);
-  gather<DT, false>(v, s, Lk, b, h, vr.data(), Lp);
+  float* kt = scratch.take<float>(DT * Lp);
+  float* vr = scratch.take<float>(DT * Lp);
+  float* p = scratch.take<float>(kR * Lp);
+  float* valid = scratch.take<float>(kR * Lp);
+  float* qr = scratch.take<float>(s.Lq * DT);  // the pair's rotated query rows
+  float* zero = scratch.take<float>(DT);
+  uint8_t* bytes = scratch.take<uint8_t>(Lp);
+  std::fill(zero, zero + DT, 0.0f);
+  gather<DT, true>(k, s, Lk, b, h, kt, Lp, rope.sin_k, rope.cos_k);
+  gather<DT, false>(v, s, Lk, b, h, vr, Lp);
+  gather<DT, false>(q, s, s.Lq, b, h, qr, s.Lq, rope.sin_q, rope.cos_q);
   for (int64_t i0 = 0; i0 < s.Lq; i0 += kR) {
     const float* qa[kR];
     float* oa[kR];
@@ -299,20 +373,20 @@ void forward_pair_blocked(const Shape& s, int64_t pair, const float* q, const fl
     for (int64_t r = 0; r < kR; ++r) {
       const int64_t i = i0 + r;
       if (i < s.Lq) {
-        qa[r] = q + ((b * s.Lq + i) * s.H + h) * DT;
+        qa[r] = qr + i * DT;
         oa[r] = out + ((b * s.Lq + i) * s.H + h) * DT;
-        rows[r] = mask_row(s.mask_row(mask, b, h, i), Lk, Lp, bytes.data(), &valid[r * Lp]);
+        rows[r] = mask_row(s.mask_row(mask, b, h, i), Lk, Lp, bytes, valid + r * Lp);
         E = std::max(E, rows[r].end == 0 ? Lp : round_up(rows[r].end));
       } else {
-        qa[r] = zero.data();
+        qa[r] = zero;
         oa[r] = nullptr;
         rows[r].end = -1;
       }
     }
     // the weights rows themselves when they are whole chunks, else scratch copied out
     const bool direct = Lk == Lp && i0 + kR <= s.Lq;
-    float* pb = direct ? weights + (pair * s.Lq + i0) * Lk : p.data();
-    block_scores<DT>(qa, kt.data(), Lp, E, pb);
+    float* pb = direct ? weights + (pair * s.Lq + i0) * Lk : p;
+    block_scores<DT>(qa, kt, Lp, E, pb);
     for (int64_t r = 0; r < kR; ++r) {
       float* pr = pb + r * Lp;
       if (rows[r].end < 0) {
@@ -324,26 +398,37 @@ void forward_pair_blocked(const Shape& s, int64_t pair, const float* q, const fl
       if (!direct) std::copy(pr, pr + std::min(E, Lk), wi);
       std::fill(wi + std::min(E, Lk), wi + Lk, 0.0f);
     }
-    block_context<DT>(pb, Lp, vr.data(), E, oa);
+    block_context<DT>(pb, Lp, vr, E, oa);
   }
 }
 
 template <int64_t DT>
 void backward_pair_blocked(const Shape& s, int64_t pair, const float* q, const float* k,
-                           const float* v, const bool* mask, const float* weights,
-                           const float* dout, float* dq, float* dk, float* dv) {
+                           const float* v, const bool* mask, const Rope& rope,
+                           const float* weights, const float* dout, float* dq, float* dk,
+                           float* dv, Scratch& scratch) {
   const int64_t b = pair / s.H, h = pair % s.H, Lq = s.Lq, Lk = s.Lk, Lp = round_up(Lk);
   const int64_t row = s.H * DT;  // stride between the tokens of one (b, h) pair
   // the weights rows as [Lq][Lp]: in place when Lk is whole chunks, else a padded copy
-  std::vector<float> kr(DT * Lp), vt(DT * Lp), wcopy(Lk == Lp ? 0 : Lq * Lp), ds(Lq * Lp);
-  std::vector<float> valid(kR * Lp);
-  const float* w = Lk == Lp ? weights + pair * Lq * Lk : wcopy.data();
-  std::vector<float> zero(DT, 0.0f), cols(kC * DT);
-  std::vector<int64_t> reach_ds(Lq), reach_w(Lq);
-  std::vector<uint8_t> bytes(Lp);
-  gather<DT, false>(k, s, Lk, b, h, kr.data(), Lp);
-  gather<DT, true>(v, s, Lk, b, h, vt.data(), Lp);
-  const float* q0 = q + (b * Lq * s.H + h) * DT;
+  float* kr = scratch.take<float>(DT * Lp);
+  float* vt = scratch.take<float>(DT * Lp);
+  float* wcopy = scratch.take<float>(Lk == Lp ? 0 : Lq * Lp);
+  float* ds = scratch.take<float>(Lq * Lp);
+  float* valid = scratch.take<float>(kR * Lp);
+  const float* w = Lk == Lp ? weights + pair * Lq * Lk : wcopy;
+  float* zero = scratch.take<float>(DT);
+  float* cols = scratch.take<float>(kC * DT);
+  float* tail = scratch.take<float>(kR * Lp);  // the last block's rows past Lq
+  int64_t* reach_ds = scratch.take<int64_t>(Lq);
+  int64_t* reach_w = scratch.take<int64_t>(Lq);
+  uint8_t* bytes = scratch.take<uint8_t>(Lp);
+  // the rotated query rows, and the gradients of the rotated rows before the transpose
+  float* qr = scratch.take<float>(Lq * DT);
+  float* dqr = scratch.take<float>(Lq * DT);
+  std::fill(zero, zero + DT, 0.0f);
+  gather<DT, false>(k, s, Lk, b, h, kr, Lp, rope.sin_k, rope.cos_k);
+  gather<DT, true>(v, s, Lk, b, h, vt, Lp);
+  gather<DT, false>(q, s, Lq, b, h, qr, Lq, rope.sin_q, rope.cos_q);
   const float* g0 = dout + (b * Lq * s.H + h) * DT;
   for (int64_t i0 = 0; i0 < Lq; i0 += kR) {
     const float* ga[kR];
@@ -354,30 +439,29 @@ void backward_pair_blocked(const Shape& s, int64_t pair, const float* q, const f
       const int64_t i = i0 + r;
       if (i < Lq) {
         ga[r] = g0 + i * row;
-        dqa[r] = dq + ((b * Lq + i) * s.H + h) * DT;
-        rows[r] = mask_row(s.mask_row(mask, b, h, i), Lk, Lp, bytes.data(), &valid[r * Lp]);
+        dqa[r] = dqr + i * DT;
+        rows[r] = mask_row(s.mask_row(mask, b, h, i), Lk, Lp, bytes, valid + r * Lp);
         ends[r] = rows[r].end;
         E = std::max(E, ends[r] == 0 ? Lp : round_up(ends[r]));
         if (Lk != Lp) {
           const float* wi = weights + (pair * Lq + i) * Lk;
-          std::copy(wi, wi + Lk, &wcopy[i * Lp]);
-          std::fill(&wcopy[i * Lp] + Lk, &wcopy[i * Lp] + Lp, 0.0f);
+          std::copy(wi, wi + Lk, wcopy + i * Lp);
+          std::fill(wcopy + i * Lp + Lk, wcopy + (i + 1) * Lp, 0.0f);
         }
         reach_ds[i] = ends[r];
         reach_w[i] = ends[r] == 0 ? Lk : ends[r];
       } else {
-        ga[r] = zero.data();
+        ga[r] = zero;
         dqa[r] = nullptr;
         ends[r] = -1;
       }
     }
-    float* dsb = &ds[i0 * Lp];  // rows i0.. of ds; the block's dweights first
-    std::vector<float> tail;
+    float* dsb = ds + i0 * Lp;  // rows i0.. of ds; the block's dweights first
     if (i0 + kR > Lq) {  // the last block writes kR rows: past Lq into scratch
-      tail.assign(kR * Lp, 0.0f);
-      dsb = tail.data();
+      std::fill(tail, tail + kR * Lp, 0.0f);
+      dsb = tail;
     }
-    block_scores<DT>(ga, vt.data(), Lp, E, dsb);
+    block_scores<DT>(ga, vt, Lp, E, dsb);
     for (int64_t r = 0; r < kR && i0 + r < Lq; ++r) {
       float* dr = dsb + r * Lp;
       const float* wr = &w[(i0 + r) * Lp];
@@ -397,18 +481,25 @@ void backward_pair_blocked(const Shape& s, int64_t pair, const float* q, const f
     }
     for (int64_t r = i0 + kR > Lq ? Lq - i0 : kR; r < kR; ++r)
       std::fill(dsb + r * Lp, dsb + (r + 1) * Lp, 0.0f);
-    block_context<DT>(dsb, Lp, kr.data(), E, dqa);  // dq[i] = sum_j dlogits[j] k[j]
-    if (dsb != &ds[i0 * Lp]) std::copy(dsb, dsb + (Lq - i0) * Lp, &ds[i0 * Lp]);
+    block_context<DT>(dsb, Lp, kr, E, dqa);  // dq[i] = sum_j dlogits[j] k[j]
+    if (dsb != ds + i0 * Lp) std::copy(dsb, dsb + (Lq - i0) * Lp, ds + i0 * Lp);
+  }
+  for (int64_t i = 0; i < Lq; ++i) {
+    const int64_t t = rope.offset(s, b, Lq, i);
+    unrotate<DT>(dqr + i * DT, rope.sin_q + t, rope.cos_q + t, dq + ((b * Lq + i) * s.H + h) * DT);
   }
   // dk[j] = sum_i dlogits[i, j] q[i]; dv[j] = sum_i w[i, j] g[i]
   for (int64_t j0 = 0; j0 < Lk; j0 += kC) {
     const int64_t n = std::min(kC, Lk - j0);
-    block_columns<DT>(ds.data(), Lp, q0, row, reach_ds.data(), Lq, j0, cols.data());
+    block_columns<DT>(ds, Lp, qr, DT, reach_ds, Lq, j0, cols);
+    for (int64_t c = 0; c < n; ++c) {
+      const int64_t t = rope.offset(s, b, Lk, j0 + c);
+      unrotate<DT>(cols + c * DT, rope.sin_k + t, rope.cos_k + t,
+                   dk + ((b * Lk + j0 + c) * s.H + h) * DT);
+    }
+    block_columns<DT>(w, Lp, g0, row, reach_w, Lq, j0, cols);
     for (int64_t c = 0; c < n; ++c)
-      std::copy(&cols[c * DT], &cols[(c + 1) * DT], dk + ((b * Lk + j0 + c) * s.H + h) * DT);
-    block_columns<DT>(w, Lp, g0, row, reach_w.data(), Lq, j0, cols.data());
-    for (int64_t c = 0; c < n; ++c)
-      std::copy(&cols[c * DT], &cols[(c + 1) * DT], dv + ((b * Lk + j0 + c) * s.H + h) * DT);
+      std::copy(cols + c * DT, cols + (c + 1) * DT, dv + ((b * Lk + j0 + c) * s.H + h) * DT);
   }
 }
 
@@ -426,12 +517,27 @@ void with_head_dim(int64_t D, Fn fn) {
   }
 }
 
+using Table = ffi::Buffer<ffi::F32>;
+
 ffi::Error shape_of(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
-                    ffi::Buffer<ffi::F32>& v, ffi::Buffer<ffi::PRED>& mask, Shape* s) {
+                    ffi::Buffer<ffi::F32>& v, ffi::Buffer<ffi::PRED>& mask, Table& sin_q,
+                    Table& cos_q, Table& sin_k, Table& cos_k, Shape* s) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || md.size() != 4)
     return ffi::Error::InvalidArgument("cpu_fused attention: q, k, v and mask must be rank 4");
-  *s = Shape{qd[0], qd[1], kd[1], qd[2], qd[3], md[0], md[1]};
+  auto tq = sin_q.dimensions(), tk = sin_k.dimensions();
+  if (tq.size() != 3 || tk.size() != 3)
+    return ffi::Error::InvalidArgument("cpu_fused attention: the rotary tables must be rank 3");
+  *s = Shape{qd[0], qd[1], kd[1], qd[2], qd[3], md[0], md[1], tq[0]};
+  bool tables = tk[0] == tq[0] && (tq[0] == 1 || tq[0] == qd[0]);
+  tables = tables && tq[1] == qd[1] && tk[1] == kd[1] && tq[2] == qd[3] / 2 && tk[2] == tq[2];
+  auto same = [](auto x, auto y) {
+    return x.size() == y.size() && std::equal(x.begin(), x.end(), y.begin());
+  };
+  tables = tables && same(cos_q.dimensions(), tq) && same(cos_k.dimensions(), tk);
+  if (!tables)
+    return ffi::Error::InvalidArgument(
+        "cpu_fused attention: expected rotary tables [1|B, Lq, D/2] and [1|B, Lk, D/2]");
   bool ok = kd[0] == s->B && kd[2] == s->H && kd[3] == s->D;
   ok = ok && vd[0] == kd[0] && vd[1] == kd[1] && vd[2] == kd[2] && vd[3] == kd[3];
   ok = ok && (s->Bm == 1 || s->Bm == s->B) && (s->Hm == 1 || s->Hm == s->H);
@@ -447,34 +553,39 @@ ffi::Error shape_of(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
 }
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out,
+                   ffi::Buffer<ffi::PRED> mask, Table sin_q, Table cos_q, Table sin_k,
+                   Table cos_k, ffi::ResultBuffer<ffi::F32> out,
                    ffi::ResultBuffer<ffi::F32> weights) {
   Shape s;
-  if (auto e = shape_of(q, k, v, mask, &s); e.failure()) return e;
+  if (auto e = shape_of(q, k, v, mask, sin_q, cos_q, sin_k, cos_k, &s); e.failure()) return e;
+  const Rope rope{sin_q.typed_data(), cos_q.typed_data(), sin_k.typed_data(), cos_k.typed_data()};
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const bool* mp = mask.typed_data();
   float *op = out->typed_data(), *wp = weights->typed_data();
   with_head_dim(s.D, [&](auto dt) {
-    parallel_for(s.B * s.H, [&](int64_t p) {
-      forward_pair_blocked<decltype(dt)::value>(s, p, qp, kp, vp, mp, op, wp);
+    parallel_for(s.B * s.H, [&](int64_t p, Scratch& scratch) {
+      forward_pair_blocked<decltype(dt)::value>(s, p, qp, kp, vp, mp, rope, op, wp, scratch);
     });
   });
   return ffi::Error::Success();
 }
 
 ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                    ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> weights,
-                    ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
-                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
+                    ffi::Buffer<ffi::PRED> mask, Table sin_q, Table cos_q, Table sin_k,
+                    Table cos_k, ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::F32> dout,
+                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                    ffi::ResultBuffer<ffi::F32> dv) {
   Shape s;
-  if (auto e = shape_of(q, k, v, mask, &s); e.failure()) return e;
+  if (auto e = shape_of(q, k, v, mask, sin_q, cos_q, sin_k, cos_k, &s); e.failure()) return e;
+  const Rope rope{sin_q.typed_data(), cos_q.typed_data(), sin_k.typed_data(), cos_k.typed_data()};
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const float *wp = weights.typed_data(), *gp = dout.typed_data();
   const bool* mp = mask.typed_data();
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
   with_head_dim(s.D, [&](auto dt) {
-    parallel_for(s.B * s.H, [&](int64_t p) {
-      backward_pair_blocked<decltype(dt)::value>(s, p, qp, kp, vp, mp, wp, gp, dqp, dkp, dvp);
+    parallel_for(s.B * s.H, [&](int64_t p, Scratch& scratch) {
+      backward_pair_blocked<decltype(dt)::value>(s, p, qp, kp, vp, mp, rope, wp, gp, dqp, dkp,
+                                                 dvp, scratch);
     });
   });
   return ffi::Error::Success();
@@ -488,6 +599,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RsAttentionForward, Forward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<Table>()
+                                  .Arg<Table>()
+                                  .Arg<Table>()
+                                  .Arg<Table>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
@@ -497,6 +612,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RsAttentionBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<Table>()
+                                  .Arg<Table>()
+                                  .Arg<Table>()
+                                  .Arg<Table>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

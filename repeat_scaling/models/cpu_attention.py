@@ -8,8 +8,11 @@ head-dim contraction; for the CPU campaigns' models (head_dim 8-32, length 128) 
 about half of a training step (docs/benchmarks.md).
 
 The values are those of the einsum path up to float32 rounding (another summation order
-and exp polynomial). The parameters do not depend on the choice: a checkpoint trained
-with one implementation evaluates with another.
+and exp polynomial). The rotary embedding of q and k happens in the kernel, from the
+tables of :func:`repeat_scaling.models.layers.rope_tables`, in the float operations of
+:func:`~repeat_scaling.models.layers.rotate`: XLA:CPU would recompute the tables' sines
+and cosines in each of its passes over q, k and their gradients. The parameters do not
+depend on the choice: a checkpoint trained with one implementation evaluates with another.
 
 The kernel is compiled on first use with the host's C++ compiler (``$CXX``, default
 ``g++``) against the installed jaxlib's FFI headers, for this CPU (``-march=native``), into
@@ -118,39 +121,53 @@ def _call(name: str, results, *args):
     return call(*args)
 
 
-def _forward(q, k, v, mask):
+def _forward(q, k, v, mask, rope):
     B, Lq, H, _ = q.shape
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
     weights = jax.ShapeDtypeStruct((B, H, Lq, k.shape[1]), jnp.float32)
-    return _call("forward", (out, weights), q, k, v, mask)
+    return _call("forward", (out, weights), q, k, v, mask, *rope)
 
 
 @jax.custom_vjp
-def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """``softmax(where(mask, einsum("bqhd,bkhd->bhqk", q, k), -1e10)) @ v`` as [B, Lq, H, D].
+def attention(q: Array, k: Array, v: Array, mask: Array, rope: tuple[Array, ...]) -> Array:
+    """``softmax(where(mask, einsum("bqhd,bkhd->bhqk", rq, rk), -1e10)) @ v`` as [B, Lq, H, D]
+    with ``rq = rotate(q, sin_q, cos_q)``, ``rk = rotate(k, sin_k, cos_k)``.
 
-    q [B, Lq, H, D], k and v [B, Lk, H, D] float32; mask bool [1|B, 1|H, Lq, Lk].
+    q [B, Lq, H, D], k and v [B, Lk, H, D] float32; mask bool [1|B, 1|H, Lq, Lk];
+    rope = (sin_q, cos_q, sin_k, cos_k): [1|B, Lq, D/2] and [1|B, Lk, D/2] float32.
     """
-    return _forward(q, k, v, mask)[0]
+    return _forward(q, k, v, mask, rope)[0]
 
 
-def _attention_fwd(q, k, v, mask):
-    out, weights = _forward(q, k, v, mask)
-    return out, (q, k, v, mask, weights)
+def _attention_fwd(q, k, v, mask, rope):
+    out, weights = _forward(q, k, v, mask, rope)
+    return out, (q, k, v, mask, rope, weights)
 
 
 def _attention_bwd(residuals, g):
-    q, k, v, mask, weights = residuals
+    q, k, v, mask, rope, weights = residuals
     shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
-    dq, dk, dv = _call("backward", shapes, q, k, v, mask, weights, g.astype(jnp.float32))
-    return dq, dk, dv, None
+    dq, dk, dv = _call("backward", shapes, q, k, v, mask, *rope, weights, g.astype(jnp.float32))
+    return dq, dk, dv, None, tuple(jnp.zeros_like(t) for t in rope)
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def fused_attention(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
-    """:func:`attention` for the model's shapes: a missing mask attends everywhere."""
+def _no_rotation(length: int, head_dim: int) -> tuple[Array, Array]:
+    return jnp.zeros((1, length, head_dim // 2)), jnp.ones((1, length, head_dim // 2))
+
+
+def fused_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: Array | None,
+    rope: tuple[tuple[Array, Array], tuple[Array, Array]] | None = None,
+) -> Array:
+    """:func:`attention` for the model's shapes: a missing mask attends everywhere;
+    ``rope`` = ((sin_q, cos_q), (sin_k, cos_k)) rotates q and k first (None: no rotation,
+    as sin 0 and cos 1 leave every value as it is)."""
     if q.dtype != jnp.float32 or k.dtype != jnp.float32 or v.dtype != jnp.float32:
         raise CpuAttentionError(
             f"model.attention_impl='cpu_fused' computes in float32 (got {q.dtype}); use "
@@ -158,4 +175,8 @@ def fused_attention(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
         )
     if mask is None:
         mask = jnp.ones((1, 1, q.shape[1], k.shape[1]), bool)
-    return attention(q, k, v, jnp.asarray(mask, bool))
+    if rope is None:
+        rope = (_no_rotation(q.shape[1], q.shape[3]), _no_rotation(k.shape[1], k.shape[3]))
+    (sin_q, cos_q), (sin_k, cos_k) = rope
+    tables = tuple(t.astype(jnp.float32) for t in (sin_q, cos_q, sin_k, cos_k))
+    return attention(q, k, v, jnp.asarray(mask, bool), tables)

@@ -206,12 +206,17 @@ class RelativePositionBias(nnx.Module):
         return jnp.moveaxis(jnp.take(v, idx, axis=1), 0, 1)  # [H, B, q, k] -> [B, H, q, k]
 
 
-def apply_rope(x: Array, positions: Array, theta: float) -> Array:
-    """Rotary embedding (rotate-half convention) on x [B, L, H, D] at positions [B, L]."""
+def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+    """(sin, cos) [B, L, D/2] float32 of the rotary angles at positions [B, L]."""
+    freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+    ang = positions.astype(jnp.float32)[..., None] * jnp.asarray(freq)
+    return jnp.sin(ang), jnp.cos(ang)
+
+
+def rotate(x: Array, sin: Array, cos: Array) -> Array:
+    """Rotary embedding (rotate-half convention) of x [B, L, H, D] with tables [B, L, D/2]."""
     d = x.shape[-1]
-    freq = theta ** (-np.arange(0, d, 2, dtype=np.float32) / d)
-    ang = positions.astype(jnp.float32)[..., None] * jnp.asarray(freq)  # [B, L, D/2]
-    sin, cos = jnp.sin(ang)[:, :, None, :], jnp.cos(ang)[:, :, None, :]
+    sin, cos = sin[:, :, None, :], cos[:, :, None, :]
     xf = x.astype(jnp.float32)
     x1, x2 = xf[..., : d // 2], xf[..., d // 2 :]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -322,19 +327,26 @@ class Attention(nnx.Module):
         q = jnp.einsum("bld,dhk->blhk", x_q, self.query[...].astype(dt))
         q = with_logical_constraint(q, ("batch", "length", "act_heads", "act_kv"))
         k, v = self.project_kv(x_kv) if kv is None else kv
+        impl = self.impl
+        if cache is not None and impl in ("cudnn", "cpu_fused"):
+            impl = "xla"  # incremental steps (1 query, cache-length mask): generic kernel
+        fused = impl == "cpu_fused" and bias is None and not return_attention and clamp is None
+        rope = None
         if self.rope_theta is not None and q_positions is not None:
-            q = apply_rope(q, q_positions, self.rope_theta)
-            k = apply_rope(k, k_positions, self.rope_theta)
+            D = q.shape[-1]
+            rope = (
+                rope_tables(q_positions, D, self.rope_theta),
+                rope_tables(k_positions, D, self.rope_theta),
+            )
+            if not fused:  # else the kernel rotates q and k as it loads them
+                q, k = rotate(q, *rope[0]), rotate(k, *rope[1])
         new_cache = None
         if cache is not None:
             k, v = (kv_cache.write(cache[n], t, cache_index) for n, t in (("k", k), ("v", v)))
             new_cache = {"k": k, "v": v}
-        impl = self.impl
-        if cache is not None and impl in ("cudnn", "cpu_fused"):
-            impl = "xla"  # incremental steps (1 query, cache-length mask): generic kernel
         weights = copied = None
-        if impl == "cpu_fused" and bias is None and not return_attention and clamp is None:
-            ctx = cpu_attention.fused_attention(q, k, v, mask)
+        if fused:
+            ctx = cpu_attention.fused_attention(q, k, v, mask, rope)
         elif impl != "einsum" and not return_attention and clamp is None:
             # Fused kernel: scale=1 (T5 folds 1/sqrt(d) into the query init).
             ctx = jax.nn.dot_product_attention(
