@@ -99,7 +99,8 @@ struct Shape {
 // The rotary tables of the queries and the keys: [Bt, Lq, D/2] and [Bt, Lk, D/2].
 struct Rope {
   const float *sin_q, *cos_q, *sin_k, *cos_k;
-  int64_t offset(const Shape& s, int64_t b, int64_t L, int64_t l) const {
+  // where the table row of position l (of L) of example b starts
+  static int64_t offset(const Shape& s, int64_t b, int64_t L, int64_t l) {
     return ((s.Bt == 1 ? 0 : b) * L + l) * (s.D / 2);
   }
 };
@@ -182,7 +183,7 @@ void gather(const float* x, const Shape& s, int64_t L, int64_t b, int64_t h, flo
   for (int64_t l = 0; l < L; ++l) {
     const float* src = x + ((b * L + l) * s.H + h) * D;
     if (sin) {
-      const int64_t t = ((s.Bt == 1 ? 0 : b) * L + l) * (D / 2);
+      const int64_t t = Rope::offset(s, b, L, l);
       rotate<D>(src, sin + t, cos + t, rotated);
       src = rotated;
     }
@@ -485,7 +486,7 @@ void backward_pair_blocked(const Shape& s, int64_t pair, const float* q, const f
     if (dsb != ds + i0 * Lp) std::copy(dsb, dsb + (Lq - i0) * Lp, ds + i0 * Lp);
   }
   for (int64_t i = 0; i < Lq; ++i) {
-    const int64_t t = rope.offset(s, b, Lq, i);
+    const int64_t t = Rope::offset(s, b, Lq, i);
     unrotate<DT>(dqr + i * DT, rope.sin_q + t, rope.cos_q + t, dq + ((b * Lq + i) * s.H + h) * DT);
   }
   // dk[j] = sum_i dlogits[i, j] q[i]; dv[j] = sum_i w[i, j] g[i]
@@ -493,7 +494,7 @@ void backward_pair_blocked(const Shape& s, int64_t pair, const float* q, const f
     const int64_t n = std::min(kC, Lk - j0);
     block_columns<DT>(ds, Lp, qr, DT, reach_ds, Lq, j0, cols);
     for (int64_t c = 0; c < n; ++c) {
-      const int64_t t = rope.offset(s, b, Lk, j0 + c);
+      const int64_t t = Rope::offset(s, b, Lk, j0 + c);
       unrotate<DT>(cols + c * DT, rope.sin_k + t, rope.cos_k + t,
                    dk + ((b * Lk + j0 + c) * s.H + h) * DT);
     }
