@@ -29,6 +29,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <memory>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -55,15 +57,26 @@ inline void store(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
 
 typedef float V8 __attribute__((vector_size(8 * sizeof(float))));  // rows of head size 8
 inline V splat(float x) { return V{} + x; }
+// The sum and the maximum of a vector's lanes by halving it (a tree: 4 dependent steps,
+// not 15).
+template <typename Op>
+inline float reduce_lanes(V v, Op op) {
+  typedef float V4 __attribute__((vector_size(4 * sizeof(float))));
+  V8 lo8, hi8;
+  std::memcpy(&lo8, &v, sizeof(lo8));
+  std::memcpy(&hi8, reinterpret_cast<const char*>(&v) + sizeof(lo8), sizeof(hi8));
+  const V8 a = op(lo8, hi8);
+  V4 lo4, hi4;
+  std::memcpy(&lo4, &a, sizeof(lo4));
+  std::memcpy(&hi4, reinterpret_cast<const char*>(&a) + sizeof(lo4), sizeof(hi4));
+  const V4 b = op(lo4, hi4);
+  return op(op(b[0], b[2]), op(b[1], b[3]));
+}
 inline float hsum(V v) {
-  float t = 0.0f;
-  for (int64_t l = 0; l < kW; ++l) t += v[l];
-  return t;
+  return reduce_lanes(v, [](auto x, auto y) { return x + y; });
 }
 inline float hmax(V v) {
-  float t = v[0];
-  for (int64_t l = 1; l < kW; ++l) t = std::max(t, v[l]);
-  return t;
+  return reduce_lanes(v, [](auto x, auto y) { return x > y ? x : y; });
 }
 
 // exp(x) for x <= 0 (a logit minus its row's maximum): Cody-Waite reduction to
@@ -132,12 +145,14 @@ int64_t usable_cpus() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
-// The scratch buffers of one worker thread, reused by every pair it computes (no
-// allocation per pair): take(n) hands out the pair's next buffer of n T's, contents
-// unspecified; reset() starts the next pair.
+// The scratch buffers of one thread, kept across calls (no allocation per pair or call):
+// take(n) hands out the next buffer of n T's, contents unspecified; reset() starts over,
+// rewind(mark()) hands out again the buffers taken after the mark.
 class Scratch {
  public:
   void reset() { next_ = 0; }
+  size_t mark() const { return next_; }
+  void rewind(size_t mark) { next_ = mark; }
   template <typename T>
   T* take(int64_t n) {
     if (next_ == bufs_.size()) bufs_.emplace_back();
@@ -152,23 +167,36 @@ class Scratch {
   size_t next_ = 0;
 };
 
-// Runs fn(pair, scratch) for pair in [0, n) on up to usable_cpus() threads.
+// Runs fn(item, scratch) for item in [0, n) on the calling thread and on XLA:CPU's
+// intra-op threads (the pool that runs the step's other ops: no thread of its own competes
+// with them for the cores), each thread with its own Scratch (reset before every item).
+// A helper that starts late, once every item is taken, returns at once; the call returns
+// when every item is done.
 template <typename Fn>
-void parallel_for(int64_t n, Fn fn) {
-  static const int64_t kThreads = usable_cpus();
-  const int64_t threads = std::min<int64_t>(kThreads, n);
-  std::atomic<int64_t> next{0};
-  auto work = [&]() {
-    Scratch scratch;
-    for (int64_t p; (p = next.fetch_add(1)) < n;) {
-      scratch.reset();
-      fn(p, scratch);
+void parallel_for(ffi::ThreadPool& pool, int64_t n, Fn fn) {
+  struct Loop {
+    std::atomic<int64_t> next{0}, done{0};
+    int64_t n = 0;
+    const std::function<void(int64_t)>* item = nullptr;  // valid while done < n
+  };
+  const std::function<void(int64_t)> item = [&](int64_t i) {
+    thread_local Scratch scratch;
+    scratch.reset();
+    fn(i, scratch);
+  };
+  auto loop = std::make_shared<Loop>();
+  loop->n = n;
+  loop->item = &item;
+  auto work = [loop] {
+    for (int64_t i; (i = loop->next.fetch_add(1)) < loop->n;) {
+      (*loop->item)(i);
+      loop->done.fetch_add(1, std::memory_order_release);
     }
   };
-  std::vector<std::thread> pool;
-  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(work);
+  const int64_t helpers = std::min(std::min(pool.num_threads(), usable_cpus()), n) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
   work();
-  for (auto& t : pool) t.join();
+  while (loop->done.load(std::memory_order_acquire) < n) sched_yield();
 }
 
 inline int64_t round_up(int64_t n) { return (n + kW - 1) / kW * kW; }
@@ -229,6 +257,33 @@ inline RowMask mask_row(const bool* m, int64_t Lk, int64_t Lp, uint8_t* bytes, f
     r.valid = valid;
   }
   return r;
+}
+
+// The RowMasks of the Lq query rows of pair (b, h), from scratch.
+RowMask* row_masks(const Shape& s, const bool* mask, int64_t b, int64_t h, Scratch& scratch) {
+  const int64_t Lp = round_up(s.Lk);
+  RowMask* rows = scratch.take<RowMask>(s.Lq);
+  float* valid = scratch.take<float>(s.Lq * Lp);
+  uint8_t* bytes = scratch.take<uint8_t>(Lp);
+  for (int64_t i = 0; i < s.Lq; ++i)
+    rows[i] = mask_row(s.mask_row(mask, b, h, i), s.Lk, Lp, bytes, valid + i * Lp);
+  return rows;
+}
+
+// Runs pair_fn(pair, masks, scratch) for every (b, h) pair on the pool, the row masks
+// computed once for the heads that share them (a mask [B|1, 1, Lq, Lk]).
+template <typename Fn>
+void for_each_pair(ffi::ThreadPool& pool, const Shape& s, const bool* mask, Fn pair_fn) {
+  const int64_t heads = s.Hm == 1 ? s.H : 1;  // pairs per item
+  parallel_for(pool, s.B * s.H / heads, [&](int64_t item, Scratch& scratch) {
+    const int64_t first = item * heads;
+    const RowMask* masks = row_masks(s, mask, first / s.H, first % s.H, scratch);
+    const size_t mark = scratch.mark();
+    for (int64_t pair = first; pair < first + heads; ++pair) {
+      scratch.rewind(mark);
+      pair_fn(pair, masks, scratch);
+    }
+  });
 }
 
 // ---- Row-blocked kernels for head sizes 8, 16, 32, 64 -------------------------------
@@ -352,16 +407,14 @@ inline void softmax_row(float* p, const RowMask& mask, int64_t Lk, int64_t E) {
 
 template <int64_t DT>
 void forward_pair_blocked(const Shape& s, int64_t pair, const float* q, const float* k,
-                          const float* v, const bool* mask, const Rope& rope, float* out,
+                          const float* v, const RowMask* masks, const Rope& rope, float* out,
                           float* weights, Scratch& scratch) {
   const int64_t b = pair / s.H, h = pair % s.H, Lk = s.Lk, Lp = round_up(Lk);
   float* kt = scratch.take<float>(DT * Lp);
   float* vr = scratch.take<float>(DT * Lp);
   float* p = scratch.take<float>(kR * Lp);
-  float* valid = scratch.take<float>(kR * Lp);
   float* qr = scratch.take<float>(s.Lq * DT);  // the pair's rotated query rows
   float* zero = scratch.take<float>(DT);
-  uint8_t* bytes = scratch.take<uint8_t>(Lp);
   std::fill(zero, zero + DT, 0.0f);
   gather<DT, true>(k, s, Lk, b, h, kt, Lp, rope.sin_k, rope.cos_k);
   gather<DT, false>(v, s, Lk, b, h, vr, Lp);
@@ -376,7 +429,7 @@ void forward_pair_blocked(const Shape& s, int64_t pair, const float* q, const fl
       if (i < s.Lq) {
         qa[r] = qr + i * DT;
         oa[r] = out + ((b * s.Lq + i) * s.H + h) * DT;
-        rows[r] = mask_row(s.mask_row(mask, b, h, i), Lk, Lp, bytes, valid + r * Lp);
+        rows[r] = masks[i];
         E = std::max(E, rows[r].end == 0 ? Lp : round_up(rows[r].end));
       } else {
         qa[r] = zero;
@@ -405,7 +458,7 @@ void forward_pair_blocked(const Shape& s, int64_t pair, const float* q, const fl
 
 template <int64_t DT>
 void backward_pair_blocked(const Shape& s, int64_t pair, const float* q, const float* k,
-                           const float* v, const bool* mask, const Rope& rope,
+                           const float* v, const RowMask* masks, const Rope& rope,
                            const float* weights, const float* dout, float* dq, float* dk,
                            float* dv, Scratch& scratch) {
   const int64_t b = pair / s.H, h = pair % s.H, Lq = s.Lq, Lk = s.Lk, Lp = round_up(Lk);
@@ -415,14 +468,12 @@ void backward_pair_blocked(const Shape& s, int64_t pair, const float* q, const f
   float* vt = scratch.take<float>(DT * Lp);
   float* wcopy = scratch.take<float>(Lk == Lp ? 0 : Lq * Lp);
   float* ds = scratch.take<float>(Lq * Lp);
-  float* valid = scratch.take<float>(kR * Lp);
   const float* w = Lk == Lp ? weights + pair * Lq * Lk : wcopy;
   float* zero = scratch.take<float>(DT);
   float* cols = scratch.take<float>(kC * DT);
   float* tail = scratch.take<float>(kR * Lp);  // the last block's rows past Lq
   int64_t* reach_ds = scratch.take<int64_t>(Lq);
   int64_t* reach_w = scratch.take<int64_t>(Lq);
-  uint8_t* bytes = scratch.take<uint8_t>(Lp);
   // the rotated query rows, and the gradients of the rotated rows before the transpose
   float* qr = scratch.take<float>(Lq * DT);
   float* dqr = scratch.take<float>(Lq * DT);
@@ -441,7 +492,7 @@ void backward_pair_blocked(const Shape& s, int64_t pair, const float* q, const f
       if (i < Lq) {
         ga[r] = g0 + i * row;
         dqa[r] = dqr + i * DT;
-        rows[r] = mask_row(s.mask_row(mask, b, h, i), Lk, Lp, bytes, valid + r * Lp);
+        rows[r] = masks[i];
         ends[r] = rows[r].end;
         E = std::max(E, ends[r] == 0 ? Lp : round_up(ends[r]));
         if (Lk != Lp) {
@@ -556,7 +607,7 @@ ffi::Error shape_of(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
 ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                    ffi::Buffer<ffi::PRED> mask, Table sin_q, Table cos_q, Table sin_k,
                    Table cos_k, ffi::ResultBuffer<ffi::F32> out,
-                   ffi::ResultBuffer<ffi::F32> weights) {
+                   ffi::ResultBuffer<ffi::F32> weights, ffi::ThreadPool pool) {
   Shape s;
   if (auto e = shape_of(q, k, v, mask, sin_q, cos_q, sin_k, cos_k, &s); e.failure()) return e;
   const Rope rope{sin_q.typed_data(), cos_q.typed_data(), sin_k.typed_data(), cos_k.typed_data()};
@@ -564,8 +615,8 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
   const bool* mp = mask.typed_data();
   float *op = out->typed_data(), *wp = weights->typed_data();
   with_head_dim(s.D, [&](auto dt) {
-    parallel_for(s.B * s.H, [&](int64_t p, Scratch& scratch) {
-      forward_pair_blocked<decltype(dt)::value>(s, p, qp, kp, vp, mp, rope, op, wp, scratch);
+    for_each_pair(pool, s, mp, [&](int64_t p, const RowMask* masks, Scratch& scratch) {
+      forward_pair_blocked<decltype(dt)::value>(s, p, qp, kp, vp, masks, rope, op, wp, scratch);
     });
   });
   return ffi::Error::Success();
@@ -575,7 +626,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
                     ffi::Buffer<ffi::PRED> mask, Table sin_q, Table cos_q, Table sin_k,
                     Table cos_k, ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::F32> dout,
                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                    ffi::ResultBuffer<ffi::F32> dv) {
+                    ffi::ResultBuffer<ffi::F32> dv, ffi::ThreadPool pool) {
   Shape s;
   if (auto e = shape_of(q, k, v, mask, sin_q, cos_q, sin_k, cos_k, &s); e.failure()) return e;
   const Rope rope{sin_q.typed_data(), cos_q.typed_data(), sin_k.typed_data(), cos_k.typed_data()};
@@ -584,9 +635,9 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
   const bool* mp = mask.typed_data();
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
   with_head_dim(s.D, [&](auto dt) {
-    parallel_for(s.B * s.H, [&](int64_t p, Scratch& scratch) {
-      backward_pair_blocked<decltype(dt)::value>(s, p, qp, kp, vp, mp, rope, wp, gp, dqp, dkp,
-                                                 dvp, scratch);
+    for_each_pair(pool, s, mp, [&](int64_t p, const RowMask* masks, Scratch& scratch) {
+      backward_pair_blocked<decltype(dt)::value>(s, p, qp, kp, vp, masks, rope, wp, gp, dqp,
+                                                 dkp, dvp, scratch);
     });
   });
   return ffi::Error::Success();
@@ -605,7 +656,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RsAttentionForward, Forward,
                                   .Arg<Table>()
                                   .Arg<Table>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RsAttentionBackward, Backward,
                               ffi::Ffi::Bind()
@@ -621,4 +673,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RsAttentionBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ctx<ffi::ThreadPool>());
