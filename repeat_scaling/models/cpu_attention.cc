@@ -18,7 +18,8 @@
 // Layouts: q [B, Lq, H, D] (D in 8, 16, 32, 64, 128), k and v [B, Lk, H, D], mask
 // [Bm, Hm, Lq, Lk] (bool, Bm in {1, B}, Hm in {1, H}), the rotary tables of the queries
 // [Bt, Lq, D/2] and of the keys [Bt, Lk, D/2] (Bt in {1, B}), weights [B, H, Lq, Lk] (the
-// forward's second result, kept for the backward pass).
+// forward's second result, kept for the backward pass, which reads a row only up to E, the
+// last unmasked key of its block of kR rows rounded up to a chunk: the rest is not written).
 //
 // Built by repeat_scaling/models/cpu_attention.py with the host's compiler.
 
@@ -450,7 +451,6 @@ void forward_pair_blocked(const Shape& s, int64_t pair, const float* q, const fl
       softmax_row(pr, rows[r], Lk, E);
       float* wi = weights + (pair * s.Lq + i0 + r) * Lk;
       if (!direct) std::copy(pr, pr + std::min(E, Lk), wi);
-      std::fill(wi + std::min(E, Lk), wi + Lk, 0.0f);
     }
     block_context<DT>(pb, Lp, vr, E, oa);
   }
