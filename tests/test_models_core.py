@@ -211,9 +211,12 @@ def test_hand_written_vjps_match_einsum(name, dtype, pinned, monkeypatch):
         )
 
 
-# (operand shapes of each op of ops.Ops)
+# (operand shapes of each op of ops.Ops; dense is wider in than out, project_logits and
+# project_heads the other way round: the two orders of the kernel gradient's matmul)
 _OPS_SHAPES = {
-    "dense": ((2, 5, 8), (8, 24)),
+    "dense": ((2, 5, 24), (24, 8)),
+    "project_heads": ((2, 5, 8), (8, 3, 4)),
+    "merge_heads": ((2, 5, 3, 4), (3, 4, 8)),
     "project_logits": ((2, 5, 8), (8, 384)),
     "attention_scores": ((2, 5, 3, 4), (2, 7, 3, 4)),
     "attention_context": ((2, 3, 5, 7), (2, 7, 3, 4)),

@@ -289,8 +289,8 @@ class Attention(nnx.Module):
     def project_kv(self, x_kv: Array) -> tuple[Array, Array]:
         """Keys and values [B, k, H, kv] of ``x_kv`` (before any rotary embedding)."""
         dt = self.dtype
-        k = jnp.einsum("bld,dhk->blhk", x_kv, self.key[...].astype(dt))
-        v = jnp.einsum("bld,dhk->blhk", x_kv, self.value[...].astype(dt))
+        k = self.ops.project_heads(x_kv, self.key[...].astype(dt))  # einsum("bld,dhk->blhk")
+        v = self.ops.project_heads(x_kv, self.value[...].astype(dt))
         k = with_logical_constraint(k, ("batch", "length", "act_heads", "act_kv"))
         v = with_logical_constraint(v, ("batch", "length", "act_heads", "act_kv"))
         return k, v
@@ -324,7 +324,7 @@ class Attention(nnx.Module):
         (:mod:`repeat_scaling.models.interventions`); it forces the einsum path.
         """
         dt = self.dtype
-        q = jnp.einsum("bld,dhk->blhk", x_q, self.query[...].astype(dt))
+        q = self.ops.project_heads(x_q, self.query[...].astype(dt))  # einsum("bld,dhk->blhk")
         q = with_logical_constraint(q, ("batch", "length", "act_heads", "act_kv"))
         k, v = self.project_kv(x_kv) if kv is None else kv
         impl = self.impl
@@ -360,7 +360,7 @@ class Attention(nnx.Module):
             )
         else:
             ctx, weights, copied = self._attend(q, k, v, mask, bias, drop, clamp)
-        out = jnp.einsum("bqhd,hdm->bqm", ctx, self.out[...].astype(dt))
+        out = self.ops.merge_heads(ctx, self.out[...].astype(dt))  # einsum("bqhd,hdm->bqm")
         if copied is not None:
             out = out + copied.astype(out.dtype)
         out = with_logical_constraint(out, ("batch", "length", "act_embed"))

@@ -39,6 +39,16 @@ def plain_dense(x: Array, kernel: Array) -> Array:
     return jnp.einsum("...d,df->...f", x, kernel)
 
 
+def plain_project_heads(x: Array, kernel: Array) -> Array:
+    """``einsum("bld,dhk->blhk")`` (query, key and value projections)."""
+    return jnp.einsum("bld,dhk->blhk", x, kernel)
+
+
+def plain_merge_heads(ctx: Array, kernel: Array) -> Array:
+    """``einsum("bqhd,hdm->bqm")`` (attention output projection)."""
+    return jnp.einsum("bqhd,hdm->bqm", ctx, kernel)
+
+
 def plain_project_logits(x: Array, kernel: Array) -> Array:
     """``einsum("bld,dv->blv")`` in float32."""
     return jnp.einsum("bld,dv->blv", x, kernel, preferred_element_type=jnp.float32)
@@ -83,7 +93,9 @@ def _kernel_grad(x: Array, g: Array) -> Array:
     x2, g2 = x.reshape(-1, d), g.reshape(-1, f)
     if d <= f:  # [d, N] @ [N, f]
         return jnp.dot(_pinned_on_cpu(x2.T), g2, preferred_element_type=jnp.float32)
-    return jnp.dot(_pinned_on_cpu(g2.T), x2, preferred_element_type=jnp.float32).T
+    # [f, N] @ [N, d], then the small [f, d] transposed (pinned too: folded into the dot,
+    # the transpose made it contract over the leading axis again, an Eigen dot on CPU)
+    return _pinned_on_cpu(jnp.dot(_pinned_on_cpu(g2.T), x2, preferred_element_type=jnp.float32)).T
 
 
 def _key_side_grad(a: Array, w: Array) -> Array:
@@ -115,6 +127,48 @@ def _dense_bwd(res, g):
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+@jax.custom_vjp
+def project_heads(x: Array, kernel: Array) -> Array:
+    """:func:`plain_project_heads`; the kernel gradient via :func:`_kernel_grad` over the
+    heads flattened (autodiff's contracts over tokens: an Eigen dot on CPU)."""
+    return plain_project_heads(x, kernel)
+
+
+def _project_heads_fwd(x, kernel):
+    return project_heads(x, kernel), (x, kernel)
+
+
+def _project_heads_bwd(res, g):
+    x, kernel = res
+    dx = jnp.einsum("blhk,dhk->bld", g, kernel)
+    dk = _kernel_grad(x, g.reshape(*g.shape[:-2], -1)).reshape(kernel.shape)
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+project_heads.defvjp(_project_heads_fwd, _project_heads_bwd)
+
+
+@jax.custom_vjp
+def merge_heads(ctx: Array, kernel: Array) -> Array:
+    """:func:`plain_merge_heads`; the kernel gradient via :func:`_kernel_grad` over the
+    heads flattened."""
+    return plain_merge_heads(ctx, kernel)
+
+
+def _merge_heads_fwd(ctx, kernel):
+    return merge_heads(ctx, kernel), (ctx, kernel)
+
+
+def _merge_heads_bwd(res, g):
+    ctx, kernel = res
+    dctx = jnp.einsum("bqm,hdm->bqhd", g, kernel)
+    dk = _kernel_grad(ctx.reshape(*ctx.shape[:-2], -1), g).reshape(kernel.shape)
+    return dctx.astype(ctx.dtype), dk.astype(kernel.dtype)
+
+
+merge_heads.defvjp(_merge_heads_fwd, _merge_heads_bwd)
 
 
 @jax.custom_vjp
@@ -219,15 +273,27 @@ class Ops:
     """One implementation of each einsum the layers take from this module."""
 
     dense: Callable[[Array, Array], Array]  # "...d,df->...f" (MLP)
+    project_heads: Callable[[Array, Array], Array]  # "bld,dhk->blhk" (q, k, v)
+    merge_heads: Callable[[Array, Array], Array]  # "bqhd,hdm->bqm" (attention output)
     project_logits: Callable[[Array, Array], Array]  # "bld,dv->blv", float32 (logits)
     attention_scores: Callable[[Array, Array], Array]  # "bqhd,bkhd->bhqk", float32
     attention_context: Callable[[Array, Array], Array]  # "bhqk,bkhd->bqhd"
     add_bias: Callable[[Array, Array], Array]  # logits + bias (relative-position bias)
 
 
-TUNED = Ops(dense, project_logits, attention_scores, attention_context, add_bias)
+TUNED = Ops(
+    dense,
+    project_heads,
+    merge_heads,
+    project_logits,
+    attention_scores,
+    attention_context,
+    add_bias,
+)
 PLAIN = Ops(
     plain_dense,
+    plain_project_heads,
+    plain_merge_heads,
     plain_project_logits,
     plain_attention_scores,
     plain_attention_context,
