@@ -28,15 +28,17 @@ def _masks(B, L, H, seed):
     packed = causal & (seg[:, :, None] == seg[:, None, :]) & valid[:, :, None] & valid[:, None, :]
     per_head = np.broadcast_to(packed[:, None], (B, H, L, L)).copy()
     per_head[:, 1, :, : L // 3] = False  # head 1 does not see the first keys
-    return [causal[None, None], packed[:, None], per_head]
+    holes = packed[:, None].copy()
+    holes[..., 1::5] = False  # every head: every fifth key hidden
+    return [causal[None, None], packed[:, None], per_head, holes]
 
 
 @pytest.mark.parametrize("D,L", [(16, 128), (8, 37)])
 def test_values_and_gradients_match_the_einsum_path(D, L):
     """Head sizes in both vector widths (16: 16 lanes, 8: 8 lanes; 32, two vectors a row,
     in the model test below); lengths on and off the kernel's 16-key chunks and 4-row
-    blocks; causal, packed (segments + padding: fully masked rows) and per-head masks (keys
-    with holes); q and k rotated in the kernel (per-example positions, as packing gives)
+    blocks; causal, packed (segments + padding: fully masked rows), per-head masks and
+    masks shared by the heads with holes among the keys; q and k rotated in the kernel (per-example positions, as packing gives)
     and not rotated."""
     B, H = 3, 4
     keys = jax.random.split(jax.random.key(D), 4)

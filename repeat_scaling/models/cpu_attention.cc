@@ -260,14 +260,21 @@ inline RowMask mask_row(const bool* m, int64_t Lk, int64_t Lp, uint8_t* bytes, f
   return r;
 }
 
-// The RowMasks of the Lq query rows of pair (b, h), from scratch.
+// The RowMasks of the Lq query rows of pair (b, h), from scratch (the per-key flags of
+// rows with holes too: [Lq, Lp] floats, taken only when a row has holes).
 RowMask* row_masks(const Shape& s, const bool* mask, int64_t b, int64_t h, Scratch& scratch) {
   const int64_t Lp = round_up(s.Lk);
   RowMask* rows = scratch.take<RowMask>(s.Lq);
-  float* valid = scratch.take<float>(s.Lq * Lp);
   uint8_t* bytes = scratch.take<uint8_t>(Lp);
-  for (int64_t i = 0; i < s.Lq; ++i)
-    rows[i] = mask_row(s.mask_row(mask, b, h, i), s.Lk, Lp, bytes, valid + i * Lp);
+  float* row_valid = scratch.take<float>(Lp);
+  float* valid = nullptr;
+  for (int64_t i = 0; i < s.Lq; ++i) {
+    rows[i] = mask_row(s.mask_row(mask, b, h, i), s.Lk, Lp, bytes, row_valid);
+    if (rows[i].range) continue;
+    if (!valid) valid = scratch.take<float>(s.Lq * Lp);
+    std::copy(row_valid, row_valid + Lp, valid + i * Lp);
+    rows[i].valid = valid + i * Lp;
+  }
   return rows;
 }
 
