@@ -109,15 +109,16 @@ def _key_side_grad(a: Array, w: Array) -> Array:
     return jnp.transpose(r, (0, 3, 1, 2)).astype(a.dtype)
 
 
+def _saving_inputs(f: Callable[[Array, Array], Array]) -> Callable:
+    """The forward rule of a custom VJP that keeps its two inputs for the backward."""
+    return lambda a, b: (f(a, b), (a, b))
+
+
 @jax.custom_vjp
 def dense(x: Array, kernel: Array) -> Array:
     """:func:`plain_dense`; the kernel gradient via :func:`_kernel_grad` (for the MLP it
     transposes the d-wide inputs rather than the [tokens, d_ff] gradient)."""
     return plain_dense(x, kernel)
-
-
-def _dense_fwd(x, kernel):
-    return dense(x, kernel), (x, kernel)
 
 
 def _dense_bwd(res, g):
@@ -126,7 +127,7 @@ def _dense_bwd(res, g):
     return dx.astype(x.dtype), _kernel_grad(x, g).astype(kernel.dtype)
 
 
-dense.defvjp(_dense_fwd, _dense_bwd)
+dense.defvjp(_saving_inputs(dense), _dense_bwd)
 
 
 @jax.custom_vjp
@@ -136,10 +137,6 @@ def project_heads(x: Array, kernel: Array) -> Array:
     return plain_project_heads(x, kernel)
 
 
-def _project_heads_fwd(x, kernel):
-    return project_heads(x, kernel), (x, kernel)
-
-
 def _project_heads_bwd(res, g):
     x, kernel = res
     dx = jnp.einsum("blhk,dhk->bld", g, kernel)
@@ -147,7 +144,7 @@ def _project_heads_bwd(res, g):
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
-project_heads.defvjp(_project_heads_fwd, _project_heads_bwd)
+project_heads.defvjp(_saving_inputs(project_heads), _project_heads_bwd)
 
 
 @jax.custom_vjp
@@ -157,10 +154,6 @@ def merge_heads(ctx: Array, kernel: Array) -> Array:
     return plain_merge_heads(ctx, kernel)
 
 
-def _merge_heads_fwd(ctx, kernel):
-    return merge_heads(ctx, kernel), (ctx, kernel)
-
-
 def _merge_heads_bwd(res, g):
     ctx, kernel = res
     dctx = jnp.einsum("bqm,hdm->bqhd", g, kernel)
@@ -168,7 +161,7 @@ def _merge_heads_bwd(res, g):
     return dctx.astype(ctx.dtype), dk.astype(kernel.dtype)
 
 
-merge_heads.defvjp(_merge_heads_fwd, _merge_heads_bwd)
+merge_heads.defvjp(_saving_inputs(merge_heads), _merge_heads_bwd)
 
 
 @jax.custom_vjp
@@ -178,10 +171,6 @@ def project_logits(x: Array, kernel: Array) -> Array:
     return plain_project_logits(x, kernel)
 
 
-def _project_logits_fwd(x, kernel):
-    return project_logits(x, kernel), (x, kernel)
-
-
 def _project_logits_bwd(res, g):
     x, kernel = res
     gc = g.astype(x.dtype)
@@ -189,17 +178,13 @@ def _project_logits_bwd(res, g):
     return dx.astype(x.dtype), _kernel_grad(x, gc).astype(kernel.dtype)
 
 
-project_logits.defvjp(_project_logits_fwd, _project_logits_bwd)
+project_logits.defvjp(_saving_inputs(project_logits), _project_logits_bwd)
 
 
 @jax.custom_vjp
 def attention_scores(q: Array, k: Array) -> Array:
     """:func:`plain_attention_scores`; the key gradient via :func:`_key_side_grad`."""
     return plain_attention_scores(q, k)
-
-
-def _attention_scores_fwd(q, k):
-    return attention_scores(q, k), (q, k)
 
 
 def _attention_scores_bwd(res, g):
@@ -209,7 +194,7 @@ def _attention_scores_bwd(res, g):
     return dq.astype(q.dtype), _key_side_grad(q, gc).astype(k.dtype)
 
 
-attention_scores.defvjp(_attention_scores_fwd, _attention_scores_bwd)
+attention_scores.defvjp(_saving_inputs(attention_scores), _attention_scores_bwd)
 
 
 @jax.custom_vjp
@@ -218,17 +203,13 @@ def attention_context(probs: Array, v: Array) -> Array:
     return plain_attention_context(probs, v)
 
 
-def _attention_context_fwd(probs, v):
-    return attention_context(probs, v), (probs, v)
-
-
 def _attention_context_bwd(res, g):
     probs, v = res
     dp = jnp.einsum("bqhd,bkhd->bhqk", g, v, preferred_element_type=jnp.float32)
     return dp.astype(probs.dtype), _key_side_grad(g, probs).astype(v.dtype)
 
 
-attention_context.defvjp(_attention_context_fwd, _attention_context_bwd)
+attention_context.defvjp(_saving_inputs(attention_context), _attention_context_bwd)
 
 
 @jax.custom_vjp
