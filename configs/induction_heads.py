@@ -11,9 +11,9 @@ Scales (`:arg`):
   f = 50% at E = 100: 2 runs.
 - `cpu`: Hernandez (c), `attn2_tiny` on synthetic text with in-document copies
   (`CPU_SOURCE`), 1000 steps of 16 x 256; f = 0 and 50% at E = 100, two seeds: 4 runs
-  (about 4 min each alone). Measured (f = 0, one seed): previous-token head 0.42 but no
-  induction head (prefix matching 0.043, chance 0.031): not testable on a CPU
-  (docs/reproducing.md).
+  (8.0 min for the four with their evaluation, alone on 2 cores). Measured: previous-token
+  heads 0.33-0.41 but no induction head (prefix matching 0.036-0.043 at f = 0, chance
+  0.031): not testable on a CPU (docs/reproducing.md).
 - `small`: d_model 512, 8 heads, C4, 20k steps of 32 x 1024; f = 0 and 50% at E in
   {100, 1000}, 2 seeds: 6 runs.
 - `paper`: d_model 768, 12 heads, 100k steps of 256 x 1024 (26B tokens); f = 0 and 50%
