@@ -318,6 +318,9 @@ def test_cpu_campaign_grid_is_as_documented():
         assert config_lib.validate(c).name == c.model.name
         assert c.data.source == module.C4_SAMPLE and c.data.vocab == "byte"
         assert c.eval.test_batches == 64
+        # the CPU speed settings the campaign's wall time was measured with
+        assert c.model.attention_impl == "cpu_fused" and c.model.scan_unroll == 2
+        assert c.train.steps_per_call == 4
         per_param, subset = _plan_sizes(r, 32_800)
         if c.data.repeated_fraction > 0:
             assert subset >= 1, r.name  # every subset is at least one sequence
