@@ -38,8 +38,8 @@ def test_values_and_gradients_match_the_einsum_path(D, L):
     """Head sizes in both vector widths (16: 16 lanes, 8: 8 lanes; 32, two vectors a row,
     in the model test below); lengths on and off the kernel's 16-key chunks and 4-row
     blocks; causal, packed (segments + padding: fully masked rows), per-head masks and
-    masks shared by the heads with holes among the keys; q and k rotated in the kernel (per-example positions, as packing gives)
-    and not rotated."""
+    masks shared by the heads with holes among the keys; q and k rotated in the kernel
+    (per-example positions, as packing gives) and not rotated."""
     B, H = 3, 4
     keys = jax.random.split(jax.random.key(D), 4)
     q, k, v, g = (jax.random.normal(kk, (B, L, H, D)) for kk in keys)
